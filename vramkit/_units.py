@@ -1,0 +1,167 @@
+"""Byte counts in, byte counts out: one parser and one formatter for human units.
+
+Inside vramkit every amount of memory is an ``int`` of bytes. Human units
+appear only at the edges (reprs, the CLI, pytest messages, user arguments), and
+they go through :func:`format_bytes` and :func:`parse_bytes` alone.
+
+Units are IEC binary (KiB = 1024 B). SI decimal units are accepted on input and
+mean exactly what the SI says (``"1GB"`` is 10**9 bytes, not 2**30), because
+someone who writes ``GB`` may mean either and vramkit will not guess silently
+in the direction that overcommits a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Final
+
+from vramkit.errors import InvalidArgumentError
+
+__all__ = ["format_bytes", "format_part_of", "parse_bytes"]
+
+_IEC: Final = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+_MULTIPLIERS: Final[dict[str, int]] = {
+    "": 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "pib": 1024**5,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "pb": 1000**5,
+}
+
+_PATTERN: Final = re.compile(
+    r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.I
+)
+
+_ACCEPTED: Final = (
+    "a non-negative number of bytes: an int (16777216), or a string with an IEC unit "
+    "('16MiB', '1.5 GiB', '512KiB', '0B'), or an SI unit meaning powers of 1000 "
+    "('16MB' = 16,000,000 bytes)"
+)
+
+
+def parse_bytes(value: int | float | str, *, what: str = "size") -> int:
+    """Turn a size given by a person into a whole number of bytes.
+
+    Args:
+        value: An ``int`` of bytes (a ``float`` only if it is a whole number),
+            or a string such as ``"16MiB"``, ``"1.5 GiB"``, ``"512"`` (bytes),
+            ``"0B"``. IEC units (KiB, MiB, GiB, TiB, PiB) are powers of 1024;
+            SI units (kB, MB, GB, TB, PB) are powers of 1000.
+            Units are case-insensitive. Fractions round to the nearest byte.
+        what: What the value is, used in the error message (``"tolerance"``).
+
+    Returns:
+        The size in bytes, never negative.
+
+    Raises:
+        InvalidArgumentError: For anything else: negative values, NaN or
+            infinity, bare unit letters such as ``"10G"`` (ambiguous), words,
+            booleans, floats that are not whole numbers of bytes.
+
+    Examples:
+        >>> parse_bytes("1.5 KiB")
+        1536
+        >>> parse_bytes("2GB")
+        2000000000
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str | float):
+        raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0 or not value.is_integer():
+            raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r}")
+        return int(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r} (negative)")
+        return value
+    match = _PATTERN.match(value)
+    if match is None:
+        raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r}")
+    number_text, unit = match.groups()
+    multiplier = _MULTIPLIERS.get(unit.lower())
+    if multiplier is None:
+        hint = ""
+        if unit.lower() in {"k", "m", "g", "t", "p"}:
+            hint = f" ({unit!r} is ambiguous: write '{unit.upper()}iB' or '{unit.upper()}B')"
+        raise InvalidArgumentError(
+            f"{what} must be {_ACCEPTED}; got {value!r}: unknown unit {unit!r}{hint}"
+        )
+    number = float(number_text)
+    if number < 0:
+        raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r} (negative)")
+    if not math.isfinite(number * multiplier):
+        raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r} (too large)")
+    if multiplier == 1 and not number.is_integer():
+        raise InvalidArgumentError(
+            f"{what} must be {_ACCEPTED}; got {value!r} (a fraction of a byte)"
+        )
+    return round(number * multiplier)
+
+
+def format_bytes(value: int | None, *, precision: int = 1, signed: bool = False) -> str:
+    """Format a byte count for people, in IEC units.
+
+    Args:
+        value: Bytes; may be negative (a delta). ``None`` (a reading that does
+            not exist on this machine) prints as ``"n/a"``.
+        precision: Digits after the decimal point for units above bytes.
+        signed: Prefix positive values with ``+`` (for deltas).
+
+    Returns:
+        A string such as ``"5.2 GiB"``, ``"-12.0 MiB"``, ``"+512 B"`` or ``"n/a"``.
+
+    Examples:
+        >>> format_bytes(5 * 1024**3 + 200 * 1024**2)
+        '5.2 GiB'
+        >>> format_bytes(-12 * 1024**2, signed=True)
+        '-12.0 MiB'
+    """
+    if value is None:
+        return "n/a"
+    sign = "-" if value < 0 else ("+" if signed and value > 0 else "")
+    exponent = _exponent(abs(value), precision)
+    return f"{sign}{_scaled(abs(value), exponent, precision)} {_IEC[exponent]}"
+
+
+def format_part_of(part: int, whole: int, *, precision: int = 1) -> str:
+    """Format ``part`` of ``whole`` in the unit that suits ``whole``: ``"5.2 / 16.0 GiB"``.
+
+    Args:
+        part: Bytes used (or any part).
+        whole: Bytes in total; picks the unit.
+        precision: Digits after the decimal point for units above bytes.
+
+    Returns:
+        Both numbers in one IEC unit, the unit written once.
+    """
+    exponent = _exponent(abs(whole), precision)
+    return (
+        f"{_scaled(part, exponent, precision)} / "
+        f"{_scaled(whole, exponent, precision)} {_IEC[exponent]}"
+    )
+
+
+def _exponent(magnitude: int, precision: int) -> int:
+    """Index into ``_IEC`` of the unit that shows ``magnitude`` best."""
+    exponent = min(max(magnitude.bit_length() - 1, 0) // 10, len(_IEC) - 1)
+    # 1023.96 MiB would round to "1024.0 MiB"; say "1.0 GiB" instead.
+    if (
+        exponent
+        and exponent < len(_IEC) - 1
+        and round(magnitude / 1024**exponent, precision) >= 1024
+    ):
+        exponent += 1
+    return exponent
+
+
+def _scaled(value: int, exponent: int, precision: int) -> str:
+    return str(value) if exponent == 0 else f"{value / 1024**exponent:.{precision}f}"

@@ -1,0 +1,214 @@
+"""Host RAM as a device: this process's resident set against the machine's (or cgroup's) RAM.
+
+On Linux the reading comes straight from ``/proc`` through file descriptors
+kept open (a ``pread`` costs about a microsecond, where ``psutil`` costs tens),
+so a snapshot is cheap enough to take around every inference call. Elsewhere
+``psutil`` answers. Inside a cgroup with a memory limit, the limit is the total
+and the cgroup's usage is what is used: that is the memory this process can
+actually get.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from typing import Any, Final
+
+import psutil
+
+from vramkit.devices._base import DeviceMemory
+
+__all__ = ["CpuBackend", "malloc_trim"]
+
+_KIB: Final = 1024
+
+
+class _ProcReader:
+    """Keeps ``/proc`` and cgroup files open and re-opens them after ``fork``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._status = -1
+        self._meminfo = -1
+        self._cgroup_current = -1
+        self._cgroup_limit: int | None = None
+
+    def _open(self) -> None:
+        # /proc/self resolves when opened: a child must not read its parent's file.
+        for fd in (self._status, self._meminfo, self._cgroup_current):
+            if fd >= 0:
+                os.close(fd)
+        self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        self._meminfo = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._cgroup_current = -1
+        self._cgroup_limit = _cgroup_limit()
+        if self._cgroup_limit is not None:
+            path = _cgroup_dir() + "/memory.current"
+            self._cgroup_current = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pid = os.getpid()
+
+    def read(self) -> DeviceMemory:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._open()
+            status = os.pread(self._status, 8192, 0)
+            meminfo = os.pread(self._meminfo, 8192, 0)
+            current = os.pread(self._cgroup_current, 64, 0) if self._cgroup_current >= 0 else None
+        rss = _field_kib(status, b"VmRSS:")
+        hwm = _field_kib(status, b"VmHWM:")
+        total = _field_kib(meminfo, b"MemTotal:")
+        available = _field_kib(meminfo, b"MemAvailable:")
+        if self._cgroup_limit is not None and current is not None:
+            limit = min(self._cgroup_limit, total) if total is not None else self._cgroup_limit
+            used = int(current)
+            free = max(limit - used, 0)
+            if available is not None:
+                free = min(free, available)
+            total, available = limit, free
+        used_bytes = total - available if total is not None and available is not None else None
+        return DeviceMemory(
+            device="cpu",
+            used_bytes=used_bytes,
+            free_bytes=available,
+            total_bytes=total,
+            process_used_bytes=rss,
+            process_peak_bytes=hwm,
+        )
+
+
+def _field_kib(blob: bytes, key: bytes) -> int | None:
+    start = blob.find(key)
+    if start < 0:
+        return None
+    end = blob.find(b"kB", start)
+    return int(blob[start + len(key) : end]) * _KIB
+
+
+def _cgroup_dir() -> str:
+    """This process's cgroup v2 directory (``/sys/fs/cgroup`` plus its path)."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    return "/sys/fs/cgroup" + line[3:].strip().rstrip("/")
+    except OSError:
+        pass
+    return "/sys/fs/cgroup"
+
+
+def _cgroup_limit() -> int | None:
+    """The cgroup v2 memory limit in bytes, or ``None`` when there is none."""
+    try:
+        with open(_cgroup_dir() + "/memory.max", encoding="ascii") as fh:
+            text = fh.read().strip()
+        if text == "max" or not os.path.exists(_cgroup_dir() + "/memory.current"):
+            return None
+        return int(text)
+    except (OSError, ValueError):
+        return None
+
+
+class CpuBackend:
+    """Host memory: process RSS (and its peak), system or cgroup total and available.
+
+    ``allocated_bytes`` and ``reserved_bytes`` are ``None``: torch's CPU
+    allocator keeps no counters. Use :func:`vramkit.live_tensors` for the bytes
+    held by live CPU tensors.
+    """
+
+    kind = "cpu"
+    indexed = False
+
+    def __init__(self) -> None:
+        self._proc = _ProcReader() if sys.platform.startswith("linux") else None
+        self._process: psutil.Process | None = None
+
+    def is_available(self) -> bool:
+        """Host memory is always there."""
+        return True
+
+    def device_count(self) -> int:
+        """One host."""
+        return 1
+
+    def read(self, index: int = 0) -> DeviceMemory:
+        """Read host memory.
+
+        Args:
+            index: Ignored: there is one host.
+
+        Returns:
+            RSS and peak RSS as ``process_*``, system (or cgroup) memory as
+            ``used_bytes`` / ``free_bytes`` / ``total_bytes``, in bytes.
+        """
+        if self._proc is not None:
+            try:
+                return self._proc.read()
+            except OSError:
+                self._proc = None  # /proc not mounted (some sandboxes): fall back
+        if self._process is None or self._process.pid != os.getpid():
+            self._process = psutil.Process()
+        info = self._process.memory_info()
+        system = psutil.virtual_memory()
+        peak = getattr(info, "peak_wset", None)  # Windows tracks a peak
+        return DeviceMemory(
+            device="cpu",
+            used_bytes=system.total - system.available,
+            free_bytes=system.available,
+            total_bytes=system.total,
+            process_used_bytes=info.rss,
+            process_peak_bytes=peak,
+        )
+
+    def empty_cache(self, index: int = 0) -> None:
+        """Give freed heap pages back to the OS (``malloc_trim(0)`` on glibc)."""
+        malloc_trim()
+
+    def synchronize(self, index: int = 0) -> None:
+        """Nothing to wait for on the host."""
+
+    def reset_peak(self, index: int = 0) -> None:
+        """Reset the peak resident set size (Linux ``/proc/self/clear_refs``), where allowed."""
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                fh.write("5")
+        except OSError:
+            pass  # read-only /proc: the peak stays the lifetime peak
+
+
+_libc_lock = threading.Lock()
+_malloc_trim: Any = None  # the ctypes function, once looked up
+_malloc_trim_looked_up = False
+
+
+def malloc_trim() -> bool:
+    """Ask glibc to return free heap memory to the OS.
+
+    Returns:
+        ``True`` when ``malloc_trim(0)`` ran (glibc), ``False`` where it does
+        not exist (macOS, Windows, musl).
+    """
+    global _malloc_trim, _malloc_trim_looked_up
+    with _libc_lock:
+        if not _malloc_trim_looked_up:
+            _malloc_trim_looked_up = True
+            if sys.platform.startswith("linux"):
+                try:
+                    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                    function = libc.malloc_trim
+                    function.argtypes = [ctypes.c_size_t]
+                    function.restype = ctypes.c_int
+                    _malloc_trim = function
+                except (OSError, AttributeError):
+                    _malloc_trim = None
+        function = _malloc_trim
+    if function is None:
+        return False
+    function(0)
+    return True

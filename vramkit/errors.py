@@ -1,0 +1,92 @@
+"""Errors raised by vramkit.
+
+Every error vramkit raises on purpose derives from :class:`VramkitError`, and
+where a builtin exception means the same thing the error derives from that too,
+so existing ``except`` clauses keep working::
+
+    VramkitError(Exception)
+    ├── InvalidArgumentError(ValueError, TypeError)   bad input, caught at the call
+    ├── ModelStateError(RuntimeError)                 operation not allowed in this state
+    │   └── ModelBusyError                            leases are out; cannot unload now
+    ├── BudgetExceededError(RuntimeError)             a memory budget cannot make room
+    ├── OffloadError(OSError)                         an offload tier could not be written
+    ├── VramLeakError(AssertionError)                 memory did not come back
+    ├── DeviceUnavailableError(RuntimeError)          no such device on this machine
+    └── MissingDependencyError(ImportError)           an optional extra is not installed
+
+Foreign errors (torch, ONNX Runtime, the OS) are translated at vramkit's
+boundary with ``raise ... from exc``, so the original stays on ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExceededError",
+    "DeviceUnavailableError",
+    "InvalidArgumentError",
+    "MissingDependencyError",
+    "ModelBusyError",
+    "ModelStateError",
+    "OffloadError",
+    "VramLeakError",
+    "VramkitError",
+]
+
+
+class VramkitError(Exception):
+    """Base class of every error vramkit raises on purpose."""
+
+
+class InvalidArgumentError(VramkitError, ValueError, TypeError):
+    """An argument has the wrong type or value.
+
+    It is both a :class:`ValueError` and a :class:`TypeError` so that callers
+    catching either builtin keep working; the message names what was expected.
+    """
+
+
+class ModelStateError(VramkitError, RuntimeError):
+    """The operation is not allowed in the model's (or pool's) current state."""
+
+
+class ModelBusyError(ModelStateError):
+    """A model cannot be unloaded or offloaded because leases are still out."""
+
+
+class BudgetExceededError(VramkitError, RuntimeError):
+    """A memory budget cannot make room for a model; the message says who holds what."""
+
+
+class OffloadError(VramkitError, OSError):
+    """An offload tier could not be written (disk full, unwritable cache directory)."""
+
+
+class VramLeakError(VramkitError, AssertionError):
+    """Memory did not come back: a leak check failed or an object survived unloading.
+
+    An :class:`AssertionError`, so test runners report it as a failed assertion.
+    """
+
+
+class DeviceUnavailableError(VramkitError, RuntimeError):
+    """The requested device does not exist on this machine or its backend is missing."""
+
+
+class MissingDependencyError(VramkitError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        """Build the error.
+
+        Args:
+            package: The import name that failed, such as ``"onnxruntime"``.
+            extra: The vramkit extra that installs it, such as ``"onnx"``.
+            purpose: What needed it, such as ``"ManagedModel.from_onnx"``.
+        """
+        super().__init__(
+            f"{purpose} needs the {package!r} package, which is not installed; "
+            f'install it with: pip install "vramkit[{extra}]"',
+            name=package,
+        )
+        self.package = package
+        self.extra = extra

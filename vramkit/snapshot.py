@@ -1,0 +1,212 @@
+"""Frozen, cheap readings of every device at once, and their differences.
+
+>>> import vramkit
+>>> before = vramkit.snapshot()
+>>> after = vramkit.snapshot()
+>>> delta = after - before
+>>> "cpu" in delta
+True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from vramkit._units import format_bytes
+from vramkit.devices import (
+    Device,
+    DeviceLike,
+    DeviceMemory,
+    available_devices,
+    get_backend,
+    resolve_device,
+)
+from vramkit.errors import InvalidArgumentError
+
+__all__ = ["DeviceMemoryDelta", "MemoryDelta", "MemorySnapshot", "snapshot"]
+
+_BYTE_FIELDS = tuple(f.name for f in fields(DeviceMemory) if f.name != "device")
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySnapshot(Mapping[str, DeviceMemory]):
+    """Readings of several devices taken together, keyed by device name (``"cuda:0"``).
+
+    Attributes:
+        readings: One :class:`DeviceMemory` per device, ``cpu`` first.
+        wall_time: ``time.time()`` when the snapshot was taken (seconds since the epoch).
+        monotonic: ``time.perf_counter()`` at the same moment, for intervals.
+    """
+
+    readings: tuple[DeviceMemory, ...]
+    wall_time: float
+    monotonic: float
+    _index: dict[str, DeviceMemory] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {r.device: r for r in self.readings})
+
+    def __getitem__(self, device: str) -> DeviceMemory:
+        try:
+            return self._index[device]
+        except KeyError:
+            raise KeyError(
+                f"no reading for {device!r}; this snapshot has {', '.join(self._index) or 'none'}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __sub__(self, earlier: MemorySnapshot) -> MemoryDelta:
+        if not isinstance(earlier, MemorySnapshot):
+            return NotImplemented
+        return self.diff(earlier)
+
+    def diff(self, earlier: MemorySnapshot) -> MemoryDelta:
+        """What changed since ``earlier``: ``after.diff(before)`` equals ``after - before``.
+
+        Devices read in only one of the two snapshots are left out.
+        """
+        deltas = tuple(
+            DeviceMemoryDelta.between(earlier[name], reading)
+            for name, reading in self._index.items()
+            if name in earlier
+        )
+        return MemoryDelta(deltas, seconds=self.monotonic - earlier.monotonic)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"wall_time": ..., "devices": {"cpu": {...}, ...}}``."""
+        return {
+            "wall_time": self.wall_time,
+            "devices": {r.device: r.to_dict() for r in self.readings},
+        }
+
+    def __str__(self) -> str:
+        return "\n".join(str(r) for r in self.readings)
+
+    def __repr__(self) -> str:
+        return f"MemorySnapshot({', '.join(self._index)} at {self.wall_time:.3f})"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMemoryDelta:
+    """How one device's readings changed, field by field, in bytes (``after - before``).
+
+    A field is ``None`` when either reading lacked it.
+    """
+
+    device: str
+    allocated_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    used_bytes: int | None = None
+    free_bytes: int | None = None
+    total_bytes: int | None = None
+    process_used_bytes: int | None = None
+    process_peak_bytes: int | None = None
+
+    @classmethod
+    def between(cls, before: DeviceMemory, after: DeviceMemory) -> DeviceMemoryDelta:
+        """The change from ``before`` to ``after`` (readings of the same device)."""
+        values = {}
+        for name in _BYTE_FIELDS:
+            a, b = getattr(after, name), getattr(before, name)
+            values[name] = None if a is None or b is None else a - b
+        return cls(device=after.device, **values)
+
+    @property
+    def headline_bytes(self) -> int | None:
+        """The single most telling change: allocator bytes where counted, else the process's."""
+        if self.allocated_bytes is not None:
+            return self.allocated_bytes
+        return self.process_used_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the changes."""
+        return {"device": self.device, **{name: getattr(self, name) for name in _BYTE_FIELDS}}
+
+    def __str__(self) -> str:
+        parts = []
+        for label, name in (
+            ("allocated", "allocated_bytes"),
+            ("reserved", "reserved_bytes"),
+            ("process", "process_used_bytes"),
+            ("device used", "used_bytes"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{label} {format_bytes(value, signed=True)}")
+        return f"{self.device:<7} " + " · ".join(parts or ["no comparable readings"])
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryDelta(Mapping[str, DeviceMemoryDelta]):
+    """The difference of two snapshots, keyed by device name.
+
+    Attributes:
+        deltas: One :class:`DeviceMemoryDelta` per device present in both snapshots.
+        seconds: Time between the two snapshots.
+    """
+
+    deltas: tuple[DeviceMemoryDelta, ...]
+    seconds: float
+
+    def __getitem__(self, device: str) -> DeviceMemoryDelta:
+        for delta in self.deltas:
+            if delta.device == device:
+                return delta
+        raise KeyError(f"no delta for {device!r}")
+
+    def __iter__(self) -> Iterator[str]:
+        return (d.device for d in self.deltas)
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"seconds": ..., "devices": {"cpu": {...}}}``."""
+        return {"seconds": self.seconds, "devices": {d.device: d.to_dict() for d in self.deltas}}
+
+    def __str__(self) -> str:
+        return "\n".join(str(d) for d in self.deltas)
+
+
+def snapshot(device: DeviceLike | Iterable[DeviceLike] | None = None) -> MemorySnapshot:
+    """Read memory of every available device (or the ones named) at once.
+
+    Cheap enough to take around every inference call: on a CPU-only Linux host
+    it reads two ``/proc`` files through descriptors kept open. It never creates
+    a CUDA context (see :mod:`vramkit.devices.cuda`).
+
+    Args:
+        device: ``None`` for every available device (``cpu`` included), one
+            device name, or several.
+
+    Returns:
+        A frozen :class:`MemorySnapshot`.
+
+    Raises:
+        InvalidArgumentError: A malformed or unknown device name.
+        DeviceUnavailableError: A device this machine lacks.
+    """
+    devices = target_devices(device)
+    wall, mono = time.time(), time.perf_counter()
+    readings = tuple(get_backend(d.kind).read(d.index or 0) for d in devices)
+    return MemorySnapshot(readings, wall, mono)
+
+
+def target_devices(device: DeviceLike | Iterable[DeviceLike] | None) -> tuple[Device, ...]:
+    if device is None:
+        return available_devices()
+    if isinstance(device, str | int | Device) or not isinstance(device, Iterable):
+        return (resolve_device(device),)
+    targets = tuple(resolve_device(d) for d in device)
+    if not targets:
+        raise InvalidArgumentError("device must name at least one device; got an empty sequence")
+    return targets

@@ -1,0 +1,1 @@
+"""Test utilities shipped with vramkit: tiny local models and a scripted fake device."""
