@@ -25,6 +25,7 @@ from vramkit.errors import (
     ModelBusyError,
     ModelStateError,
     OffloadError,
+    OutOfMemoryError,
     VramkitError,
     VramLeakError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "ModelBusyError",
     "ModelStateError",
     "OffloadError",
+    "OutOfMemoryError",
     "ReferrerChain",
     "TensorCensus",
     "TensorInfo",

@@ -9,6 +9,7 @@ so existing ``except`` clauses keep working::
     ├── ModelStateError(RuntimeError)                 operation not allowed in this state
     │   └── ModelBusyError                            leases are out; cannot unload now
     ├── BudgetExceededError(RuntimeError)             a memory budget cannot make room
+    ├── OutOfMemoryError(MemoryError)                 the device ran out even after recovery
     ├── OffloadError(OSError)                         an offload tier could not be written
     ├── VramLeakError(AssertionError)                 memory did not come back
     ├── DeviceUnavailableError(RuntimeError)          no such device on this machine
@@ -28,6 +29,7 @@ __all__ = [
     "ModelBusyError",
     "ModelStateError",
     "OffloadError",
+    "OutOfMemoryError",
     "VramLeakError",
     "VramkitError",
 ]
@@ -55,6 +57,16 @@ class ModelBusyError(ModelStateError):
 
 class BudgetExceededError(VramkitError, RuntimeError):
     """A memory budget cannot make room for a model; the message says who holds what."""
+
+
+class OutOfMemoryError(VramkitError, MemoryError):
+    """A device ran out of memory and vramkit's recovery (cleanup, eviction, retry) did not help.
+
+    The allocator's own error (``torch.OutOfMemoryError``, ONNX Runtime's
+    allocation failure, ``DefaultCPUAllocator: can't allocate memory``) is on
+    ``__cause__``, and its text is repeated in the message so tools that
+    recognise OOM by message keep working.
+    """
 
 
 class OffloadError(VramkitError, OSError):
