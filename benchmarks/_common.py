@@ -1,0 +1,49 @@
+"""Small timing helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+
+def median_seconds(fn: Callable[[], object], *, runs: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` over ``runs`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def median_per_call(fn: Callable[[], object], *, calls: int, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean time per call of ``calls`` back-to-back calls."""
+    fn()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection landing in one batch would skew that batch only
+    try:
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - started) / calls)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(samples)
+
+
+def fmt_seconds(seconds: float) -> str:
+    """Seconds in the unit that reads best: ns, µs, ms or s."""
+    if seconds < 1e-6:
+        return f"{seconds * 1e9:.0f} ns"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+import torch
+
+import vramkit
+from vramkit import CleanupReport
+
+from .helpers import run_python
+
+
+def test_cleanup_reports_steps_and_snapshots() -> None:
+    report = vramkit.cleanup()
+    assert isinstance(report, CleanupReport)
+    assert report.steps[0] == "gc"
+    assert report.seconds > 0
+    assert list(report.before) == list(report.after)
+    assert report.freed_bytes("cpu", "allocated") is None  # unknown on cpu
+    assert isinstance(report.freed_bytes("cpu", "process"), int)
+    json.dumps(report.to_dict())
+    assert "cleanup in" in str(report)
+
+
+def test_cleanup_collects_reference_cycles_holding_tensors() -> None:
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+            self.payload = torch.ones(1024, 1024)
+
+    Node()
+    report = vramkit.cleanup("cpu")
+    assert report.collected >= 2
+
+
+def test_cleanup_can_skip_gc_and_trim() -> None:
+    report = vramkit.cleanup("cpu", gc_collect=False, trim=False)
+    assert report.steps == ()
+    assert report.collected == 0
+    assert not report.trimmed
+
+
+def test_cleanup_returns_a_freed_256_mib_tensor_to_the_os() -> None:
+    # A fresh interpreter, so other tests' heap does not blur the RSS figure.
+    out = run_python(
+        """
+        import json, torch, vramkit
+        base = vramkit.snapshot("cpu")["cpu"].process_used_bytes
+        block = torch.ones(256 * 1024**2, dtype=torch.uint8)
+        held = vramkit.snapshot("cpu")["cpu"].process_used_bytes
+        del block
+        report = vramkit.cleanup("cpu")
+        after = report.after["cpu"].process_used_bytes
+        print(json.dumps({"base": base, "held": held, "after": after,
+                          "trimmed": report.trimmed}))
+        """
+    )
+    figures = json.loads(out)
+    mib = 1024**2
+    assert figures["held"] - figures["base"] >= 250 * mib
+    assert figures["after"] - figures["base"] < 16 * mib, figures

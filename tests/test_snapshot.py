@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import vramkit
+from vramkit import DeviceMemoryDelta, InvalidArgumentError, MemoryDelta, MemorySnapshot
+from vramkit.devices import DeviceMemory, available_devices
+
+
+def test_snapshot_reads_every_available_device() -> None:
+    snap = vramkit.snapshot()
+    assert isinstance(snap, MemorySnapshot)
+    assert list(snap) == [str(d) for d in available_devices()]
+    assert "cpu" in snap
+    assert snap["cpu"].total_bytes is not None
+
+
+def test_snapshot_is_frozen() -> None:
+    snap = vramkit.snapshot("cpu")
+    with pytest.raises(AttributeError):
+        snap.wall_time = 0.0  # type: ignore[misc]
+
+
+def test_snapshot_of_named_devices() -> None:
+    assert list(vramkit.snapshot("cpu")) == ["cpu"]
+    assert list(vramkit.snapshot(["cpu"])) == ["cpu"]
+    with pytest.raises(InvalidArgumentError, match="at least one device"):
+        vramkit.snapshot([])
+    with pytest.raises(InvalidArgumentError, match="unknown device 'tpu'"):
+        vramkit.snapshot("tpu")
+    with pytest.raises(KeyError, match="this snapshot has cpu"):
+        vramkit.snapshot("cpu")["cuda:0"]
+
+
+def test_difference_of_snapshots_sees_a_real_allocation() -> None:
+    before = vramkit.snapshot("cpu")
+    block = torch.ones(128 * 1024**2, dtype=torch.uint8)
+    after = vramkit.snapshot("cpu")
+    delta = after - before
+    assert isinstance(delta, MemoryDelta)
+    assert delta == after.diff(before)
+    change = delta["cpu"]
+    assert isinstance(change, DeviceMemoryDelta)
+    assert change.process_used_bytes is not None
+    assert change.process_used_bytes >= 120 * 1024**2
+    assert change.allocated_bytes is None  # unknown on cpu, not 0
+    assert change.headline_bytes == change.process_used_bytes
+    assert delta.seconds >= 0
+    assert "process +1" in str(delta)  # +12x.x MiB
+    del block
+
+
+def test_delta_fields_are_none_where_either_side_is_none() -> None:
+    a = DeviceMemory(device="x", allocated_bytes=10, used_bytes=None)
+    b = DeviceMemory(device="x", allocated_bytes=4, used_bytes=7)
+    change = DeviceMemoryDelta.between(b, a)
+    assert change.allocated_bytes == 6
+    assert change.used_bytes is None
+    assert change.headline_bytes == 6
+
+
+def test_subtracting_something_else_is_a_type_error() -> None:
+    with pytest.raises(TypeError):
+        vramkit.snapshot("cpu") - 3  # type: ignore[operator]
+
+
+def test_str_is_one_line_per_device() -> None:
+    snap = vramkit.snapshot()
+    lines = str(snap).splitlines()
+    assert len(lines) == len(snap)
+    assert lines[0].startswith("cpu ")
+    assert "GiB used (" in lines[0]
+    assert "process " in lines[0]
+
+
+def test_to_dict_is_json_ready() -> None:
+    snap = vramkit.snapshot()
+    data = json.loads(json.dumps(snap.to_dict()))
+    assert data["devices"]["cpu"]["total_bytes"] == snap["cpu"].total_bytes
+    delta = json.loads(json.dumps((vramkit.snapshot() - snap).to_dict()))
+    assert "cpu" in delta["devices"]
+
+
+def test_snapshot_is_cheap() -> None:
+    # The benchmark measures this properly; here only a generous sanity bound
+    # so a regression to milliseconds (say, a gc walk) cannot slip in.
+    vramkit.snapshot()
+    started = time.perf_counter()
+    for _ in range(200):
+        vramkit.snapshot()
+    per_call = (time.perf_counter() - started) / 200
+    assert per_call < 2e-3
