@@ -155,7 +155,7 @@ def test_presets(fake: FakeDevice, clock: Clock) -> None:
 
 
 def test_counts_are_exact_under_threads(fake: FakeDevice) -> None:
-    tracker = CleanupPolicy(every_calls=25, above_fraction=None).tracker("fake:0")
+    tracker = CleanupPolicy(every_calls=50, above_fraction=None).tracker("fake:0")
     barrier = threading.Barrier(4)
     cleaned: list[int] = []
 
@@ -169,9 +169,9 @@ def test_counts_are_exact_under_threads(fake: FakeDevice) -> None:
     for thread in threads:
         thread.join()
     assert tracker.calls == 400
-    assert tracker.cleanups == 16
-    assert sum(cleaned) == 16
-    assert fake.empty_cache_calls == 16
+    assert tracker.cleanups == 8
+    assert sum(cleaned) == 8
+    assert fake.empty_cache_calls == 8
 
 
 # --------------------------------------------------------------------------- managed

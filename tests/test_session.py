@@ -95,7 +95,7 @@ def test_tolerance_is_respected() -> None:
     assert s.report.tolerance_bytes == 4 * MIB
     with (
         pytest.raises(VramLeakError, match=r"leaked 1\.0 MiB on cpu"),
-        gpu_session("cpu", tolerance="512KiB"),
+        gpu_session("cpu", tolerance="512KiB", retries=0),
     ):
         plant(1 * MIB)
 
@@ -224,6 +224,10 @@ def test_bare_decorator() -> None:
     assert _bare_clean.__name__ == "_bare_clean"
     with pytest.raises(VramLeakError, match=r"^_bare_leaky: leaked 32\.0 MiB on cpu"):
         _bare_leaky()
+    # a function passed positionally with settings: the settings are kept
+    quiet = gpu_session(_bare_leaky.__wrapped__, leak_check=None)  # type: ignore[attr-defined]
+    assert quiet.session.leak_check is None
+    assert quiet() == 1
 
 
 def test_decorator_with_arguments() -> None:
@@ -334,7 +338,7 @@ def fake() -> Iterator[FakeDevice]:
 
 
 def test_accelerator_leak_needs_the_driver_to_confirm(fake: FakeDevice) -> None:
-    with pytest.raises(VramLeakError) as info, gpu_session("fake:0") as s:
+    with pytest.raises(VramLeakError) as info, gpu_session("fake:0", retries=0) as s:
         fake.allocate("64MiB")
     assert str(info.value).startswith(
         "leaked 64.0 MiB on fake:0 (allocated +64.0 MiB, process +64.0 MiB"
@@ -347,7 +351,7 @@ def test_allocator_growth_the_driver_does_not_see_is_unverified(fake: FakeDevice
     fake.set_outside("100MiB")
     with (  # noqa: PT031 - the block is what is measured
         pytest.warns(VramLeakWarning, match="driver does not confirm"),
-        gpu_session("fake:0", leak_check="raise") as s,  # warns, never raises
+        gpu_session("fake:0", leak_check="raise", retries=0) as s,  # warns, never raises
     ):
         fake.allocate("64MiB")
         fake.set_outside("36MiB")  # something else let go of the same amount
@@ -366,7 +370,7 @@ def test_driver_only_growth_is_ignored_unless_process_tolerance_is_set(
     fake.set_outside(0)
     with (
         pytest.raises(VramLeakError, match=r"leaked 64\.0 MiB on fake:0"),
-        gpu_session("fake:0", process_tolerance="16MiB"),
+        gpu_session("fake:0", process_tolerance="16MiB", retries=0),
     ):
         fake.set_outside("64MiB")
 

@@ -273,7 +273,7 @@ def oom_retry(
         8
     """
     if callable(retries) and not isinstance(retries, int):
-        return oom_retry()(retries)
+        return oom_retry(1, on_oom=on_oom, pool=pool, device=device)(retries)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise InvalidArgumentError(
             f"retries must be a whole number of retries, 0 or more; got {retries!r}"

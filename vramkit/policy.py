@@ -359,7 +359,7 @@ def managed(
         InvalidArgumentError: A setting of the wrong type or value.
     """
     if callable(device) and not isinstance(device, str | int | Device):
-        return managed()(device)
+        return managed(None, cleanup=cleanup, oom_retries=oom_retries, session=session)(device)
     policy = CleanupPolicy.never() if cleanup is None else cleanup
     if not isinstance(policy, CleanupPolicy):
         raise InvalidArgumentError(f"cleanup must be a CleanupPolicy or None; got {cleanup!r}")

@@ -842,9 +842,10 @@ def gpu_session(
         >>> s.report.verdict
         'clean'
     """
+    function = None
     if callable(device) and not isinstance(device, str | int | Device):
-        return GpuSession(None)(device)
-    return GpuSession(
+        function, device = device, None
+    session = GpuSession(
         device,
         leak_check=leak_check,
         tolerance=tolerance,
@@ -853,3 +854,4 @@ def gpu_session(
         process_tolerance=process_tolerance,
         name=name,
     )
+    return session if function is None else session(function)
