@@ -24,3 +24,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker(marker) is not None:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def funasr_module() -> object:
+    """funasr, imported once per test session (about 7 s); skips where it is missing."""
+    pytest.importorskip("kaldi_native_fbank")
+    return pytest.importorskip("funasr")
+
+
+@pytest.fixture(scope="session")
+def funasr_pipeline(funasr_module: object, tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Tiny VAD + ASR + punctuation model directories, built offline once per session."""
+    from vramkit.testing.models import build_funasr_pipeline
+
+    return build_funasr_pipeline(tmp_path_factory.mktemp("funasr"))

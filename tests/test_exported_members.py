@@ -2,12 +2,27 @@ import vramkit
 
 
 def test_all_is_exactly_the_public_names() -> None:
+    import types
+
     public = {
         name
         for name, value in vars(vramkit).items()
-        if not name.startswith("_") and getattr(value, "__module__", "").startswith("vramkit")
+        if not name.startswith("_")
+        and (
+            getattr(value, "__module__", "").startswith("vramkit")
+            or (isinstance(value, types.ModuleType) and name in vramkit.__all__)
+        )
     }
     assert set(vramkit.__all__) - {"__version__"} == public
+
+
+def test_function_names_are_not_shadowed_by_modules() -> None:
+    # `import vramkit.snapshot` would rebind vramkit.snapshot to a module: no such modules.
+    import importlib.util
+
+    for name in ("snapshot", "cleanup", "managed", "gpu_session", "oom_retry"):
+        assert callable(getattr(vramkit, name))
+        assert importlib.util.find_spec(f"vramkit.{name}") is None, name
 
 
 def test_all_is_sorted() -> None:

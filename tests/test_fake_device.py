@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from vramkit.cleanup import cleanup
+from vramkit.cleaning import cleanup
 from vramkit.devices import DeviceBackend, DeviceMemory, get_backend, resolve_device
 from vramkit.errors import InvalidArgumentError
+from vramkit.memory import snapshot
 from vramkit.oom import is_oom_error
-from vramkit.snapshot import snapshot
 from vramkit.testing.fake import FakeDevice
 
 MIB = 1 << 20

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vramkit.errors import DeviceUnavailableError, InvalidArgumentError, VramLeakError
+from vramkit.memory import MemorySnapshot
 from vramkit.policy import CleanupPolicy, CleanupTracker, managed
 from vramkit.session import gpu_session
-from vramkit.snapshot import MemorySnapshot
 from vramkit.testing.fake import FakeDevice
 
 MIB = 1 << 20

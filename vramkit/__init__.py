@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from vramkit import events
 from vramkit._units import format_bytes, parse_bytes
-from vramkit.cleanup import CleanupReport, cleanup
+from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceMemory, resolve_device
 from vramkit.errors import (
     BudgetExceededError,
@@ -29,8 +30,12 @@ from vramkit.errors import (
     VramkitError,
     VramLeakError,
 )
+from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
+from vramkit.model import LoadReport, ManagedModel, ModelState, ModelStats, UnloadReport
+from vramkit.oom import adaptive_batch_size, is_oom_error, oom_retry
+from vramkit.policy import CleanupPolicy, CleanupTracker, managed
 from vramkit.referrers import ReferrerChain, find_referrers
-from vramkit.snapshot import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
+from vramkit.session import GpuSession, SessionReport, VramLeakWarning, gpu_session
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
 
 try:
@@ -40,29 +45,45 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "BudgetExceededError",
+    "CleanupPolicy",
     "CleanupReport",
+    "CleanupTracker",
     "Device",
     "DeviceMemory",
     "DeviceMemoryDelta",
     "DeviceUnavailableError",
+    "GpuSession",
     "InvalidArgumentError",
+    "LoadReport",
+    "ManagedModel",
     "MemoryDelta",
     "MemorySnapshot",
     "MissingDependencyError",
     "ModelBusyError",
+    "ModelState",
     "ModelStateError",
+    "ModelStats",
     "OffloadError",
     "OutOfMemoryError",
     "ReferrerChain",
+    "SessionReport",
     "TensorCensus",
     "TensorInfo",
+    "UnloadReport",
     "VramLeakError",
+    "VramLeakWarning",
     "VramkitError",
     "__version__",
+    "adaptive_batch_size",
     "cleanup",
+    "events",
     "find_referrers",
     "format_bytes",
+    "gpu_session",
+    "is_oom_error",
     "live_tensors",
+    "managed",
+    "oom_retry",
     "parse_bytes",
     "resolve_device",
     "snapshot",

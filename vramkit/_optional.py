@@ -17,7 +17,6 @@ _EXTRAS = {
     "onnx": "dev",
     "pynvml": "nvml",
     "matplotlib": "plot",
-    "safetensors": "all",
 }
 
 

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, overload, runtime_checkable
 
-from vramkit.cleanup import cleanup
+from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import InvalidArgumentError, OutOfMemoryError
 

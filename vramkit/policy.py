@@ -29,12 +29,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
-from vramkit.cleanup import CleanupReport, cleanup
+from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import InvalidArgumentError
+from vramkit.memory import MemorySnapshot, snapshot
 from vramkit.oom import _is_coroutine_callable, oom_retry
 from vramkit.session import GpuSession
-from vramkit.snapshot import MemorySnapshot, snapshot
 
 __all__ = ["CleanupPolicy", "CleanupReason", "CleanupTracker", "ManagedFunction", "managed"]
 

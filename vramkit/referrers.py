@@ -85,50 +85,208 @@ def find_referrers(
     Returns:
         Chains, shortest first. Empty when nothing in Python holds ``target``.
     """
-    deadline = time.perf_counter() + seconds
-    ignored = {id(o) for o in ignore}
-    # Objects are kept only in `held` (keyed by id) so the search's own
-    # bookkeeping is easy to recognise and skip; paths hold strings only.
-    held: dict[int, Any] = {id(target): target}
-    internal: set[int] = {id(held), id(ignored)}
-    keep_alive: list[list[Any]] = []  # get_referrers results, kept so their ids stay unique
-    internal.add(id(keep_alive))
-    frontier: list[tuple[int, tuple[str, ...], bool]] = [(id(target), (), False)]
-    seen: set[int] = {id(target)}
-    chains: list[ReferrerChain] = []
-    own_frame = sys._getframe()
-    running = _running_frames(own_frame)
-    internal.update(id(scope) for _, scope in running)
-    internal.add(id(running))
-    for _ in range(max_depth):
-        next_frontier: list[tuple[int, tuple[str, ...], bool]] = []
-        for oid, path, attach_next in frontier:
-            obj = held[oid]
-            edges = _edges_to(obj, internal, ignored, keep_alive, own_frame)
-            edges += _running_frame_edges(obj, running)
-            if issubclass(type(obj), _tensor_type()) and obj.requires_grad:
-                edges += _autograd_holders(obj, internal, keep_alive)
-            for edge in edges:
-                new_path = _prepend(edge, path, attach_next)
-                if edge.root is not None:
-                    chains.append(ReferrerChain(edge.root, new_path))
-                    if len(chains) >= max_chains:
-                        return _tidy(chains)
-                    continue
-                if id(edge.holder) in seen:
-                    continue
-                seen.add(id(edge.holder))
-                held[id(edge.holder)] = edge.holder
-                next_frontier.append((id(edge.holder), new_path, edge.attach))
+    search = _Search(ignore)
+    return search.run(target, max_depth, max_chains, max_objects, time.perf_counter() + seconds)
+
+
+class _Search:
+    """One backward walk over the referrer graph.
+
+    Each level costs one ``gc.get_referrers`` scan of the heap (plus one for
+    dict owners and two for closures), however wide the level is.
+    """
+
+    def __init__(self, ignore: Iterable[object]) -> None:
+        self.ignored = {id(o) for o in ignore}
+        # Objects are kept only in `held` (keyed by id) so the search's own
+        # bookkeeping is easy to recognise and skip; paths hold strings only.
+        self.held: dict[int, Any] = {}
+        self.keep_alive: list[Any] = []  # scan results, kept so their ids stay unique
+        self.internal: set[int] = {id(self.held), id(self.ignored), id(self.keep_alive)}
+        self.own_frame = sys._getframe(1)  # find_referrers' frame
+        self.running = _running_frames(self.own_frame)
+        self.internal.update(id(scope) for _, scope in self.running)
+        self.internal.add(id(self.running))
+
+    def _scan(self, objects: list[Any]) -> list[Any]:
+        """Every holder of any of ``objects``, minus the search's own containers."""
+        self.internal.add(id(objects))
+        # gc.get_referrers skips its own argument tuple, so nothing else to drop.
+        found = gc.get_referrers(*objects) if objects else []
+        self.keep_alive.append(found)
+        self.internal.add(id(found))
+        return found
+
+    def _skip(self, holder: object) -> bool:
+        return (
+            id(holder) in self.internal
+            or id(holder) in self.ignored
+            or holder is self.own_frame
+            or type(holder) is _Edge
+            or type(holder) is _Search
+        )
+
+    def run(
+        self, target: object, max_depth: int, max_chains: int, max_objects: int, deadline: float
+    ) -> list[ReferrerChain]:
+        self.held[id(target)] = target
+        frontier: dict[int, tuple[tuple[str, ...], bool]] = {id(target): ((), False)}
+        seen: set[int] = {id(target)}
+        chains: list[ReferrerChain] = []
+        tensor_type = _tensor_type()
+        for _ in range(max_depth):
+            level = self._level_edges([self.held[i] for i in frontier])
+            next_frontier: dict[int, tuple[tuple[str, ...], bool]] = {}
+            for oid, (path, attach_next) in frontier.items():
+                obj = self.held[oid]
+                edges = level.get(oid, []) + _running_frame_edges(obj, self.running)
+                if issubclass(type(obj), tensor_type) and obj.requires_grad:
+                    edges += _autograd_holders(obj, self.internal, self.keep_alive)
+                for edge in edges:
+                    new_path = _prepend(edge, path, attach_next)
+                    if edge.root is not None:
+                        chains.append(ReferrerChain(edge.root, new_path))
+                        if len(chains) >= max_chains:
+                            return _tidy(chains)
+                        continue
+                    if id(edge.holder) in seen:
+                        continue
+                    seen.add(id(edge.holder))
+                    self.held[id(edge.holder)] = edge.holder
+                    next_frontier[id(edge.holder)] = (new_path, edge.attach)
             if len(seen) > max_objects or time.perf_counter() > deadline:
                 return _tidy(chains or _unknown(next_frontier))
-        if not next_frontier:
-            break
-        frontier = next_frontier
-    else:
-        if not chains:
-            chains = _unknown(frontier)
-    return _tidy(chains)
+            if not next_frontier:
+                return _tidy(chains)
+            frontier = next_frontier
+        return _tidy(chains or _unknown(frontier))
+
+    def _level_edges(self, objects: list[Any]) -> dict[int, list[_Edge]]:
+        """Edges from every holder of any of ``objects``, keyed by the held object's id."""
+        wanted = {id(o): o for o in objects}
+        self.internal.add(id(wanted))
+        edges: dict[int, list[_Edge]] = {}
+        dicts: list[tuple[dict[Any, Any], Any]] = []
+        cells: list[tuple[types.CellType, Any]] = []
+        for holder in self._scan(objects):
+            if self._skip(holder) or isinstance(holder, types.ModuleType):
+                continue  # a module refers to its dict, which is handled as the root
+            if isinstance(holder, types.FrameType) and (_is_vramkit(holder) or _is_running(holder)):
+                continue  # vramkit's own; running frames are searched by _running_frame_edges
+            held = {id(r): r for r in gc.get_referents(holder) if id(r) in wanted}
+            if isinstance(holder, dict) and any(id(k) in wanted for k in holder):
+                held.update((id(k), k) for k in holder if id(k) in wanted)
+            for obj in held.values():
+                if isinstance(holder, dict):
+                    module = _module_owning(holder)
+                    if module is not None:
+                        edges.setdefault(id(obj), []).extend(
+                            _Edge(module, f"{module.__name__}.{k}", root="module global")
+                            for k in _keys_of(holder, obj)
+                        )
+                    else:
+                        dicts.append((holder, obj))
+                elif isinstance(holder, types.CellType):
+                    cells.append((holder, obj))
+                else:
+                    edges.setdefault(id(obj), []).extend(_direct_edges(holder, obj))
+        owners = self._dict_owners([d for d, _ in dicts])
+        for mapping, obj in dicts:
+            edges.setdefault(id(obj), []).extend(_dict_edges(mapping, obj, owners.get(id(mapping))))
+        closures = self._closures([c for c, _ in cells])
+        for cell, obj in cells:
+            edges.setdefault(id(obj), []).extend(closures.get(id(cell), []))
+        return edges
+
+    def _dict_owners(
+        self, dicts: list[dict[Any, Any]], depth: int = 2
+    ) -> dict[int, tuple[Any, str]]:
+        """For each dict, the object whose ``__dict__`` (or ``_parameters``...) it is."""
+        if not dicts or depth == 0:
+            return {}
+        wanted = {id(d) for d in dicts}
+        owners: dict[int, tuple[Any, str]] = {}
+        self.internal.add(id(dicts))
+        nested: list[tuple[dict[Any, Any], str, dict[Any, Any]]] = []
+        for holder in self._scan(dicts):
+            if self._skip(holder):
+                continue
+            if isinstance(holder, type):
+                for mapping in dicts:
+                    if _class_dict_matches(holder, mapping):
+                        owners[id(mapping)] = (holder, "")
+                continue
+            if isinstance(holder, dict):
+                for key in _MODULE_INTERNALS:  # nn.Module._parameters lives in __dict__
+                    inner = holder.get(key)
+                    if isinstance(inner, dict) and id(inner) in wanted:
+                        nested.append((holder, key, inner))
+                continue
+            attributes = _instance_dict(holder)
+            if attributes is None:
+                continue
+            if id(attributes) in wanted:
+                owners[id(attributes)] = (holder, "")
+            for key in _MODULE_INTERNALS:  # Python 3.11+: values inline in the instance
+                inner = attributes.get(key)
+                if isinstance(inner, dict) and id(inner) in wanted:
+                    owners[id(inner)] = (holder, key)
+        if nested:
+            outer = self._dict_owners([o for o, _, _ in nested], depth - 1)
+            for holder_dict, key, inner in nested:
+                if id(holder_dict) in outer:
+                    owners[id(inner)] = (outer[id(holder_dict)][0], key)
+        return owners
+
+    def _closures(self, cells: list[types.CellType]) -> dict[int, list[_Edge]]:
+        """For each cell, the functions whose closure holds it, named with the variable."""
+        if not cells:
+            return {}
+        by_id = {id(c): c for c in cells}
+        self.internal.add(id(by_id))
+        tuples = [t for t in self._scan(cells) if isinstance(t, tuple) and not self._skip(t)]
+        edges: dict[int, list[_Edge]] = {}
+        for function in self._scan(tuples):
+            if not isinstance(function, types.FunctionType) or function.__closure__ is None:
+                continue
+            for index, cell in enumerate(function.__closure__):
+                if id(cell) in by_id:
+                    variable = function.__code__.co_freevars[index]
+                    edges.setdefault(id(cell), []).append(
+                        _Edge(
+                            function, f"closure of {function.__qualname__} (variable {variable!r})"
+                        )
+                    )
+        return edges
+
+
+def _is_vramkit(frame: types.FrameType) -> bool:
+    return str(frame.f_globals.get("__name__", "")).startswith(_SKIP_MODULE_PREFIX)
+
+
+def _instance_dict(holder: object) -> dict[str, Any] | None:
+    try:
+        attributes = getattr(holder, "__dict__", None)
+    except Exception:  # proxies and odd descriptors may raise anything
+        return None
+    return attributes if isinstance(attributes, dict) else None
+
+
+def _direct_edges(holder: Any, obj: object) -> list[_Edge]:
+    """Edges from holders that need no further lookup (not dicts, not cells)."""
+    if isinstance(holder, types.FrameType):
+        return _frame_edges(holder, obj)
+    if isinstance(holder, list | tuple):
+        return [_Edge(holder, f"[{i}]", attach=True) for i in _positions(holder, obj)]
+    if isinstance(holder, set | frozenset):
+        return [_Edge(holder, "{...}", attach=True)]
+    if isinstance(holder, types.MethodType):
+        return [_Edge(holder, f"bound method {getattr(holder.__func__, '__qualname__', '?')}")]
+    if isinstance(holder, types.TracebackType):
+        return [_Edge(holder, "traceback")]
+    if isinstance(holder, BaseException):
+        return [_Edge(holder, f"{type(holder).__name__}.__traceback__")]
+    return [_Edge(holder, _attribute_label(holder, obj))]
 
 
 def _prepend(edge: _Edge, path: tuple[str, ...], attach_next: bool) -> tuple[str, ...]:
@@ -138,8 +296,9 @@ def _prepend(edge: _Edge, path: tuple[str, ...], attach_next: bool) -> tuple[str
     return (edge.label, *path)
 
 
-def _unknown(frontier: list[tuple[int, tuple[str, ...], bool]]) -> list[ReferrerChain]:
-    return [ReferrerChain("unknown", ("...", *path)) for _, path, _ in frontier[:3] if path]
+def _unknown(frontier: dict[int, tuple[tuple[str, ...], bool]]) -> list[ReferrerChain]:
+    paths = [path for path, _ in frontier.values() if path][:3]
+    return [ReferrerChain("unknown", ("...", *path)) for path in paths]
 
 
 def _tidy(chains: list[ReferrerChain]) -> list[ReferrerChain]:
@@ -150,53 +309,6 @@ def _tidy(chains: list[ReferrerChain]) -> list[ReferrerChain]:
 def _tensor_type() -> type:
     torch = sys.modules.get("torch")
     return torch.Tensor if torch is not None else type(None)
-
-
-def _edges_to(
-    obj: object,
-    internal: set[int],
-    ignored: set[int],
-    keep_alive: list[list[Any]],
-    own_frame: types.FrameType,
-) -> list[_Edge]:
-    referrers = gc.get_referrers(obj)
-    keep_alive.append(referrers)
-    internal.add(id(referrers))
-    edges: list[_Edge] = []
-    for holder in referrers:
-        if (
-            id(holder) in internal
-            or id(holder) in ignored
-            or holder is own_frame
-            or type(holder) is _Edge
-        ):
-            continue
-        if isinstance(holder, types.FrameType):
-            if _is_running(holder):
-                continue  # running frames are searched by _running_frame_edges
-            if holder.f_globals.get("__name__", "").startswith(_SKIP_MODULE_PREFIX):
-                continue  # vramkit's own frames (the unload in progress)
-            edges.extend(_frame_edges(holder, obj))
-        elif isinstance(holder, dict):
-            edges.extend(_dict_edges(holder, obj, internal, keep_alive))
-        elif isinstance(holder, list | tuple):
-            edges.extend(_Edge(holder, f"[{i}]", attach=True) for i in _positions(holder, obj))
-        elif isinstance(holder, set | frozenset):
-            edges.append(_Edge(holder, "{...}", attach=True))
-        elif isinstance(holder, types.CellType):
-            edges.extend(_cell_edges(holder, internal, keep_alive))
-        elif isinstance(holder, types.MethodType):
-            name = getattr(holder.__func__, "__qualname__", "?")
-            edges.append(_Edge(holder, f"bound method {name}"))
-        elif isinstance(holder, types.TracebackType):
-            edges.append(_Edge(holder, "traceback"))
-        elif isinstance(holder, BaseException):
-            edges.append(_Edge(holder, f"{type(holder).__name__}.__traceback__"))
-        elif isinstance(holder, types.ModuleType):
-            continue  # modules refer to their dict, which is handled as a root
-        else:
-            edges.append(_Edge(holder, _attribute_label(holder, obj)))
-    return edges
 
 
 def _positions(container: list[Any] | tuple[Any, ...], obj: object) -> list[int]:
@@ -210,29 +322,18 @@ def _keys_of(mapping: dict[Any, Any], obj: object) -> list[Any]:
     return keys[:3]
 
 
-def _dict_edges(
-    mapping: dict[Any, Any], obj: object, internal: set[int], keep_alive: list[list[Any]]
-) -> list[_Edge]:
-    keys = _keys_of(mapping, obj) if not isinstance(obj, dict) or obj is not mapping else []
-    if not keys:
-        keys = ["?"]
-    module = _module_owning(mapping)
-    if module is not None:
-        return [_Edge(module, f"{module.__name__}.{k}", root="module global") for k in keys]
-    owner = _owner_of_dict(mapping, internal, keep_alive)
-    if owner is not None:
-        holder, prefix = owner
-        if prefix in _MODULE_INTERNALS:  # nn.Module._parameters["weight"] -> Linear.weight
-            return [_Edge(holder, f"{type(holder).__name__}.{k}") for k in keys]
-        if isinstance(holder, type):
-            return [
-                _Edge(
-                    holder, f"{holder.__module__}.{holder.__qualname__}.{k}", root="class attribute"
-                )
-                for k in keys
-            ]
-        return [_Edge(holder, f"{type(holder).__name__}.{k}") for k in keys]
-    return [_Edge(mapping, f"[{k!r}]", attach=True) for k in keys]
+def _dict_edges(mapping: dict[Any, Any], obj: object, owner: tuple[Any, str] | None) -> list[_Edge]:
+    keys = _keys_of(mapping, obj) or ["?"]
+    if owner is None:
+        return [_Edge(mapping, f"[{k!r}]", attach=True) for k in keys]
+    holder, prefix = owner
+    if isinstance(holder, type) and not prefix:
+        return [
+            _Edge(holder, f"{holder.__module__}.{holder.__qualname__}.{k}", root="class attribute")
+            for k in keys
+        ]
+    # nn.Module._parameters["weight"] reads as Linear.weight, like the attribute it is.
+    return [_Edge(holder, f"{type(holder).__name__}.{k}") for k in keys]
 
 
 def _module_owning(mapping: dict[Any, Any]) -> types.ModuleType | None:
@@ -244,59 +345,12 @@ def _module_owning(mapping: dict[Any, Any]) -> types.ModuleType | None:
     return None
 
 
-def _owner_of_dict(
-    mapping: dict[Any, Any], internal: set[int], keep_alive: list[list[Any]]
-) -> tuple[Any, str] | None:
-    """The object whose ``__dict__`` is ``mapping`` (or whose ``_parameters`` etc. it is)."""
-    referrers = gc.get_referrers(mapping)
-    keep_alive.append(referrers)
-    internal.add(id(referrers))
-    for holder in referrers:
-        if id(holder) in internal:
-            continue
-        if isinstance(holder, type) and _class_dict_matches(holder, mapping):
-            return holder, ""
-        if getattr(holder, "__dict__", None) is mapping:
-            return holder, ""
-        if isinstance(holder, dict):
-            for key, value in holder.items():
-                if value is mapping and key in _MODULE_INTERNALS:
-                    grand = _owner_of_dict(holder, internal, keep_alive)
-                    if grand is not None:
-                        return grand[0], key
-    return None
-
-
 def _class_dict_matches(cls: type, mapping: dict[Any, Any]) -> bool:
     try:
         proxy = cls.__dict__
         return len(proxy) == len(mapping) and all(proxy[k] is v for k, v in mapping.items())
     except (KeyError, TypeError):
         return False
-
-
-def _cell_edges(
-    cell: types.CellType, internal: set[int], keep_alive: list[list[Any]]
-) -> list[_Edge]:
-    """A cell belongs to closures: name the function and the captured variable."""
-    edges: list[_Edge] = []
-    tuples = gc.get_referrers(cell)
-    keep_alive.append(tuples)
-    internal.add(id(tuples))
-    for closure in tuples:
-        if not isinstance(closure, tuple):
-            continue
-        functions = gc.get_referrers(closure)
-        keep_alive.append(functions)
-        internal.add(id(functions))
-        for function in functions:
-            if isinstance(function, types.FunctionType) and function.__closure__ is closure:
-                index = closure.index(cell)
-                variable = function.__code__.co_freevars[index]
-                edges.append(
-                    _Edge(function, f"closure of {function.__qualname__} (variable {variable!r})")
-                )
-    return edges
 
 
 def _where(frame: types.FrameType) -> str:
@@ -321,13 +375,8 @@ def _running_frames(own_frame: types.FrameType) -> list[tuple[types.FrameType, d
     for top in sys._current_frames().values():
         current: types.FrameType | None = top
         while current is not None:
-            name = current.f_globals.get("__name__", "")
             module_level = current.f_code.co_name == "<module>"  # its locals are its globals
-            if (
-                current is not own_frame
-                and not module_level
-                and not name.startswith(_SKIP_MODULE_PREFIX)
-            ):
+            if current is not own_frame and not module_level and not _is_vramkit(current):
                 frames.append((current, dict(current.f_locals)))
             current = current.f_back
     return frames
@@ -396,7 +445,8 @@ def _autograd_holders(tensor: Any, internal: set[int], keep_alive: list[list[Any
             continue
         route = _graph_route(node, ptr)
         if route is not None:
-            label = " -> ".join(["Tensor.grad_fn", *route])
+            middle = [route[0]] if len(route) <= 2 else [route[0], "..."]
+            label = " -> ".join(["Tensor.grad_fn", *middle, route[-1]])
             edges.append(_Edge(candidate, label))
             if len(edges) >= 3:
                 break
@@ -424,8 +474,9 @@ def _graph_route(root: Any, ptr: int, limit: int = 10_000) -> list[str] | None:
 
 
 def _held_tensor_attrs(node: Any) -> list[str]:
-    names = ["variable"] if type(node).__name__ == "AccumulateGrad" else []
-    return names + [n for n in dir(node) if n.startswith("_saved_") and "sym" not in n]
+    # Leaves (weights) enter a graph through AccumulateGrad. Saved activations
+    # (`_saved_*`) are not looked at: unpacking them creates new tensor objects.
+    return ["variable"] if type(node).__name__ == "AccumulateGrad" else []
 
 
 def _route(parents: dict[int, tuple[int | None, Any]], last: int, leaf: str) -> list[str]:

@@ -44,12 +44,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
 from vramkit._units import format_bytes, parse_bytes
-from vramkit.cleanup import CleanupReport, cleanup
+from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
 from vramkit.devices.cuda import is_initialized as cuda_initialized
 from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError
+from vramkit.memory import MemoryDelta, MemorySnapshot, snapshot
 from vramkit.oom import _is_coroutine_callable, _qualname
-from vramkit.snapshot import MemoryDelta, MemorySnapshot, snapshot
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
 
 if TYPE_CHECKING:

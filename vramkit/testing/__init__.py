@@ -1,1 +1,11 @@
-"""Test utilities shipped with vramkit: tiny local models and a scripted fake device."""
+"""Test utilities shipped with vramkit: a scripted fake device and tiny local models.
+
+:class:`FakeDevice` is for testing policy code (eviction order, cleanup cadence,
+budgets) without a GPU; it is never a substitute for testing a real backend.
+The tiny model builders live in :mod:`vramkit.testing.models` (imported on
+demand: they pull in numpy, and funasr or onnx only when called).
+"""
+
+from vramkit.testing.fake import FakeDevice
+
+__all__ = ["FakeDevice"]

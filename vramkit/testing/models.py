@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vramkit._optional import require
+from vramkit.adapters.funasr import funasr_side_effects_undone, import_funasr
 from vramkit.errors import InvalidArgumentError
 
 __all__ = [
@@ -205,26 +205,6 @@ def _train_sentencepiece(lines: tuple[str, ...], vocab_size: int) -> bytes:
     return buffer.getvalue()
 
 
-@contextlib.contextmanager
-def _funasr_build_guard() -> Iterator[None]:
-    """Undo the global side effects of ``AutoModel.build_model``.
-
-    It seeds Python's, NumPy's and torch's global generators and calls
-    ``torch.set_num_threads``; a test helper must leave them as it found them.
-    """
-    threads = torch.get_num_threads()
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-
-
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
@@ -307,7 +287,7 @@ def _build_funasr_dir(
     is kept and the new build discarded.
     """
     purpose = f"build_funasr_{kind}"
-    funasr = require("funasr", purpose)  # first, so a missing extra is named
+    funasr = import_funasr(purpose)  # first, so a missing extra is named
     yaml = require("yaml", purpose)  # a dependency of funasr
     spec = _FUNASR_SPECS[kind]
     config, files = spec.config(), spec.files()
@@ -339,7 +319,7 @@ def _build_funasr_dir(
             ncpu=torch.get_num_threads(),
             disable_log=True,
         )
-        with _funasr_build_guard():
+        with funasr_side_effects_undone():
             model, _ = funasr.AutoModel.build_model(**kwargs)
         model.eval()
         with torch.no_grad():

@@ -21,7 +21,7 @@ from typing import Any
 from vramkit._units import format_bytes
 from vramkit.devices import DeviceLike, get_backend
 from vramkit.devices.cpu import malloc_trim
-from vramkit.snapshot import MemoryDelta, MemorySnapshot, snapshot, target_devices
+from vramkit.memory import MemoryDelta, MemorySnapshot, snapshot, target_devices
 
 __all__ = ["CleanupReport", "cleanup"]
 

@@ -1,0 +1,137 @@
+"""FunASR's ``AutoModel``: every place it keeps torch objects.
+
+An ``AutoModel`` holds its networks in ``model``, ``vad_model``, ``punc_model``,
+``spk_model`` and ``cb_model`` (with a speaker model), its frontends (with
+CMVN statistics as plain tensors) in ``kwargs`` and the ``*_kwargs`` dicts, and
+deep copies of those dicts in ``_base_kwargs_map``, which are swapped in at
+every ``generate()``. This adapter measures and frees all of them. It matches
+by type name, so ``import funasr`` (about 7 s) never happens here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from vramkit.adapters._base import AdapterBase, type_path
+from vramkit.adapters._torch_util import modules_in, neutralise_torch, storage_bytes, tensors_in
+
+__all__ = ["SUBMODELS", "FunasrAdapter", "funasr_side_effects_undone", "import_funasr"]
+
+SUBMODELS = ("model", "vad_model", "punc_model", "spk_model", "cb_model")
+"""Attributes of an ``AutoModel`` that hold networks."""
+
+_KWARGS = ("kwargs", "vad_kwargs", "punc_kwargs", "spk_kwargs", "_base_kwargs_map")
+
+
+class FunasrAdapter(AdapterBase):
+    """``funasr.AutoModel`` (VAD, ASR, punctuation, speaker models and their frontends)."""
+
+    name = "funasr"
+
+    def matches(self, obj: object) -> bool:
+        """``funasr...AutoModel`` instances, recognised without importing funasr."""
+        path = type_path(obj)
+        return path.startswith("funasr.") and path.endswith(".AutoModel")
+
+    def submodels(self, obj: object) -> dict[str, torch.nn.Module]:
+        """The networks an ``AutoModel`` holds, by attribute name."""
+        found = {}
+        for name in SUBMODELS:
+            value = getattr(obj, name, None)
+            if isinstance(value, torch.nn.Module):
+                found[name] = value
+        return found
+
+    def modules(self, obj: object) -> Mapping[str, torch.nn.Module]:
+        """Networks by attribute name, then frontends (and their copies) in the kwargs dicts."""
+        found: dict[str, torch.nn.Module] = dict(self.submodels(obj))
+        ids = {id(m) for m in found.values()}
+        for name in _KWARGS:
+            for i, module in enumerate(modules_in(getattr(obj, name, None), depth=4)):
+                if id(module) not in ids:
+                    ids.add(id(module))
+                    found[f"{name}.{i}"] = module
+        return found
+
+    def size_bytes(self, obj: object) -> int | None:
+        """Bytes of all networks and frontend tensors (shared storages once)."""
+        return storage_bytes(self.tensors(obj))
+
+    def tensors(self, obj: object) -> Sequence[torch.Tensor]:
+        """Every tensor in the networks and in the frontends kept in the kwargs dicts."""
+        found: dict[int, torch.Tensor] = {}
+        for module in self.submodels(obj).values():
+            for tensor in tensors_in(module):
+                found.setdefault(id(tensor), tensor)
+        for name in _KWARGS:
+            for tensor in tensors_in(getattr(obj, name, None), depth=4):
+                found.setdefault(id(tensor), tensor)
+        return list(found.values())
+
+    def neutralise(self, survivors: Sequence[object], message: str) -> int:
+        """Move a surviving ``AutoModel``'s networks to ``meta``; empty its other tensors."""
+        found: list[object] = []
+        for survivor in survivors:
+            if self.matches(survivor):
+                found.extend(self.tensors(survivor))
+                found.extend(self.submodels(survivor).values())
+                for name in _KWARGS:  # frontends run first in generate(): they must refuse too
+                    found.extend(modules_in(getattr(survivor, name, None), depth=4))
+            else:
+                found.append(survivor)
+        return neutralise_torch(found, message)
+
+
+@contextlib.contextmanager
+def funasr_side_effects_undone() -> Iterator[None]:
+    """Restore what importing FunASR or building its models changes globally.
+
+    ``AutoModel`` (through ``build_model``) calls ``torch.set_num_threads``,
+    seeds Python's, NumPy's and torch's global generators, and calls
+    ``logging.basicConfig``; a library that loads models for an application
+    must leave all three as it found them.
+    """
+    import numpy
+
+    threads = torch.get_num_threads()
+    py_state = random.getstate()
+    np_state = numpy.random.get_state()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            numpy.random.set_state(np_state)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            root.handlers[:] = handlers
+            root.setLevel(level)
+
+
+_module: Any = None
+_import_lock = threading.Lock()
+
+
+def import_funasr(purpose: str) -> Any:
+    """``import funasr`` once per process (about 7 s), thread-safe, side effects undone.
+
+    Raises:
+        MissingDependencyError: funasr is not installed (names the ``funasr`` extra).
+    """
+    global _module
+    with _import_lock:
+        if _module is None:
+            from vramkit._optional import require
+
+            with funasr_side_effects_undone():
+                _module = require("funasr", purpose)
+        return _module

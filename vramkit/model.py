@@ -1,0 +1,1721 @@
+r"""``ManagedModel``: the life of one model, from lazy load to a proven unload.
+
+::
+
+    UNLOADED --load--> LOADING --> READY <--lease/return--> (in use: leases > 0)
+       ^                             |  \\--offload--> OFFLOADED (cpu / disk tier)
+       |                             |                    |--wake--> READY
+       +------ unload (no leases) ---+--------------------+
+
+A ``ManagedModel`` holds the only strong reference to the loaded object. Code
+borrows it through a *lease* (``with mm.use() as model:``, ``@mm.inference``,
+``mm(...)``); while any lease is out the model cannot be unloaded or offloaded.
+``unload()`` releases the object, drops the reference, collects, and proves with
+weak references that it died; if something else still holds it, the report
+names the holder and the memory is freed anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import functools
+import gc
+import inspect
+import itertools
+import os
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
+
+import torch
+
+from vramkit import events
+from vramkit._keepalive import KeepAliveScheduler, default_scheduler
+from vramkit._units import format_bytes
+from vramkit.adapters import Adapter, GenericAdapter, adapter_for
+from vramkit.adapters.funasr import funasr_side_effects_undone, import_funasr
+from vramkit.cleaning import CleanupReport, cleanup
+from vramkit.devices import Device, DeviceLike, DeviceMemory, get_backend, resolve_device
+from vramkit.errors import (
+    InvalidArgumentError,
+    MissingDependencyError,
+    ModelBusyError,
+    ModelStateError,
+    VramLeakError,
+)
+from vramkit.referrers import ReferrerChain, find_referrers
+
+if TYPE_CHECKING:
+    from vramkit.offload import OffloadReport, TierCost, WakeReport
+    from vramkit.policy import CleanupPolicy, CleanupTracker
+
+__all__ = ["LoadReport", "ManagedModel", "ModelState", "ModelStats", "UnloadReport"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_lease_ids = itertools.count(1)
+
+
+class ModelState(str, Enum):
+    """Where a :class:`ManagedModel` is in its life. Transitional states end in ``-ING``."""
+
+    UNLOADED = "UNLOADED"
+    LOADING = "LOADING"
+    READY = "READY"
+    OFFLOADING = "OFFLOADING"
+    OFFLOADED = "OFFLOADED"
+    WAKING = "WAKING"
+    UNLOADING = "UNLOADING"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_SETTLED = frozenset({ModelState.UNLOADED, ModelState.READY, ModelState.OFFLOADED})
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What a load took and cost.
+
+    Attributes:
+        model: The model's name.
+        device: Where it was loaded.
+        seconds: Wall time of the loader (and the adapter's measurement).
+        size_bytes: Bytes the object holds per its adapter, else the memory it
+            added on the device (or in the process, for ``cpu``).
+        memory_before: The device's reading before the load.
+        memory_after: The reading after.
+    """
+
+    model: str
+    device: str
+    seconds: float
+    size_bytes: int | None
+    memory_before: DeviceMemory
+    memory_after: DeviceMemory
+
+    def __str__(self) -> str:
+        size = format_bytes(self.size_bytes)
+        return f"loaded {self.model} on {self.device} in {self.seconds:.3f} s, {size}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadReport:
+    """What an unload did, and whether the memory really came back.
+
+    Attributes:
+        model: The model's name.
+        device: The device it was on.
+        state_before: Its state before the unload (``UNLOADED`` when there was nothing to do).
+        state_after: ``UNLOADED``.
+        died: Whether every tracked object (the model, its tensors, native
+            handles) was proven dead by weak references after vramkit dropped
+            its reference. ``False`` when something else still held one.
+        verified: Whether death could be checked at all (objects that cannot be
+            weakly referenced cannot be proven dead).
+        holders: Who held the survivors, as referrer chains (empty when ``died``).
+        survivors: Short descriptions of what survived.
+        neutralised_bytes: Bytes freed anyway in survivors (moved to ``meta``,
+            emptied) so a stale reference pins nothing.
+        expected_bytes: The model's size as measured at load.
+        freed_bytes: Bytes given back per layer: ``allocated``, ``reserved``,
+            ``used`` (device-wide, driver or OS), ``process`` (this process per
+            driver or RSS); ``None`` where the layer cannot be read here.
+        memory_before: The device's reading before unloading.
+        memory_after: The reading after cleanup.
+        cleanup: The cleanup that ran after release.
+        waited_seconds: Time spent waiting for leases to be returned.
+        seconds: Wall time of the whole unload, waiting included.
+        error: The release error, when the adapter's release failed (the model
+            is ``UNLOADED`` regardless).
+    """
+
+    model: str
+    device: str
+    state_before: ModelState
+    state_after: ModelState
+    died: bool
+    verified: bool
+    holders: tuple[ReferrerChain, ...] = ()
+    survivors: tuple[str, ...] = ()
+    neutralised_bytes: int = 0
+    expected_bytes: int | None = None
+    freed_bytes: Mapping[str, int | None] = field(default_factory=dict)
+    memory_before: DeviceMemory | None = None
+    memory_after: DeviceMemory | None = None
+    cleanup: CleanupReport | None = None
+    waited_seconds: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the model died and nothing held it."""
+        return self.died and not self.holders and self.error is None
+
+    @property
+    def seen_bytes(self) -> int | None:
+        """Bytes that came back in the most telling layer (allocated, else process)."""
+        for layer in ("allocated", "process", "used"):
+            value = self.freed_bytes.get(layer)
+            if value is not None:
+                return value
+        return None
+
+    def __str__(self) -> str:
+        if self.state_before is ModelState.UNLOADED:
+            return f"{self.model} was not loaded: nothing to unload"
+        verdict = "freed" if self.ok else ("unverified" if not self.verified else "HELD")
+        # Device-wide "used" on the host moves with every other process: not shown for cpu.
+        layers = (
+            ("allocated", "reserved", "process")
+            if self.device == "cpu"
+            else tuple(self.freed_bytes)
+        )
+        came_back = ", ".join(
+            f"{layer} {format_bytes(self.freed_bytes[layer])}"
+            for layer in layers
+            if self.freed_bytes.get(layer) is not None
+        )
+        lines = [
+            f"unloaded {self.model} from {self.device} in {self.seconds:.3f} s: {verdict}; "
+            f"expected {format_bytes(self.expected_bytes)}, came back {came_back or 'n/a'}"
+        ]
+        if self.survivors:
+            lines.append("  still alive: " + "; ".join(self.survivors))
+        lines.extend(f"  held by: {chain}" for chain in self.holders)
+        if self.neutralised_bytes:
+            lines.append(
+                f"  freed anyway: {format_bytes(self.neutralised_bytes)} "
+                "(stale references now fail loudly)"
+            )
+        if self.error:
+            lines.append(f"  release failed: {self.error}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """Counters and measured costs of one model, for people and for pools.
+
+    Attributes:
+        loads: Completed loads.
+        unloads: Completed unloads.
+        offloads: Completed offloads.
+        wakes: Completed wakes.
+        load_seconds: Wall time of the last load (``None`` before the first).
+        size_bytes: Bytes the model holds, measured at its last load.
+        last_used: ``time.monotonic()`` when the last lease ended (or the model loaded).
+        wake_seconds: Wall time of the last wake, per tier.
+        offloaded_bytes: Bytes held per tier by the last offload.
+    """
+
+    loads: int = 0
+    unloads: int = 0
+    offloads: int = 0
+    wakes: int = 0
+    load_seconds: float | None = None
+    size_bytes: int | None = None
+    last_used: float | None = None
+    wake_seconds: Mapping[str, float] = field(default_factory=dict)
+    offloaded_bytes: Mapping[str, int] = field(default_factory=dict)
+
+
+class _Lease(Generic[T]):
+    """One borrowing of the model; a context manager (sync and async)."""
+
+    __slots__ = ("_grad", "_model", "_token")
+
+    def __init__(self, model: ManagedModel[T]) -> None:
+        self._model = model
+        self._token = 0
+        self._grad: Any = None
+
+    def __enter__(self) -> T:
+        obj, self._token = self._model._acquire()
+        if self._model._inference_mode:
+            self._grad = torch.inference_mode()
+            self._grad.__enter__()
+        return obj
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._grad is not None:
+                self._grad.__exit__(exc_type, exc, tb)
+                self._grad = None
+        finally:
+            self._model._return(self._token)
+
+    async def __aenter__(self) -> T:
+        # A load can take seconds: do it off the event loop. Grad mode is
+        # thread-local and would leak into other tasks across an await, so
+        # async leases do not enter inference mode.
+        model = self._model
+        if model._state is ModelState.READY:
+            obj, self._token = model._acquire()
+        else:
+            obj, self._token = await asyncio.to_thread(model._acquire)
+        return obj
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._model._return(self._token)
+
+
+class ManagedModel(Generic[T]):
+    """One model under management: lazy loading, leases, reference-safe unloading.
+
+    Args:
+        loader: A zero-argument callable that builds and returns the model
+            object (a torch module, a FunASR ``AutoModel``, an ONNX Runtime
+            session, anything). What it closes over is the model's
+            configuration: it survives unload, so a reload is the same model.
+            The loader places the model on its device; the ``from_*``
+            constructors do that for you.
+        name: A name for reports, events and pools (default: the loader's name).
+        device: The device the model lives on (default: the best available).
+        keep_alive: Seconds an idle model stays loaded after its last lease
+            (``0``: unload as soon as the last lease ends; ``None``: never
+            expire). A ``datetime.timedelta`` works too.
+        adapter: How to measure and release the object (default: looked up
+            from the loaded object's type).
+        release: For objects with their own teardown: called with the object
+            on unload (builds a :class:`~vramkit.adapters.GenericAdapter`).
+        size: With ``release``: returns the object's size in bytes.
+        inference_mode: Run leases under ``torch.inference_mode()`` so outputs
+            drag no autograd graph (async leases excepted; see docs).
+        cleanup: A :class:`~vramkit.policy.CleanupPolicy` applied after each
+            ``@inference`` call (default: clean only under memory pressure).
+        strict: Make ``unload()`` raise :class:`VramLeakError` when something
+            still held the model (default: report it).
+        free_survivors: Free the memory of objects that outlive unloading
+            (torch weights to ``meta``, ONNX sessions detached) so a stale
+            reference pins nothing and fails loudly when used.
+        driver_wait: On accelerators, seconds to wait after unloading for the
+            driver to show the memory back (polled every 0.25 s).
+        offload_dir: Where the disk tier writes (default: ``$VRAMKIT_CACHE_DIR``,
+            else the user cache directory).
+        config: The configuration the loader closes over, for display
+            (``mm.config``); the ``from_*`` constructors fill it in.
+
+    Example:
+        >>> import torch
+        >>> mm = ManagedModel(lambda: torch.nn.Linear(4, 2), name="tiny", device="cpu")
+        >>> with mm.use() as model:
+        ...     y = model(torch.ones(1, 4))
+        >>> mm.unload().died
+        True
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[], T],
+        *,
+        name: str | None = None,
+        device: DeviceLike | None = None,
+        keep_alive: float | datetime.timedelta | None = None,
+        adapter: Adapter | None = None,
+        release: Callable[[T], object] | None = None,
+        size: Callable[[T], int | None] | None = None,
+        inference_mode: bool = True,
+        cleanup: CleanupPolicy | None = None,
+        strict: bool = False,
+        free_survivors: bool = True,
+        driver_wait: float = 5.0,
+        offload_dir: str | os.PathLike[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not callable(loader):
+            raise InvalidArgumentError(
+                f"loader must be a zero-argument callable that returns the model; got {loader!r}"
+            )
+        if name is None:
+            name = getattr(loader, "__name__", None) or type(loader).__name__
+            if name == "<lambda>":
+                name = "model"
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
+        if adapter is not None and (release is not None or size is not None):
+            raise InvalidArgumentError("pass either adapter= or release=/size=, not both")
+        if release is not None or size is not None:
+            adapter = GenericAdapter(release=release, size=size, name=name)
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise InvalidArgumentError(
+                f"adapter must implement vramkit.adapters.Adapter; got {adapter!r}"
+            )
+        if not isinstance(driver_wait, int | float) or driver_wait < 0:
+            raise InvalidArgumentError(f"driver_wait must be seconds >= 0; got {driver_wait!r}")
+        self._loader = loader
+        self._name = name
+        self._device = resolve_device(device)
+        self._keep_alive = _keep_alive_seconds(keep_alive)
+        self._adapter_override = adapter
+        self._adapter: Adapter | None = None
+        self._inference_mode = bool(inference_mode)
+        self._strict = bool(strict)
+        self._free_survivors = bool(free_survivors)
+        self._driver_wait = float(driver_wait)
+        self._config = MappingProxyType(dict(config or {}))
+        self._policy = cleanup
+        self._tracker: CleanupTracker | None = None
+
+        self._cond = threading.Condition(threading.Lock())
+        self._state = ModelState.UNLOADED
+        self._obj: T | None = None
+        self._leases: dict[int, tuple[int, str, float]] = {}  # token -> (thread id, name, since)
+        self._busy_thread: int | None = None  # thread running a load / unload / offload
+        self._stamp = 0  # bumped at every lease and load: a keep-alive expiry must match it
+        self._closed = False
+        self._stats = ModelStats()
+        self._scheduler: KeepAliveScheduler | None = None
+        self._owner: Any = None  # the ModelPool this model belongs to, if any
+        self._tier: str | None = None
+        self._offloaded: Any = None  # tier-specific state while OFFLOADED
+        self._disk_cache: Any = None  # the file a disk wake came from, reusable if unchanged
+        self._offload_dir = Path(offload_dir).expanduser() if offload_dir is not None else None
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_torch(
+        cls,
+        factory: Callable[[], torch.nn.Module],
+        *,
+        device: DeviceLike | None = None,
+        dtype: torch.dtype | None = None,
+        eval: bool = True,
+        name: str | None = None,
+        **options: Any,
+    ) -> ManagedModel[torch.nn.Module]:
+        """Manage a torch module built by ``factory``, moved to ``device`` (and ``dtype``).
+
+        Args:
+            factory: A zero-argument callable returning an ``nn.Module``; it is
+                called again on every reload. (Not the module itself: vramkit
+                must be able to rebuild what it unloads.)
+            device: Where the module goes (default: the best available device).
+            dtype: Optional dtype to cast floating-point weights to.
+            eval: Put the module in eval mode (dropout off, BatchNorm frozen).
+            name: Name for reports (default: the factory's name).
+            **options: Passed to :class:`ManagedModel`.
+
+        Returns:
+            A ``ManagedModel`` whose loaded object is the module.
+        """
+        if isinstance(factory, torch.nn.Module):
+            raise InvalidArgumentError(
+                "from_torch needs a factory (a zero-argument callable that builds the module), "
+                "not the module itself, so the module can be rebuilt after unloading; "
+                f"e.g. from_torch(lambda: {type(factory).__name__}(...))"
+            )
+        if not callable(factory):
+            raise InvalidArgumentError(
+                f"factory must be a zero-argument callable returning an nn.Module; got {factory!r}"
+            )
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise InvalidArgumentError(f"dtype must be a torch.dtype; got {dtype!r}")
+        target = resolve_device(device)
+        use_eval = eval
+
+        def load_torch() -> torch.nn.Module:
+            module = factory()
+            if not isinstance(module, torch.nn.Module):
+                raise InvalidArgumentError(
+                    f"from_torch factory must return a torch.nn.Module; got {type(module).__name__}"
+                )
+            module = module.to(device=target.torch, dtype=dtype)
+            return module.eval() if use_eval else module
+
+        config = {"factory": getattr(factory, "__qualname__", repr(factory)), "dtype": dtype}
+        return ManagedModel[torch.nn.Module](
+            load_torch,
+            name=name or _callable_name(factory),
+            device=target,
+            config=config,
+            **options,
+        )
+
+    @classmethod
+    def from_funasr(
+        cls,
+        model: str | os.PathLike[str],
+        *,
+        device: DeviceLike | None = None,
+        name: str | None = None,
+        disable_update: bool = True,
+        manager_options: Mapping[str, Any] | None = None,
+        **automodel_kwargs: Any,
+    ) -> ManagedModel[Any]:
+        """Manage a FunASR ``AutoModel`` built from a local directory or a hub name.
+
+        Everything in ``automodel_kwargs`` (``vad_model``, ``punc_model``,
+        ``hotword``, ``language``, ``batch_size_s``, ...) is kept and passed
+        again on every reload, so settings survive unloading.
+
+        FunASR's global side effects are undone after each load: it sets
+        torch's thread count (and resets it at every ``generate()`` to
+        ``ncpu``, which vramkit therefore defaults to the current count), seeds
+        the global random generators, and configures the root logger.
+
+        Args:
+            model: A model directory (``config.yaml`` + ``model.pt``) or a
+                FunASR hub name (downloaded at load; not offline).
+            device: Where the networks go (default: the best available device).
+            name: Name for reports (default: the directory's name).
+            disable_update: Skip FunASR's version check against PyPI.
+            manager_options: Options for :class:`ManagedModel` itself
+                (``keep_alive``, ``strict``...), kept apart from FunASR's own.
+            **automodel_kwargs: Passed to ``funasr.AutoModel``.
+
+        Raises:
+            InvalidArgumentError: A path (for ``model``, ``vad_model``,
+                ``punc_model``, ``spk_model``) that does not exist or is not a
+                FunASR model directory.
+            MissingDependencyError: funasr is not installed.
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("funasr") is None:
+            raise MissingDependencyError("funasr", "funasr", "ManagedModel.from_funasr")
+        for key, value in (("model", model), *automodel_kwargs.items()):
+            if key in {"model", "vad_model", "punc_model", "spk_model"} and value is not None:
+                _check_funasr_path(key, value)
+        target = resolve_device(device)
+        kwargs = dict(automodel_kwargs)
+        kwargs.setdefault("ncpu", torch.get_num_threads())
+        kwargs["disable_update"] = disable_update
+        kwargs["device"] = str(target)
+        model_ref = os.fspath(model)
+
+        def load_funasr() -> Any:
+            funasr = import_funasr("ManagedModel.from_funasr")
+            with funasr_side_effects_undone():
+                return funasr.AutoModel(model=model_ref, **kwargs)
+
+        return cls(
+            load_funasr,
+            name=name or Path(model_ref).name or "funasr",
+            device=target,
+            config={"model": model_ref, **kwargs},
+            **dict(manager_options or {}),
+        )
+
+    @classmethod
+    def from_onnx(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        providers: list[Any] | None = None,
+        sess_options: Any = None,
+        provider_options: list[dict[str, Any]] | None = None,
+        device: DeviceLike | None = None,
+        arena: bool = True,
+        name: str | None = None,
+        **options: Any,
+    ) -> ManagedModel[Any]:
+        """Manage an ONNX Runtime ``InferenceSession`` of the model at ``path``.
+
+        Args:
+            path: An ``.onnx`` (or ``.ort``) file.
+            providers: Execution providers (default: CUDA on ``cuda:N`` devices,
+                with ``device_id`` set, then CPU).
+            sess_options: An ``onnxruntime.SessionOptions``, reused at every reload.
+            provider_options: Per-provider options, as ONNX Runtime takes them.
+            device: Where the session runs (default: inferred from
+                ``providers``, else ``cpu``).
+            arena: Keep ONNX Runtime's CPU memory arena. ``False`` lowers the
+                steady-state host memory at some speed cost.
+            name: Name for reports (default: the file's stem).
+            **options: Passed to :class:`ManagedModel`.
+
+        Raises:
+            InvalidArgumentError: ``path`` is not an existing file.
+            MissingDependencyError: onnxruntime is not installed.
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise MissingDependencyError("onnxruntime", "onnx", "ManagedModel.from_onnx")
+        if not isinstance(path, str | os.PathLike):
+            raise InvalidArgumentError(f"path must be a path to an .onnx file; got {path!r}")
+        file = Path(path)
+        if not file.is_file():
+            raise InvalidArgumentError(f"ONNX model {str(file)!r} does not exist or is not a file")
+        if device is None:
+            device = _device_from_providers(providers)
+        target = resolve_device(device)
+        if providers is None:
+            providers = (
+                [
+                    ("CUDAExecutionProvider", {"device_id": target.index or 0}),
+                    "CPUExecutionProvider",
+                ]
+                if target.kind == "cuda"
+                else ["CPUExecutionProvider"]
+            )
+        chosen = list(providers)
+
+        def load_onnx() -> Any:
+            from vramkit._optional import require
+
+            ort = require("onnxruntime", "ManagedModel.from_onnx")
+            session_options = sess_options if sess_options is not None else ort.SessionOptions()
+            if not arena:
+                session_options.enable_cpu_mem_arena = False
+            return ort.InferenceSession(
+                str(file),
+                sess_options=session_options,
+                providers=chosen,
+                provider_options=provider_options,
+            )
+
+        return cls(
+            load_onnx,
+            name=name or file.stem,
+            device=target,
+            config={"path": str(file), "providers": chosen, "arena": arena},
+            **options,
+        )
+
+    # ------------------------------------------------------------------ read-only view
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self._name
+
+    @property
+    def device(self) -> Device:
+        """The device the model lives on."""
+        return self._device
+
+    @property
+    def state(self) -> ModelState:
+        """The current :class:`ModelState`."""
+        return self._state
+
+    @property
+    def tier(self) -> str | None:
+        """The offload tier (``"cpu"``, ``"disk"``) while ``OFFLOADED``, else ``None``."""
+        return self._tier
+
+    @property
+    def leases(self) -> int:
+        """How many leases are out right now."""
+        return len(self._leases)
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the object is resident and ready (``READY``)."""
+        return self._state is ModelState.READY
+
+    @property
+    def keep_alive(self) -> float | None:
+        """Idle seconds before expiry (``None``: never)."""
+        return self._keep_alive
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The configuration the loader closes over (read-only)."""
+        return self._config
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The adapter in use (known once the model has loaded, or when given)."""
+        return self._adapter_override or self._adapter
+
+    @property
+    def stats(self) -> ModelStats:
+        """Counters and measured costs (load seconds, size, wake seconds per tier...)."""
+        return self._stats
+
+    @property
+    def size_bytes(self) -> int | None:
+        """Bytes the model held at its last load (``None`` before the first)."""
+        return self._stats.size_bytes
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """Seconds since the last lease ended, while loaded and idle; else ``None``."""
+        last = self._stats.last_used
+        if self._leases or last is None or self._state is ModelState.UNLOADED:
+            return None
+        return time.monotonic() - last
+
+    def __repr__(self) -> str:
+        size = format_bytes(self._stats.size_bytes) if self._stats.size_bytes is not None else "?"
+        tier = f" ({self._tier})" if self._tier else ""
+        return (
+            f"<ManagedModel {self._name!r} {self._state}{tier} on {self._device}, "
+            f"{size}, {len(self._leases)} leases>"
+        )
+
+    # ------------------------------------------------------------------ leases
+
+    def use(self) -> _Lease[T]:
+        """Borrow the model: ``with mm.use() as model:`` (or ``async with``).
+
+        Loads (or wakes) the model if needed and holds a lease for the block,
+        during which the model cannot be unloaded or offloaded. The block runs
+        under ``torch.inference_mode()`` unless the model was made with
+        ``inference_mode=False``.
+        """
+        return _Lease(self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the loaded object under a lease: ``mm(x)`` is ``with mm.use() as m: m(x)``."""
+        with self.use() as obj:
+            if not callable(obj):
+                raise ModelStateError(
+                    f"{self._name}: the loaded {type(obj).__name__} is not callable; "
+                    "use `with mm.use() as model:`"
+                )
+            result = obj(*args, **kwargs)
+        self._after_call()
+        return result
+
+    @overload
+    def inference(self, fn: Callable[..., R], /) -> Callable[..., R]: ...
+    @overload
+    def inference(
+        self,
+        fn: None = None,
+        /,
+        *,
+        inference_mode: bool | None = None,
+        cleanup: CleanupPolicy | None = None,
+    ) -> Callable[[Callable[..., R]], Callable[..., R]]: ...
+    def inference(
+        self,
+        fn: Callable[..., R] | None = None,
+        /,
+        *,
+        inference_mode: bool | None = None,
+        cleanup: CleanupPolicy | None = None,
+    ) -> Callable[..., R] | Callable[[Callable[..., R]], Callable[..., R]]:
+        """Decorate a function whose first parameter receives the live model.
+
+        ``@mm.inference`` (bare) or ``@mm.inference(inference_mode=False,
+        cleanup=CleanupPolicy.per_call())``. Each call takes one lease; the
+        caller omits the model argument. On a method, the model is the first
+        parameter after ``self``. Coroutine functions get an async wrapper.
+
+        Example:
+            >>> import torch
+            >>> mm = ManagedModel.from_torch(lambda: torch.nn.Linear(4, 2), device="cpu")
+            >>> @mm.inference
+            ... def predict(model, x):
+            ...     return model(x)
+            >>> predict(torch.ones(1, 4)).shape
+            torch.Size([1, 2])
+        """
+
+        def decorate(function: Callable[..., R]) -> Callable[..., R]:
+            if not callable(function):
+                raise InvalidArgumentError(f"@inference decorates a function; got {function!r}")
+            return cast(
+                "Callable[..., R]",
+                _InferenceFunction(self, function, inference_mode, cleanup),
+            )
+
+        return decorate(fn) if fn is not None else decorate
+
+    def _acquire(self) -> tuple[T, int]:
+        """Take a lease, loading or waking first if needed. Returns the object and a token."""
+        with self._cond:
+            if self._state is ModelState.READY:
+                return self._grant()
+        return self._acquire_slow()
+
+    def _grant(self) -> tuple[T, int]:
+        # Caller holds self._cond and has checked the state is READY.
+        token = next(_lease_ids)
+        thread = threading.current_thread()
+        self._leases[token] = (thread.ident or 0, thread.name, time.monotonic())
+        self._stamp += 1
+        return cast("T", self._obj), token
+
+    def _acquire_slow(self) -> tuple[T, int]:
+        me = threading.get_ident()
+        while True:
+            with self._cond:
+                self._check_open()
+                state = self._state
+                if state is ModelState.READY:
+                    return self._grant()
+                if self._busy_thread == me:
+                    raise ModelStateError(
+                        f"{self._name}: a lease was requested while this thread is "
+                        f"{state.value.lower()} the model (a loader or release that uses "
+                        "the model it is building?)"
+                    )
+                if state in _SETTLED:
+                    self._busy_thread = me
+                    self._state = (
+                        ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
+                    )
+                else:
+                    self._cond.wait()
+                    continue
+            if state is ModelState.UNLOADED:
+                self._do_load()
+            else:
+                self._do_wake()
+
+    def _return(self, token: int) -> None:
+        with self._cond:
+            self._leases.pop(token, None)
+            now = time.monotonic()
+            self._stats = replace(self._stats, last_used=now)
+            self._stamp += 1
+            stamp = self._stamp
+            idle = not self._leases
+            if idle:
+                self._cond.notify_all()
+        if idle and self._keep_alive is not None:
+            self._schedule_expiry(stamp)
+
+    def _after_call(self) -> None:
+        tracker = self._cleanup_tracker()
+        if tracker is not None:
+            tracker.after_call()
+
+    def _cleanup_tracker(self) -> CleanupTracker | None:
+        if self._tracker is None and self._policy is not None:
+            self._tracker = self._policy.tracker(self._device)
+        return self._tracker
+
+    # ------------------------------------------------------------------ load
+
+    def load(self) -> LoadReport | None:
+        """Load now (or wake, if offloaded) instead of at first use.
+
+        Returns:
+            The :class:`LoadReport` of the load this call performed, or ``None``
+            when the model was already ready (or another thread loaded it).
+        """
+        me = threading.get_ident()
+        while True:
+            with self._cond:
+                self._check_open()
+                state = self._state
+                if state is ModelState.READY:
+                    return None
+                if self._busy_thread == me:
+                    raise ModelStateError(f"{self._name}: load() called from inside its own loader")
+                if state in _SETTLED:
+                    self._busy_thread = me
+                    self._state = (
+                        ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
+                    )
+                else:
+                    self._cond.wait()
+                    continue
+            if state is ModelState.UNLOADED:
+                return self._do_load()
+            self._do_wake()
+            return None
+
+    def _do_load(self) -> LoadReport:
+        """Run the loader. Caller has set state LOADING and ``_busy_thread``."""
+        backend = get_backend(self._device.kind)
+        index = self._device.index or 0
+        started = time.perf_counter()
+        owner = self._owner
+        obj: Any = None
+        try:
+            if owner is not None:
+                owner._before_load(self)
+            before = backend.read(index)
+            threads = torch.get_num_threads()
+            obj = self._loader()
+            if torch.get_num_threads() != threads:  # loaders like FunASR's change it globally
+                torch.set_num_threads(threads)
+            adapter = self._adapter_override or adapter_for(obj)
+            after = backend.read(index)
+            size = adapter.size_bytes(obj)
+            if size is None:
+                size = _grew_by(before, after)
+        except BaseException as exc:
+            # The failed load's frames hold whatever it built: clear them so a
+            # half-built model does not stay alive through the traceback.
+            obj = None
+            _clear_frames(exc.__traceback__)
+            with self._cond:
+                self._state = ModelState.UNLOADED
+                self._busy_thread = None
+                self._cond.notify_all()
+            if owner is not None:
+                owner._after_load(self, ok=False)
+            cleanup(self._device)
+            events.emit(
+                events.Event(
+                    "load_failed",
+                    self._name,
+                    str(self._device),
+                    "LOADING",
+                    "UNLOADED",
+                    seconds=time.perf_counter() - started,
+                    detail={"error": f"{type(exc).__name__}: {exc}"},
+                )
+            )
+            raise
+        seconds = time.perf_counter() - started
+        with self._cond:
+            self._obj = obj
+            self._adapter = adapter
+            self._state = ModelState.READY
+            self._busy_thread = None
+            self._stamp += 1
+            self._stats = replace(
+                self._stats,
+                loads=self._stats.loads + 1,
+                load_seconds=seconds,
+                size_bytes=size,
+                last_used=time.monotonic(),
+            )
+            stamp = self._stamp
+            self._cond.notify_all()
+        if owner is not None:
+            owner._after_load(self, ok=True)
+        report = LoadReport(self._name, str(self._device), seconds, size, before, after)
+        events.emit(
+            events.Event(
+                "load",
+                self._name,
+                str(self._device),
+                "UNLOADED",
+                "READY",
+                seconds=seconds,
+                memory_before=before,
+                memory_after=after,
+                bytes=size,
+                detail={"adapter": adapter.name},
+            )
+        )
+        if self._keep_alive is not None:
+            self._schedule_expiry(stamp)
+        return report
+
+    def _do_wake(self) -> WakeReport:
+        """Bring an offloaded model back. Caller has set state WAKING and ``_busy_thread``."""
+        from vramkit import offload
+
+        state = self._offloaded
+        tier = self._tier or "cpu"
+        owner = self._owner
+        started = time.perf_counter()
+        if state is None or state.method == "rebuild":
+            return self._wake_by_loading(tier, None, started)
+        try:
+            if owner is not None:
+                owner._before_load(self)
+            report = offload.wake_object(self, state)
+        except BaseException as exc:
+            if owner is not None:
+                owner._after_load(self, ok=False)
+            if isinstance(exc, Exception) and state.method == "file" and not _is_oom(exc):
+                # A cache file deleted or truncated behind our back: the loader
+                # still knows how to build the model. Say so, loudly.
+                events.logger.warning(
+                    "%s: the disk tier could not be read (%s: %s); reloading with the loader",
+                    self._name,
+                    type(exc).__name__,
+                    exc,
+                )
+                return self._wake_by_loading(tier, f"{type(exc).__name__}: {exc}", started)
+            return self._wake_failed(exc)  # out of memory, interrupted: stay offloaded
+        with self._cond:
+            self._offloaded = None
+            self._tier = None
+            self._state = ModelState.READY
+            self._busy_thread = None
+            self._stamp += 1
+            stats = self._stats
+            self._stats = replace(
+                stats,
+                wakes=stats.wakes + 1,
+                wake_seconds={**stats.wake_seconds, tier: report.seconds},
+                last_used=time.monotonic(),
+            )
+            stamp = self._stamp
+            self._cond.notify_all()
+        if owner is not None:
+            owner._after_load(self, ok=True)
+        events.emit(
+            events.Event(
+                "wake",
+                self._name,
+                str(self._device),
+                "OFFLOADED",
+                "READY",
+                seconds=report.seconds,
+                bytes=report.weight_bytes,
+                detail={"tier": tier, "method": report.method},
+            )
+        )
+        if self._keep_alive is not None:
+            self._schedule_expiry(stamp)
+        return report
+
+    def _wake_failed(self, exc: BaseException) -> WakeReport:
+        """A wake that ran out of memory (or was interrupted): stay OFFLOADED, re-raise."""
+        with self._cond:
+            self._state = ModelState.OFFLOADED
+            self._busy_thread = None
+            self._cond.notify_all()
+        cleanup(self._device)
+        raise exc
+
+    def _wake_by_loading(self, tier: str, fallback: str | None, started: float) -> WakeReport:
+        """Wake by running the loader: the tier cannot restore (rebuild, or a broken file)."""
+        from vramkit import offload
+
+        with self._cond:
+            box = [self._obj, self._offloaded]
+            self._obj = self._offloaded = None
+            self._tier = None
+            self._state = ModelState.LOADING
+        offload.discard(self, box[1])
+        box.clear()
+        gc.collect()
+        load = self._do_load()
+        report = offload.WakeReport(
+            self._name,
+            offload.check_tier(tier),
+            "rebuild" if fallback is None else "file",
+            time.perf_counter() - started,
+            load.size_bytes or 0,
+            fallback=fallback,
+        )
+        with self._cond:
+            stats = self._stats
+            self._stats = replace(
+                stats,
+                wakes=stats.wakes + 1,
+                wake_seconds={**stats.wake_seconds, tier: report.seconds},
+            )
+        return report
+
+    # ------------------------------------------------------------------ offload tiers
+
+    def offload(
+        self, tier: str = "cpu", *, wait: bool = False, timeout: float | None = None
+    ) -> OffloadReport:
+        """Move the weights off the device, keeping what is needed to wake fast.
+
+        Args:
+            tier: ``"cpu"`` (host RAM, pinned from CUDA when RAM allows) or
+                ``"disk"`` (a safetensors file; the module becomes a ``meta``
+                skeleton). Objects without torch modules (ONNX Runtime
+                sessions) are dropped and rebuilt on wake; the report says so.
+            wait: With leases out, wait for them instead of raising.
+            timeout: Wait at most this long (implies ``wait``).
+
+        Returns:
+            An :class:`~vramkit.offload.OffloadReport`.
+
+        Raises:
+            ModelBusyError: Leases are out (and not waiting).
+            ModelStateError: The model is not loaded.
+            OffloadError: The tier could not be written (disk full, unwritable
+                directory); the model is still ``READY`` and nothing was lost.
+        """
+        from vramkit import offload
+
+        chosen = offload.check_tier(tier)
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+            raise InvalidArgumentError(f"timeout must be seconds >= 0 or None; got {timeout!r}")
+        with self._cond:
+            if self._state is ModelState.OFFLOADED and self._tier == chosen:
+                return offload.OffloadReport(
+                    self._name,
+                    chosen,
+                    self._offloaded.method,
+                    0.0,
+                    0,
+                    note=f"already offloaded to {chosen}",
+                )
+        state_before, box = self._claim(
+            wait=wait or timeout is not None, timeout=timeout, action="offload"
+        )
+        if state_before is ModelState.UNLOADED:
+            raise ModelStateError(f"{self._name} is not loaded: nothing to offload")
+        if state_before is ModelState.OFFLOADED:
+            # Another tier: wake first, then offload where asked.
+            with self._cond:
+                self._obj, self._offloaded = box
+                self._state = ModelState.WAKING
+            self._do_wake()
+            return self.offload(chosen, wait=wait, timeout=timeout)
+        obj = box[0]
+        box.clear()
+        directory = self._offload_dir or offload.default_offload_dir()
+        try:
+            state, report = offload.offload_object(self, obj, chosen, directory)
+        except BaseException:
+            with self._cond:  # nothing changed: the model is as it was
+                self._obj = obj
+                self._state = ModelState.READY
+                self._busy_thread = None
+                self._cond.notify_all()
+            raise
+        if state.method == "rebuild":
+            obj = None  # dropped: the loader rebuilds it
+            gc.collect()
+        with self._cond:
+            self._obj = obj
+            self._offloaded = state
+            self._tier = chosen
+            self._state = ModelState.OFFLOADED
+            self._busy_thread = None
+            self._stamp += 1
+            stats = self._stats
+            self._stats = replace(
+                stats,
+                offloads=stats.offloads + 1,
+                offloaded_bytes={**stats.offloaded_bytes, chosen: report.weight_bytes},
+            )
+            stamp = self._stamp
+            self._cond.notify_all()
+        obj = None
+        cleanup(self._device, gc_collect=state.method == "rebuild")
+        after = get_backend(self._device.kind).read(self._device.index or 0)
+        report = replace(report, memory_after=after)
+        if self._owner is not None:
+            self._owner._after_offload(self)
+        events.emit(
+            events.Event(
+                "offload",
+                self._name,
+                str(self._device),
+                "READY",
+                "OFFLOADED",
+                seconds=report.seconds,
+                memory_before=report.memory_before,
+                memory_after=after,
+                bytes=report.weight_bytes,
+                detail={"tier": chosen, "method": report.method},
+            )
+        )
+        if self._keep_alive is not None:
+            self._schedule_expiry(stamp)
+        return report
+
+    def wake(self) -> WakeReport | None:
+        """Bring an offloaded model back now (a lease would do it too).
+
+        Returns:
+            The :class:`~vramkit.offload.WakeReport`, or ``None`` if the model
+            was not offloaded (already ready, or it loads on first use).
+        """
+        me = threading.get_ident()
+        with self._cond:
+            self._check_open()
+            while self._state not in _SETTLED:
+                if self._busy_thread == me:
+                    raise ModelStateError(f"{self._name}: wake() called from inside its own load")
+                self._cond.wait()
+            if self._state is not ModelState.OFFLOADED:
+                return None
+            self._busy_thread = me
+            self._state = ModelState.WAKING
+        return self._do_wake()
+
+    def tier_costs(self) -> dict[str, TierCost]:
+        """What each way of freeing the device would cost, from this model's measurements.
+
+        Returns:
+            ``{"cpu": ..., "disk": ..., "unload": ...}`` :class:`~vramkit.offload.TierCost`
+            entries; wake times are measured where this model has woken from
+            that tier before, else estimated from its size.
+        """
+        from vramkit.offload import TierCost
+
+        size = self._stats.size_bytes or 0
+        on_host = self._device.kind == "cpu"
+        measured = self._stats.wake_seconds
+        load = self._stats.load_seconds
+        # Estimates before a measurement: ~8 GB/s host->device, ~1.5 GB/s page cache/disk.
+        cpu_estimate = 0.0 if on_host else size / 8e9
+        disk_estimate = size / 1.5e9 + (0.0 if on_host else size / 8e9)
+        return {
+            "cpu": TierCost(
+                "cpu",
+                0 if on_host else size,
+                size,
+                0,
+                measured.get("cpu", cpu_estimate),
+                "cpu" in measured,
+            ),
+            "disk": TierCost(
+                "disk", size, 0, size, measured.get("disk", disk_estimate), "disk" in measured
+            ),
+            "unload": TierCost(
+                "unload",
+                size,
+                0,
+                0,
+                load if load is not None else disk_estimate * 10,
+                load is not None,
+            ),
+        }
+
+    def choose_tier(self, *, host_free_bytes: int | None = None) -> str:
+        """The cheapest way to free this model's device memory: cpu, disk, or unload.
+
+        The ``cpu`` tier wins when host RAM can hold the weights (pinned copies
+        wake fastest); then ``disk`` when waking from it beats a reload; else
+        ``unload``. On a ``cpu`` device only ``disk`` or ``unload`` free anything.
+
+        Args:
+            host_free_bytes: Host RAM available for the cpu tier (default: read now).
+        """
+        costs = self.tier_costs()
+        size = self._stats.size_bytes or 0
+        if host_free_bytes is None:
+            host_free_bytes = get_backend("cpu").read(0).free_bytes or 0
+        cpu = costs["cpu"]
+        if cpu.frees_device_bytes and size + 512 * 1024**2 <= host_free_bytes:
+            return "cpu"
+        if costs["disk"].wake_seconds < costs["unload"].wake_seconds:
+            return "disk"
+        return "unload"
+
+    # ------------------------------------------------------------------ unload
+
+    def unload(
+        self,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        strict: bool | None = None,
+    ) -> UnloadReport:
+        """Release the model, prove it died, free what survived, clean up.
+
+        Args:
+            wait: With leases out, wait for the last one to be returned instead
+                of raising :class:`ModelBusyError`.
+            timeout: Wait at most this many seconds (implies ``wait``), then
+                raise :class:`ModelBusyError`.
+            strict: Raise :class:`VramLeakError` when something else still held
+                the model (default: the model's ``strict`` setting).
+
+        Returns:
+            An :class:`UnloadReport`; when the model was not loaded, a report
+            saying so (nothing happens).
+
+        Raises:
+            ModelBusyError: Leases are out (and not waiting, or the timeout
+                passed), or this thread itself holds a lease.
+            VramLeakError: ``strict`` and the model survived (the memory was
+                still freed; the report is on ``error.report``).
+            ModelStateError: The adapter's release failed (the model is
+                ``UNLOADED`` anyway; the report is on ``error.report``).
+        """
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+            raise InvalidArgumentError(f"timeout must be seconds >= 0 or None; got {timeout!r}")
+        strict = self._strict if strict is None else bool(strict)
+        started = time.perf_counter()
+        # The object travels in a one-item list that _release_and_prove empties:
+        # a local variable here would keep it alive through the proof of death.
+        state_before, box = self._claim(
+            wait=wait or timeout is not None, timeout=timeout, action="unload"
+        )
+        waited = time.perf_counter() - started
+        if state_before is ModelState.UNLOADED:
+            return UnloadReport(
+                self._name,
+                str(self._device),
+                ModelState.UNLOADED,
+                ModelState.UNLOADED,
+                died=True,
+                verified=True,
+                waited_seconds=waited,
+            )
+        try:
+            report = self._release_and_prove(box, state_before, started, waited)
+        finally:
+            box.clear()
+            with self._cond:
+                self._state = ModelState.UNLOADED
+                self._tier = None
+                self._busy_thread = None
+                self._cond.notify_all()
+            if self._owner is not None:
+                self._owner._after_unload(self)
+        events.emit(
+            events.Event(
+                "unload",
+                self._name,
+                str(self._device),
+                state_before.value,
+                "UNLOADED",
+                seconds=report.seconds,
+                memory_before=report.memory_before,
+                memory_after=report.memory_after,
+                bytes=report.seen_bytes,
+                detail={"died": report.died, "holders": len(report.holders)},
+            )
+        )
+        if report.error is not None:
+            error = ModelStateError(
+                f"{self._name}: releasing the model failed ({report.error}); it is UNLOADED "
+                "and vramkit dropped its reference anyway"
+            )
+            error.report = report  # type: ignore[attr-defined]
+            raise error
+        if strict and not report.died:
+            leak = VramLeakError(f"{self._name} survived unloading:\n{report}")
+            leak.report = report  # type: ignore[attr-defined]
+            raise leak
+        return report
+
+    def _claim(
+        self, *, wait: bool, timeout: float | None, action: str
+    ) -> tuple[ModelState, list[Any]]:
+        """Wait for leases and transitions, then take the object out for ``action``.
+
+        Returns:
+            The state before, and ``[obj, offloaded_state]`` (empty if unloaded).
+            The state is then ``UNLOADING`` / ``OFFLOADING`` with this thread busy
+            (left ``UNLOADED`` when there was nothing to take).
+        """
+        me = threading.get_ident()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                mine = sum(1 for ident, _, _ in self._leases.values() if ident == me)
+                if mine:
+                    raise ModelBusyError(
+                        f"{self._name}: cannot {action} from inside its own lease "
+                        f"(this thread holds {mine}); {action} after the `with` block ends"
+                    )
+                if self._busy_thread == me:
+                    raise ModelStateError(
+                        f"{self._name}: {action}() called from inside its own load"
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if self._state in _SETTLED and not self._leases:
+                    break
+                # Another thread's load, wake or unload is work in progress, not a
+                # lease: always wait for it to settle. Leases wait only if asked.
+                if self._state in _SETTLED and not wait:
+                    raise ModelBusyError(self._busy_message())
+                if remaining is not None and remaining <= 0:
+                    raise ModelBusyError(self._busy_message() + f" (waited {timeout} s)")
+                self._cond.wait(remaining)
+            state = self._state
+            if state is ModelState.UNLOADED:
+                return state, []
+            box = [self._obj, self._offloaded]
+            self._obj = self._offloaded = None
+            self._state = ModelState.UNLOADING if action == "unload" else ModelState.OFFLOADING
+            self._busy_thread = me
+            self._stamp += 1
+            return state, box
+
+    def _busy_message(self) -> str:
+        if not self._leases:
+            return f"{self._name} is {self._state.value.lower()}; unload(wait=True) waits for it"
+        now = time.monotonic()
+        oldest = min(self._leases.values(), key=lambda lease: lease[2])
+        count = len(self._leases)
+        return (
+            f"{self._name} has {count} lease{'s' if count != 1 else ''} out "
+            f"(oldest held for {now - oldest[2]:.1f} s by thread {oldest[1]!r}); "
+            "unload(wait=True) or unload(timeout=...) waits for them"
+        )
+
+    def _release_and_prove(
+        self,
+        box: list[Any],
+        state_before: ModelState,
+        started: float,
+        waited: float,
+    ) -> UnloadReport:
+        backend = get_backend(self._device.kind)
+        index = self._device.index or 0
+        before = backend.read(index)
+        obj, offloaded = box
+        box.clear()
+        adapter = self._adapter_override or self._adapter or adapter_for(obj)
+        error: str | None = None
+        from vramkit.offload import discard
+
+        discard(self, offloaded)  # host copies, pinned memory, cache files
+        offloaded = None
+        try:
+            if obj is not None:
+                adapter.release(obj)
+        except Exception as exc:  # recorded and raised after the unload completes
+            error = f"{type(exc).__name__}: {exc}"
+        refs, verified, labels = _track(obj, adapter)
+        expected = self._stats.size_bytes
+        if state_before is ModelState.OFFLOADED and (
+            self._tier == "disk" or self._device.kind != "cpu"
+        ):
+            expected = 0  # the weights already left the device when it was offloaded
+        obj = None  # the only strong reference vramkit had
+        gc.collect()
+        survivors = [ref() for ref in refs]
+        survivors = [s for s in survivors if s is not None]
+        holders: tuple[ReferrerChain, ...] = ()
+        described: tuple[str, ...] = ()
+        neutralised = 0
+        if survivors:
+            described = tuple(_describe_survivors(survivors, labels))
+            holders = tuple(_holders_of(survivors))
+            if self._free_survivors:
+                message = (
+                    f"{self._name} was unloaded by vramkit and its memory freed, but this "
+                    f"reference outlived it (held by: {holders[0] if holders else 'unknown'}); "
+                    f"borrow the model with `{self._name}.use()` instead of keeping it"
+                )
+                neutralised = adapter.neutralise(survivors, message)
+            survivors.clear()
+            del survivors
+            gc.collect()
+        report_cleanup = cleanup(self._device, gc_collect=False)  # collected just above
+        after = self._await_driver(backend, index, before, expected)
+        freed = _freed(before, after)
+        with self._cond:
+            self._stats = replace(self._stats, unloads=self._stats.unloads + 1)
+        return UnloadReport(
+            model=self._name,
+            device=str(self._device),
+            state_before=state_before,
+            state_after=ModelState.UNLOADED,
+            died=not described,
+            verified=verified,
+            holders=holders,
+            survivors=described,
+            neutralised_bytes=neutralised,
+            expected_bytes=expected,
+            freed_bytes=freed,
+            memory_before=before,
+            memory_after=after,
+            cleanup=report_cleanup,
+            waited_seconds=waited,
+            seconds=time.perf_counter() - started,
+            error=error,
+        )
+
+    def _await_driver(
+        self, backend: Any, index: int, before: DeviceMemory, expected: int | None
+    ) -> DeviceMemory:
+        """On drivers that free asynchronously, wait (bounded) until 75% of ``expected`` shows."""
+        after: DeviceMemory = backend.read(index)
+        if self._device.kind == "cpu" or not expected or before.used_bytes is None:
+            return after
+        deadline = time.monotonic() + self._driver_wait
+        while time.monotonic() < deadline:
+            if after.used_bytes is None or before.used_bytes - after.used_bytes >= 0.75 * expected:
+                break
+            time.sleep(0.25)
+            after = backend.read(index)
+        return after
+
+    # ------------------------------------------------------------------ keep-alive
+
+    def _schedule_expiry(self, stamp: int) -> None:
+        delay = self._keep_alive
+        if delay is None or self._closed:
+            return
+        scheduler = self._scheduler or default_scheduler()
+        scheduler.schedule(self, delay, stamp)
+
+    def _expire(self, stamp: int) -> None:
+        """Unload if nothing happened since ``stamp`` (called by the keep-alive scheduler)."""
+        with self._cond:
+            current = self._stamp == stamp and not self._leases
+            settled = self._state in (ModelState.READY, ModelState.OFFLOADED)
+        if not (current and settled):
+            return
+        try:
+            report = self.unload()
+        except ModelBusyError:
+            return  # a lease arrived in between: its end re-schedules the expiry
+        events.emit(
+            events.Event(
+                "expire",
+                self._name,
+                str(self._device),
+                report.state_before.value,
+                "UNLOADED",
+                seconds=report.seconds,
+                bytes=report.seen_bytes,
+                detail={"reason": f"idle for {self._keep_alive} s"},
+            )
+        )
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Unload (waiting for leases) and refuse further use."""
+        if self._closed:
+            return
+        self.unload(wait=True)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelStateError(f"{self._name} is closed")
+
+    def __enter__(self) -> ManagedModel[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _InferenceFunction(Generic[R]):
+    """What ``@mm.inference`` returns: a callable (and descriptor, for methods) taking a lease."""
+
+    def __init__(
+        self,
+        model: ManagedModel[Any],
+        function: Callable[..., R],
+        inference_mode: bool | None,
+        cleanup_policy: CleanupPolicy | None,
+    ) -> None:
+        self._model = model
+        self._function = function
+        self._mode = model._inference_mode if inference_mode is None else bool(inference_mode)
+        self._tracker = cleanup_policy.tracker(model.device) if cleanup_policy is not None else None
+        self._is_async = inspect.iscoroutinefunction(function)
+        functools.update_wrapper(self, function)
+
+    @property
+    def model(self) -> ManagedModel[Any]:
+        """The model each call borrows."""
+        return self._model
+
+    def _after(self) -> None:
+        tracker = self._tracker or self._model._cleanup_tracker()
+        if tracker is not None:
+            tracker.after_call()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._is_async:
+            return self._call_async(None, args, kwargs)
+        return self._call(None, args, kwargs)
+
+    def _call(self, instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        model = self._model
+        obj, token = model._acquire()
+        try:
+            if self._mode:
+                with torch.inference_mode():
+                    result = self._invoke(instance, obj, args, kwargs)
+            else:
+                result = self._invoke(instance, obj, args, kwargs)
+        finally:
+            obj = None
+            model._return(token)
+        self._after()
+        return cast("R", result)
+
+    async def _call_async(
+        self, instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        async with self._model.use() as obj:
+            result = await cast("Awaitable[Any]", self._invoke(instance, obj, args, kwargs))
+        self._after()
+        return result
+
+    def _invoke(
+        self, instance: object, obj: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if instance is None:
+            return self._function(obj, *args, **kwargs)
+        return self._function(instance, obj, *args, **kwargs)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        if self._is_async:
+            return functools.partial(self._call_async_bound, instance)
+        return functools.partial(self._call_bound, instance)
+
+    def _call_bound(self, instance: object, *args: Any, **kwargs: Any) -> R:
+        return self._call(instance, args, kwargs)
+
+    def _call_async_bound(self, instance: object, *args: Any, **kwargs: Any) -> Any:
+        return self._call_async(instance, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<inference function {self._function.__qualname__} on {self._model.name!r}>"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _keep_alive_seconds(value: float | datetime.timedelta | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise InvalidArgumentError(
+            f"keep_alive must be seconds >= 0 (0 unloads when idle), a timedelta, or None "
+            f"(never expire); got {value!r}"
+        )
+    if value < 0:
+        raise InvalidArgumentError(
+            f"keep_alive must be >= 0 seconds, or None to never expire; got {value!r}"
+        )
+    return float(value)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    from vramkit.oom import is_oom_error
+
+    return is_oom_error(exc)
+
+
+def _callable_name(fn: object) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "model" if name == "<lambda>" else name
+
+
+def _grew_by(before: DeviceMemory, after: DeviceMemory) -> int | None:
+    """What a load added: allocator bytes on accelerators, else this process's bytes."""
+    for layer in ("allocated_bytes", "process_used_bytes", "used_bytes"):
+        a, b = getattr(after, layer), getattr(before, layer)
+        if a is not None and b is not None and (layer != "allocated_bytes" or a != b):
+            return max(int(a) - int(b), 0)
+    return None
+
+
+def _freed(before: DeviceMemory, after: DeviceMemory) -> dict[str, int | None]:
+    result: dict[str, int | None] = {}
+    for label, layer in (
+        ("allocated", "allocated_bytes"),
+        ("reserved", "reserved_bytes"),
+        ("process", "process_used_bytes"),
+        ("used", "used_bytes"),
+    ):
+        a, b = getattr(after, layer), getattr(before, layer)
+        result[label] = None if a is None or b is None else b - a
+    return result
+
+
+def _weak(obj: object) -> weakref.ref[Any] | None:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
+def _track(obj: object, adapter: Adapter) -> tuple[list[weakref.ref[Any]], bool, dict[int, str]]:
+    """Weak references to ``obj``, its native handles and its tensors, with labels."""
+    if obj is None:
+        return [], True, {}
+    refs: list[weakref.ref[Any]] = []
+    labels: dict[int, str] = {}
+    verified = True
+    candidates: list[tuple[object, str]] = [(obj, type(obj).__name__)]
+    candidates += [(h, f"native {type(h).__name__}") for h in adapter.handles(obj)]
+    candidates += [(t, "tensor") for t in adapter.tensors(obj)]
+    for candidate, label in candidates:
+        ref = _weak(candidate)
+        if ref is None:
+            verified = verified and candidate is not obj
+            continue
+        refs.append(ref)
+        labels[id(candidate)] = label
+    return refs, verified, labels
+
+
+def _describe_survivors(survivors: list[Any], labels: dict[int, str]) -> Iterator[str]:
+    tensors = [s for s in survivors if isinstance(s, torch.Tensor)]
+    for survivor in survivors:
+        if not isinstance(survivor, torch.Tensor):
+            yield labels.get(id(survivor), type(survivor).__name__)
+    if tensors:
+        from vramkit.adapters._torch_util import storage_bytes
+
+        yield f"{len(tensors)} tensors, {format_bytes(storage_bytes(tensors))}"
+
+
+def _holders_of(survivors: list[Any]) -> Iterator[ReferrerChain]:
+    """Referrer chains of the most telling survivors: an object first, then the largest tensor."""
+    objects = [s for s in survivors if not isinstance(s, torch.Tensor)]
+    tensors = sorted(
+        (s for s in survivors if isinstance(s, torch.Tensor) and not s.is_meta),
+        key=lambda t: t.untyped_storage().nbytes(),
+        reverse=True,
+    )
+    targets = objects[:1] + tensors[:1] if objects else tensors[:2]
+    seen: set[tuple[str, ...]] = set()
+    roots: set[str] = set()
+    for target in targets:
+        for chain in find_referrers(target, ignore=[survivors, targets], max_chains=3):
+            # A tensor held through the surviving module itself adds nothing new.
+            if chain.steps in seen or (target is not targets[0] and chain.steps[0] in roots):
+                continue
+            seen.add(chain.steps)
+            roots.add(chain.steps[0])
+            yield chain
+
+
+def _clear_frames(tb: TracebackType | None) -> None:
+    with contextlib.suppress(RuntimeError):  # a frame still executing is not ours to clear
+        traceback.clear_frames(tb)
+
+
+def _check_funasr_path(key: str, value: object) -> None:
+    if not isinstance(value, str | os.PathLike):
+        raise InvalidArgumentError(
+            f"{key} must be a FunASR model directory or hub name (str or path); got {value!r}"
+        )
+    text = os.fspath(value)
+    looks_like_path = (
+        isinstance(value, os.PathLike) or os.sep in text or text.startswith((".", "~"))
+    )
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.yaml").exists():
+            raise InvalidArgumentError(
+                f"{key}={text!r} is not a FunASR model directory: it has no config.yaml"
+            )
+        return
+    if looks_like_path:
+        raise InvalidArgumentError(f"{key}={text!r} does not exist")
+
+
+def _device_from_providers(providers: list[Any] | None) -> DeviceLike | None:
+    for provider in providers or []:
+        name, options = (provider, {}) if isinstance(provider, str) else provider
+        if name == "CUDAExecutionProvider":
+            return f"cuda:{int(options.get('device_id', 0))}"
+    return "cpu" if providers else None
