@@ -58,13 +58,29 @@ if TYPE_CHECKING:
     from vramkit.offload import OffloadReport, TierCost, WakeReport
     from vramkit.policy import CleanupPolicy, CleanupTracker
 
-__all__ = ["LoadReport", "ManagedModel", "ModelState", "ModelStats", "UnloadReport"]
+__all__ = [
+    "LoadReport",
+    "ManagedModel",
+    "ModelState",
+    "ModelStats",
+    "UnloadReport",
+    "live_models",
+]
 
 T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _lease_ids = itertools.count(1)
+_instances: weakref.WeakSet[ManagedModel[Any]] = weakref.WeakSet()
+_instances_lock = threading.Lock()
+
+
+def live_models() -> list[ManagedModel[Any]]:
+    """Every ``ManagedModel`` alive in this process, oldest first (for reports and status)."""
+    with _instances_lock:
+        models = list(_instances)
+    return sorted(models, key=lambda m: m._created)
 
 
 class ModelState(str, Enum):
@@ -394,6 +410,9 @@ class ManagedModel(Generic[T]):
         self._offloaded: Any = None  # tier-specific state while OFFLOADED
         self._disk_cache: Any = None  # the file a disk wake came from, reusable if unchanged
         self._offload_dir = Path(offload_dir).expanduser() if offload_dir is not None else None
+        self._created = next(_lease_ids)
+        with _instances_lock:
+            _instances.add(self)
 
     # ------------------------------------------------------------------ constructors
 
