@@ -47,3 +47,31 @@ def fmt_seconds(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds:.2f} s"
+
+
+def interleaved_per_call(
+    fns: dict[str, Callable[[], object]], *, calls: int, rounds: int = 15
+) -> dict[str, float]:
+    """Median time per call of each of ``fns``, measured in alternating batches.
+
+    Each round times ``calls`` back-to-back calls of every function in turn, so
+    that a slow spell of the machine (another process, a frequency change)
+    lands on all of them rather than on whichever ran during it.
+    """
+    for fn in fns.values():
+        for _ in range(min(calls, 100)):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                started = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.perf_counter() - started) / calls)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in samples.items()}

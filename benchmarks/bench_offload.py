@@ -1,0 +1,383 @@
+"""Time back to work from each way of freeing a 512 MiB model, and the host memory each keeps.
+
+A ``ManagedModel`` of a 512 MiB ``TinyMLP`` on cpu whose loader does what a
+real reload does: build the module, then ``load_state_dict(torch.load(...))``
+from a checkpoint in a temporary directory. Timed, as medians in one run:
+
+- (a) the loader: ``unload()``, then ``mm(x)`` (load + first forward);
+- (b) the disk tier: ``offload("disk")``, then ``mm(x)`` (wake + first forward);
+- (c) the cpu tier: ``offload("cpu")``, then ``mm(x)``;
+- the same bytes read from the page cache (``readinto`` a preallocated buffer,
+  and ``mmap`` with every page touched): the bandwidth limit of a disk wake.
+
+The first forward of an MLP reads every weight, so "wake + first forward"
+counts the pages that the disk tier's lazy mmap reads at first touch. With CUDA,
+the cpu tier's wake is also compared with a plain pinned host-to-device copy.
+
+Run: ``python benchmarks/bench_offload.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import mmap
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from _common import fmt_seconds
+
+import vramkit
+from vramkit import ManagedModel
+from vramkit.testing.models import TinyMLP, module_nbytes, tiny_mlp
+
+MODEL_MIB = 512
+LAYERS = 4
+GOAL_VS_LOADER = 20.0  # disk wake + first forward at least 20x faster than the loader
+GOAL_VS_PAGE_CACHE = 2.0  # ... and within 2x of reading the same bytes from the page cache
+MIB = 1 << 20
+PAGE = mmap.PAGESIZE
+
+
+def host_memory() -> dict[str, int]:
+    """This process's RSS, split into anonymous and file-backed pages where Linux says."""
+    result = {"rss": int(psutil.Process().memory_info().rss)}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                result[key] = int(value.split()[0]) * 1024
+    return result
+
+
+def fmt_memory(mem: dict[str, int], base: dict[str, int]) -> str:
+    text = f"{(mem['rss'] - base['rss']) / MIB:>+8.1f}"
+    if "RssAnon" in mem:
+        anon = (mem["RssAnon"] - base["RssAnon"]) / MIB
+        file = (mem["RssFile"] + mem["RssShmem"] - base["RssFile"] - base["RssShmem"]) / MIB
+        text += f" {anon:>+8.1f} {file:>+8.1f}"
+    return text
+
+
+def filesystem_of(path: str) -> str:
+    best, kind = "", "?"
+    with contextlib.suppress(Exception):
+        for part in psutil.disk_partitions(all=True):
+            if path.startswith(part.mountpoint) and len(part.mountpoint) > len(best):
+                best, kind = part.mountpoint, part.fstype
+    return kind
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def median_of(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def read_into(path: str, buffer: np.ndarray[Any, Any]) -> None:
+    """Read the whole file into ``buffer`` (preallocated, already touched)."""
+    view = memoryview(buffer).cast("B")
+    with open(path, "rb", buffering=0) as fh:
+        done = 0
+        while done < len(view):
+            got = fh.readinto(view[done:])
+            if not got:
+                break
+            done += got
+
+
+def mmap_touch(path: str) -> int:
+    """Map the file and touch one byte per page: the mapping cost alone, no data read."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        pages = np.frombuffer(mapped, dtype=np.uint8)[::PAGE]
+        total = int(pages.sum())
+        del pages
+    return total
+
+
+def mmap_read_all(path: str) -> int:
+    """Map the file and read every byte (a multithreaded sum, as torch reads weights)."""
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # writable view, no copy
+        try:
+            words = torch.frombuffer(mapped, dtype=torch.int64, count=len(mapped) // 8)
+            total = int(words.sum())
+            del words
+        finally:
+            mapped.close()
+    return total
+
+
+def time_readinto(path: str, nbytes: int, runs: int) -> float:
+    """Median time to read the cached file into a buffer allocated and touched beforehand."""
+    buffer = np.ones(nbytes, dtype=np.uint8)
+    read_into(path, buffer)  # and the file is in the page cache
+    return median_of([timed(lambda: read_into(path, buffer)) for _ in range(runs)])
+
+
+def make_loader(path: str, dim: int) -> Callable[[], torch.nn.Module]:
+    def load_checkpoint() -> torch.nn.Module:
+        model = TinyMLP(dim, LAYERS)  # build (random initialisation), then load over it
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model.eval()
+
+    return load_checkpoint
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    loader_runs, tier_runs, read_runs = (3, 3, 5) if quick else (5, 7, 9)
+    print(
+        f"vramkit {vramkit.__version__} · torch {torch.__version__} · "
+        f"Python {platform.python_version()} · {platform.machine()} · "
+        f"{os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-offload-") as workdir:
+        run(workdir, loader_runs, tier_runs, read_runs)
+
+
+def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
+    checkpoint = os.path.join(workdir, "model.pt")
+    source = tiny_mlp(MODEL_MIB, layers=LAYERS)
+    dim, weight_bytes = source.dim, module_nbytes(source)
+    torch.save(source.state_dict(), checkpoint)
+    del source
+    gc.collect()
+    vramkit.cleanup("cpu")
+    print(
+        f"model: TinyMLP dim {dim} x {LAYERS} layers, {weight_bytes / MIB:.1f} MiB; checkpoint and "
+        f"disk tier in a temporary directory on {filesystem_of(workdir)} (page cache warm)"
+    )
+
+    x = torch.randn(1, dim)
+    base = host_memory()
+    mm = ManagedModel.from_torch(
+        make_loader(checkpoint, dim), device="cpu", name="mlp512", offload_dir=workdir
+    )
+    mm(x)
+    warm: list[float] = []  # a forward on a READY model, timed next to each wake
+    memory: dict[str, dict[str, int]] = {}
+
+    # (a) the loader: what a reload costs.
+    loader: list[float] = []
+    for _ in range(loader_runs):
+        mm.unload()
+        memory["UNLOADED"] = host_memory()
+        loader.append(timed(lambda: mm(x)))
+    memory["READY (loaded)"] = host_memory()
+
+    # (c) the cpu tier (on a cpu device the weights already are in host RAM).
+    cpu: list[float] = []
+    cpu_wake: list[float] = []
+    cpu_note = ""
+    for _ in range(tier_runs):
+        cpu_note = mm.offload("cpu").note
+        memory["OFFLOADED cpu"] = host_memory()
+        cpu.append(timed(lambda: mm(x)))
+        warm.append(timed(lambda: mm(x)))
+        cpu_wake.append(mm.stats.wake_seconds["cpu"])
+
+    # (b) the disk tier: write once, then wake from the file (reused while unchanged).
+    first = mm.offload("disk")
+    path = first.path
+    assert path is not None
+    mm(x)
+    disk: list[float] = []
+    disk_wake: list[float] = []
+    for _ in range(tier_runs):
+        report = mm.offload("disk")
+        memory["OFFLOADED disk"] = host_memory()
+        disk.append(timed(lambda: mm(x)))
+        warm.append(timed(lambda: mm(x)))
+        disk_wake.append(mm.stats.wake_seconds["disk"])
+    memory["READY (woken from disk)"] = host_memory()
+    reused = report.reused_file
+
+    # Laziness, shown apart: wake() returns before the pages are read.
+    lazy_wake, lazy_first, lazy_second = [], [], []
+    for _ in range(tier_runs):
+        mm.offload("disk")
+        lazy_wake.append(timed(mm.wake))
+        lazy_first.append(timed(lambda: mm(x)))
+        lazy_second.append(timed(lambda: mm(x)))
+
+    # The same bytes from the page cache: the bandwidth limit of any disk wake.
+    mm.offload("disk")
+    file_bytes = os.path.getsize(path)
+    readinto_s = time_readinto(path, file_bytes, read_runs)
+    mapped_s = median_of([timed(lambda: mmap_read_all(path)) for _ in range(read_runs)])
+    touch_s = median_of([timed(lambda: mmap_touch(path)) for _ in range(read_runs)])
+    mm.wake()
+    mm(x)
+    mm.unload()
+    memory["UNLOADED (end)"] = host_memory()
+
+    loader_s, disk_s, cpu_s = median_of(loader), median_of(disk), median_of(cpu)
+    forward = median_of(warm)
+    bound = min(readinto_s, mapped_s)
+    rows = [
+        ("forward alone, model READY (warm)", forward, None),
+        ("(a) loader: build + load_state_dict(torch.load)", loader_s, None),
+        ("(b) disk tier: wake + first forward", disk_s, median_of(disk_wake)),
+        ("(c) cpu tier: wake + first forward", cpu_s, median_of(cpu_wake)),
+    ]
+    print(
+        f"\nTime to READY + first forward (median of {loader_runs} loader runs, "
+        f"{tier_runs} tier runs)"
+    )
+    print(f"{'path':<50} {'median':>10} {'wake only':>10} {'vs loader':>10}")
+    for name, seconds, wake in rows:
+        wake_text = fmt_seconds(wake) if wake is not None else ""
+        ratio = "" if name.startswith("forward") else f"{loader_s / seconds:.1f}x"
+        print(f"{name:<50} {fmt_seconds(seconds):>10} {wake_text:>10} {ratio:>10}")
+    if cpu_note:
+        print(f"  cpu tier here: {cpu_note}")
+    print(
+        f"  disk tier: first offload wrote {first.weight_bytes / MIB:.0f} MiB in "
+        f"{fmt_seconds(first.seconds)}; later offloads reused the file: {reused}"
+    )
+
+    print(f"\nThe same {file_bytes / MIB:.1f} MiB from the page cache (median of {read_runs})")
+    print(
+        f"{'readinto a preallocated buffer':<50} {fmt_seconds(readinto_s):>10} "
+        f"{file_bytes / readinto_s / 1e9:>7.2f} GB/s"
+    )
+    print(
+        f"{'mmap + read every byte (torch sum)':<50} {fmt_seconds(mapped_s):>10} "
+        f"{file_bytes / mapped_s / 1e9:>7.2f} GB/s"
+    )
+    print(
+        f"{'mmap + touch one byte per page (mapping only)':<50} {fmt_seconds(touch_s):>10} "
+        f"{file_bytes / touch_s / 1e9:>7.2f} GB/s"
+    )
+
+    print(
+        "\nThe disk tier's wake is lazy: load_file maps the file and pages are read at first "
+        "touch,\nso wake() alone looks cheaper than it is; 'wake + first forward' is the honest "
+        "figure."
+    )
+    print(f"{'  wake() alone':<50} {fmt_seconds(median_of(lazy_wake)):>10}")
+    first_touch = fmt_seconds(median_of(lazy_first))
+    print(f"{'  first forward after it (pages read here)':<50} {first_touch:>10}")
+    print(f"{'  second forward':<50} {fmt_seconds(median_of(lazy_second)):>10}")
+
+    print("\nHost memory held in each state (MiB vs before the first load)")
+    header = f"{'state':<26} {'RSS':>8}"
+    if "RssAnon" in base:
+        header += f" {'anon':>8} {'file':>8}"
+    print(header)
+    for state in (
+        "READY (loaded)",
+        "OFFLOADED cpu",
+        "OFFLOADED disk",
+        "READY (woken from disk)",
+        "UNLOADED",
+        "UNLOADED (end)",
+    ):
+        print(f"{state:<26} {fmt_memory(memory[state], base)}")
+    if "RssAnon" in base:
+        print(
+            "  file-backed pages (woken from disk) are the mapped cache file: clean, and the "
+            "kernel may drop them"
+        )
+
+    speedup = loader_s / disk_s
+    vs_bound = disk_s / bound
+    wake_share = max(disk_s - forward, 0.0) / bound
+    print("\nGoals")
+    verdict = "meets" if speedup >= GOAL_VS_LOADER else "MISSES"
+    print(
+        f"  disk wake + first forward {fmt_seconds(disk_s)} vs loader {fmt_seconds(loader_s)}: "
+        f"{speedup:.1f}x faster: {verdict} the {GOAL_VS_LOADER:.0f}x goal"
+    )
+    verdict = "meets" if vs_bound <= GOAL_VS_PAGE_CACHE else "MISSES"
+    print(
+        f"  disk wake + first forward vs the page-cache read ({fmt_seconds(bound)}, the faster "
+        f"of the two): {vs_bound:.2f}x: {verdict} the {GOAL_VS_PAGE_CACHE:.0f}x goal"
+    )
+    print(
+        f"    (vs readinto {disk_s / readinto_s:.2f}x, vs mmap read {disk_s / mapped_s:.2f}x, "
+        f"vs mapping only {disk_s / touch_s:.2f}x; less a warm forward's "
+        f"{fmt_seconds(forward)}: {wake_share:.2f}x)"
+    )
+
+    if torch.cuda.is_available():
+        cuda_bandwidth(make_loader(checkpoint, dim), dim, workdir, tier_runs)
+    else:
+        print("\nCUDA not available: host-to-device bandwidth of the cpu-tier wake not measured")
+
+
+def cuda_bandwidth(
+    loader: Callable[[], torch.nn.Module], dim: int, workdir: str, runs: int, where: str = "cuda"
+) -> None:
+    """The cpu tier's wake on CUDA vs a plain pinned ``tensor.to("cuda")`` of the same bytes."""
+    device = torch.device(where)
+    mm = ManagedModel.from_torch(loader, device=device, name="mlp512-cuda", offload_dir=workdir)
+    x = torch.randn(1, dim, device=device)
+    mm(x)
+    torch.cuda.synchronize()
+    wakes: list[float] = []
+    pinned = False
+    nbytes = 0
+    for _ in range(runs):
+        report = mm.offload("cpu")
+        pinned, nbytes = report.pinned, report.weight_bytes
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        mm.wake()
+        torch.cuda.synchronize()
+        wakes.append(time.perf_counter() - started)
+    first_forward: list[float] = []
+    for _ in range(runs):
+        mm.offload("cpu")
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        mm(x)
+        torch.cuda.synchronize()
+        first_forward.append(time.perf_counter() - started)
+    mm.unload()
+
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host.fill_(1)
+    copies: list[float] = []
+    for i in range(runs + 1):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        on_device = host.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        if i:  # the first copy also grows the caching allocator
+            copies.append(time.perf_counter() - started)
+        del on_device
+    del host
+    torch.cuda.empty_cache()
+
+    wake_s, copy_s = median_of(wakes), median_of(copies)
+    print(
+        f"\nCUDA ({torch.cuda.get_device_name()}): cpu-tier wake of {nbytes / MIB:.0f} MiB, "
+        f"host copy pinned: {pinned} (median of {runs})"
+    )
+    print(f"{'cpu-tier wake()':<50} {fmt_seconds(wake_s):>10} {nbytes / wake_s / 1e9:>7.2f} GB/s")
+    print(f"{'cpu-tier wake + first forward':<50} {fmt_seconds(median_of(first_forward)):>10}")
+    print(
+        f"{'pinned tensor.to(cuda), one block (peak)':<50} {fmt_seconds(copy_s):>10} "
+        f"{nbytes / copy_s / 1e9:>7.2f} GB/s"
+    )
+    print(f"wake bandwidth is {copy_s / wake_s:.0%} of the pinned peak")
+
+
+if __name__ == "__main__":
+    main()
