@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from vramkit import events
 from vramkit._units import format_bytes, parse_bytes
 from vramkit.cleaning import CleanupReport, cleanup
+from vramkit.cli import status
 from vramkit.devices import Device, DeviceMemory, resolve_device
 from vramkit.errors import (
     BudgetExceededError,
@@ -34,6 +35,7 @@ from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snaps
 from vramkit.model import LoadReport, ManagedModel, ModelState, ModelStats, UnloadReport
 from vramkit.oom import adaptive_batch_size, is_oom_error, oom_retry
 from vramkit.policy import CleanupPolicy, CleanupTracker, managed
+from vramkit.pool import ModelPool, PoolStatus
 from vramkit.referrers import ReferrerChain, find_referrers
 from vramkit.session import GpuSession, SessionReport, VramLeakWarning, gpu_session
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
@@ -62,9 +64,11 @@ __all__ = [
     "ModelBusyError",
     "ModelState",
     "ModelStateError",
+    "ModelPool",
     "ModelStats",
     "OffloadError",
     "OutOfMemoryError",
+    "PoolStatus",
     "ReferrerChain",
     "SessionReport",
     "TensorCensus",
@@ -87,4 +91,5 @@ __all__ = [
     "parse_bytes",
     "resolve_device",
     "snapshot",
+    "status",
 ]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "status_text"]
+__all__ = ["main", "status", "status_text"]
 
 
 def _status_data(device: str | None) -> dict[str, Any]:
@@ -83,6 +83,31 @@ def status_text(device: str | None = None) -> str:
     ]
     lines += [f"note: {note}" for note in data["notes"]]
     return "\n".join(lines)
+
+
+def status(device: str | None = None) -> str:
+    """Devices, then every ``ManagedModel`` and ``ModelPool`` alive in this process.
+
+    The ``vramkit status`` command runs in its own process and so shows devices
+    only; call this from inside an application to see its models and pools.
+
+    Args:
+        device: One device to show, or ``None`` for all.
+
+    Returns:
+        Multi-line text.
+    """
+    from vramkit.model import live_models
+    from vramkit.pool import live_pools
+
+    parts = [status_text(device)]
+    pools = live_pools()
+    pooled = {id(model) for pool in pools for model in pool}
+    loose = [m for m in live_models() if id(m) not in pooled]
+    if loose:
+        parts.append("models:\n" + "\n".join(f"  {m!r}" for m in loose))
+    parts.extend(str(pool.status()) for pool in pools)
+    return "\n".join(parts)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

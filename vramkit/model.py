@@ -40,7 +40,7 @@ import torch
 
 from vramkit import events
 from vramkit._keepalive import KeepAliveScheduler, default_scheduler
-from vramkit._units import format_bytes
+from vramkit._units import format_bytes, parse_bytes
 from vramkit.adapters import Adapter, GenericAdapter, adapter_for
 from vramkit.adapters.funasr import funasr_side_effects_undone, import_funasr
 from vramkit.cleaning import CleanupReport, cleanup
@@ -332,6 +332,8 @@ class ManagedModel(Generic[T]):
             driver to show the memory back (polled every 0.25 s).
         offload_dir: Where the disk tier writes (default: ``$VRAMKIT_CACHE_DIR``,
             else the user cache directory).
+        size_hint: Expected size (bytes or ``"1.5GiB"``) before the first load,
+            for budgets; replaced by the measured size once loaded.
         config: The configuration the loader closes over, for display
             (``mm.config``); the ``from_*`` constructors fill it in.
 
@@ -360,6 +362,7 @@ class ManagedModel(Generic[T]):
         free_survivors: bool = True,
         driver_wait: float = 5.0,
         offload_dir: str | os.PathLike[str] | None = None,
+        size_hint: int | str | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         if not callable(loader):
@@ -410,6 +413,7 @@ class ManagedModel(Generic[T]):
         self._offloaded: Any = None  # tier-specific state while OFFLOADED
         self._disk_cache: Any = None  # the file a disk wake came from, reusable if unchanged
         self._offload_dir = Path(offload_dir).expanduser() if offload_dir is not None else None
+        self._size_hint = None if size_hint is None else parse_bytes(size_hint, what="size_hint")
         self._created = next(_lease_ids)
         with _instances_lock:
             _instances.add(self)
@@ -675,6 +679,20 @@ class ManagedModel(Generic[T]):
         return self._stats.size_bytes
 
     @property
+    def expected_bytes(self) -> int | None:
+        """Bytes the model will need when loaded: measured at its last load, else estimated.
+
+        The estimate is the size of its checkpoint files (``model.pt``,
+        ``*.safetensors``, ``*.onnx``... under the paths in ``config``) or the
+        ``size_hint`` it was given; ``None`` when nothing is known.
+        """
+        if self._stats.size_bytes is not None:
+            return self._stats.size_bytes
+        if self._size_hint is not None:
+            return self._size_hint
+        return _checkpoint_bytes(self._config)
+
+    @property
     def idle_seconds(self) -> float | None:
         """Seconds since the last lease ended, while loaded and idle; else ``None``."""
         last = self._stats.last_used
@@ -812,8 +830,11 @@ class ManagedModel(Generic[T]):
             idle = not self._leases
             if idle:
                 self._cond.notify_all()
-        if idle and self._keep_alive is not None:
-            self._schedule_expiry(stamp)
+        if idle:
+            if self._owner is not None:
+                self._owner._idle(self)
+            if self._keep_alive is not None:
+                self._schedule_expiry(stamp)
 
     def _after_call(self) -> None:
         tracker = self._cleanup_tracker()
@@ -1613,6 +1634,29 @@ def _keep_alive_seconds(value: float | datetime.timedelta | None) -> float | Non
             f"keep_alive must be >= 0 seconds, or None to never expire; got {value!r}"
         )
     return float(value)
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".ort", ".ckpt", ".gguf")
+
+
+def _checkpoint_bytes(config: Mapping[str, Any]) -> int | None:
+    """Bytes of weight files under the paths a model's configuration names, if any."""
+    total = 0
+    found = False
+    for key in ("path", "model", "vad_model", "punc_model", "spk_model"):
+        value = config.get(key)
+        if not isinstance(value, str | os.PathLike):
+            continue
+        path = Path(value)
+        try:
+            files = [path] if path.is_file() else list(path.iterdir()) if path.is_dir() else []
+        except OSError:
+            continue
+        for file in files:
+            if file.suffix in _WEIGHT_SUFFIXES and file.is_file():
+                total += file.stat().st_size
+                found = True
+    return total if found else None
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -105,6 +105,11 @@ def funasr_side_effects_undone() -> Iterator[None]:
     np_state = numpy.random.get_state()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    if not handlers:
+        # AutoModel calls logging.basicConfig(level=INFO), which would print its
+        # loading chatter through the root logger for the rest of the process.
+        # With a handler present basicConfig does nothing.
+        root.addHandler(logging.NullHandler())
     with torch.random.fork_rng(devices=[]):
         try:
             yield

@@ -1,0 +1,379 @@
+"""ModelPool with real torch modules on the cpu device (host RAM is the budget)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+import vramkit
+from vramkit import ModelPool, ModelState, events
+from vramkit.errors import (
+    BudgetExceededError,
+    DeviceUnavailableError,
+    InvalidArgumentError,
+    ModelStateError,
+)
+from vramkit.testing.models import TinyMLP
+
+MiB = 1024**2
+SIZE = 4 * MiB + 4 * 512 * 4 + 512 * 4  # TinyMLP(512): 4 layers of weights and biases + buffer
+
+
+def mlp() -> torch.nn.Module:
+    return TinyMLP(512)
+
+
+def make_pool(budget: str = "10MiB", **options: Any) -> ModelPool:
+    options.setdefault("headroom", 0)
+    options.setdefault("evict_to", "unload")
+    options.setdefault("timeout", 0.5)
+    return ModelPool("cpu", budget=budget, name="test", **options)
+
+
+def run(pool: ModelPool, name: str) -> None:
+    with pool.use(name) as model:
+        model(torch.ones(1, 512))
+
+
+@pytest.fixture
+def recorded() -> Any:
+    seen: list[events.Event] = []
+    unsubscribe = events.subscribe(seen.append)
+    yield seen
+    unsubscribe()
+
+
+def test_least_recently_used_is_evicted_first(recorded: list[events.Event]) -> None:
+    with make_pool() as pool:
+        for name in "abc":
+            pool.register(name, mlp, size_hint=SIZE)
+        for name in "ab":
+            run(pool, name)
+        run(pool, "a")  # b is now the least recently used
+        run(pool, "c")
+        evicted = [e.model for e in recorded if e.kind == "evict"]
+        assert evicted == ["b"]
+        assert pool["a"].state is ModelState.READY
+        assert pool["b"].state is ModelState.UNLOADED
+
+
+def test_pinned_models_go_last_and_leased_models_never(recorded: list[events.Event]) -> None:
+    with make_pool() as pool:
+        pool.register("pinned", mlp, size_hint=SIZE, pin=True)
+        pool.register("b", mlp, size_hint=SIZE)
+        pool.register("c", mlp, size_hint=SIZE)
+        run(pool, "pinned")
+        run(pool, "b")
+        run(pool, "c")  # pinned is least recent, but b goes first
+        assert [e.model for e in recorded if e.kind == "evict"] == ["b"]
+        with pool.use("c"):
+            run(pool, "b")  # c is leased: the pinned model has to go
+        assert [e.model for e in recorded if e.kind == "evict"] == ["b", "pinned"]
+        assert pool["c"].state is ModelState.READY
+
+
+def test_budget_is_never_exceeded_at_any_event() -> None:
+    charged: list[tuple[str, int, int]] = []
+    pool = make_pool("9MiB")
+
+    def check(event: events.Event) -> None:
+        status = pool.status()
+        charged.append((event.kind, status.charged_bytes, status.budget_bytes))
+
+    unsubscribe = events.subscribe(check)
+    try:
+        for name in "abcd":
+            pool.register(name, mlp, size_hint=SIZE)
+        for name in "abcdbadcab" * 2:
+            run(pool, name)
+    finally:
+        unsubscribe()
+        pool.close()
+    assert charged
+    assert all(used <= budget for _, used, budget in charged), charged
+    assert pool.status().peak_charged_bytes <= 9 * MiB
+
+
+def test_a_model_larger_than_the_budget_fails_at_once() -> None:
+    with make_pool("2MiB") as pool:
+        pool.register("big", mlp, size_hint=SIZE)
+        started = time.perf_counter()
+        with pytest.raises(
+            BudgetExceededError, match=r"big needs 4\.0 MiB .* whole budget .* 2\.0 MiB"
+        ):
+            run(pool, "big")
+        assert time.perf_counter() - started < 0.4  # no waiting for the timeout
+        assert pool["big"].state is ModelState.UNLOADED
+        assert pool.status().charged_bytes == 0
+
+
+def test_no_room_waits_then_names_who_holds_what() -> None:
+    with make_pool("6MiB", timeout=0.3) as pool:
+        pool.register("a", mlp, size_hint=SIZE)
+        pool.register("b", mlp, size_hint=SIZE)
+        with pool.use("a"):
+            started = time.perf_counter()
+            with pytest.raises(BudgetExceededError) as info:
+                run(pool, "b")
+            assert 0.25 < time.perf_counter() - started < 2
+        message = str(info.value)
+        assert "no room for b" in message
+        assert "a 4.0 MiB (1 leases)" in message
+        assert pool.status().charged_bytes == SIZE  # the failed admission reserved nothing
+
+
+def test_a_load_waits_for_a_lease_to_end() -> None:
+    with make_pool("6MiB", timeout=5) as pool:
+        pool.register("a", mlp, size_hint=SIZE)
+        pool.register("b", mlp, size_hint=SIZE)
+        taken, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with pool.use("a"):
+                taken.set()
+                release.wait(5)
+
+        worker = threading.Thread(target=hold)
+        worker.start()
+        taken.wait(5)
+        threading.Timer(0.2, release.set).start()
+        run(pool, "b")  # waits for a's lease, then evicts a
+        worker.join(5)
+        assert pool["a"].state is ModelState.UNLOADED
+        assert pool["b"].state is ModelState.READY
+
+
+def test_failure_mid_load_leaves_the_accounting_right() -> None:
+    calls = []
+
+    def flaky() -> torch.nn.Module:
+        calls.append(1)
+        module = TinyMLP(512)
+        if len(calls) == 1:
+            raise RuntimeError("load failed half-way")
+        return module
+
+    with make_pool() as pool:
+        pool.register("flaky", flaky, size_hint=SIZE)
+        pool.register("b", mlp, size_hint=SIZE)
+        with pytest.raises(RuntimeError, match="half-way"):
+            run(pool, "flaky")
+        status = pool.status()
+        assert status.charged_bytes == 0
+        assert pool._reserved == {}
+        run(pool, "b")
+        run(pool, "flaky")
+        assert pool.status().charged_bytes == 2 * SIZE
+
+
+def test_unknown_sizes_are_corrected_after_the_first_load(recorded: list[events.Event]) -> None:
+    with make_pool("9MiB") as pool:
+        for name in "abc":
+            pool.register(name, mlp)  # no size hint: measured at load
+        run(pool, "a")
+        run(pool, "b")  # unknown size: idle models make room first
+        assert pool["b"].size_bytes == SIZE
+        run(pool, "a")
+        run(pool, "c")
+        assert pool.status().charged_bytes <= 9 * MiB
+
+
+def test_belady_plan_evicts_the_model_needed_furthest_ahead(recorded: list[events.Event]) -> None:
+    with make_pool() as pool:
+        for name in "abc":
+            pool.register(name, mlp, size_hint=SIZE)
+        run(pool, "a")
+        run(pool, "b")
+        pool.plan(["c", "a", "b"])  # LRU would evict a; a is needed before b
+        run(pool, "c")
+        assert [e.model for e in recorded if e.kind == "evict"] == ["b"]
+        with pytest.raises(InvalidArgumentError, match="not in the pool"):
+            pool.plan(["zzz"])
+
+
+def test_eviction_to_a_tier_chosen_from_costs(tmp_path: Any) -> None:
+    with make_pool(evict_to="auto") as pool:
+        for name in "abc":
+            pool.register(name, mlp, size_hint=SIZE, offload_dir=tmp_path)
+        run(pool, "a")
+        pool["a"].offload("disk")  # a measured disk wake: cheaper than a reload
+        run(pool, "a")
+        run(pool, "b")
+        run(pool, "c")  # a is evicted: on cpu the cpu tier frees nothing, disk wins
+        assert pool["a"].state is ModelState.OFFLOADED
+        assert pool["a"].tier == "disk"
+        run(pool, "a")  # wakes from disk under the budget
+        assert pool["a"].stats.wakes == 2
+
+
+def test_keep_alive_with_a_controlled_clock() -> None:
+    now = [0.0]
+    with make_pool(keep_alive=60, clock=lambda: now[0], start_threads=False) as pool:
+        pool.register("a", mlp, size_hint=SIZE)
+        pool.register("forever", mlp, size_hint=SIZE, keep_alive=None)
+        run(pool, "a")
+        run(pool, "forever")
+        now[0] = 59
+        pool.run_expiry()
+        assert pool["a"].state is ModelState.READY
+        now[0] = 61
+        pool.run_expiry()
+        assert pool["a"].state is ModelState.UNLOADED
+        assert pool["forever"].state is ModelState.READY
+
+
+def test_keep_alive_zero_and_the_thread_stops_on_close() -> None:
+    pool = make_pool(keep_alive=0)
+    pool.register("a", mlp, size_hint=SIZE)
+    run(pool, "a")
+    deadline = time.monotonic() + 5
+    while pool["a"].state is not ModelState.UNLOADED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool["a"].state is ModelState.UNLOADED
+    threads = pool.threads
+    assert threads
+    pool.close()
+    assert all(not t.is_alive() for t in threads)
+    assert pool.threads == []
+    with pytest.raises(ModelStateError, match="closed"):
+        run(pool, "a")
+
+
+def test_prefetch_loads_the_next_model_while_another_runs() -> None:
+    gate = threading.Event()
+
+    def slow() -> torch.nn.Module:
+        gate.set()
+        time.sleep(0.2)
+        return TinyMLP(512)
+
+    with make_pool() as pool:
+        pool.register("a", mlp, size_hint=SIZE)
+        pool.register("b", slow, size_hint=SIZE)
+        with pool.use("a") as model:
+            future = pool.prefetch("b")
+            assert gate.wait(5)  # b is loading while a is in use
+            model(torch.ones(1, 512))
+        assert future.result(5) is True
+        assert pool["b"].state is ModelState.READY
+        started = time.perf_counter()
+        run(pool, "b")
+        assert time.perf_counter() - started < 0.2  # warm
+
+
+def test_prefetch_without_room_loads_nothing() -> None:
+    with make_pool("6MiB") as pool:
+        pool.register("a", mlp, size_hint=SIZE)
+        pool.register("b", mlp, size_hint=SIZE)
+        with pool.use("a"):
+            assert pool.prefetch("b").result(5) is False
+        assert pool["b"].state is ModelState.UNLOADED
+
+
+def test_out_of_memory_inside_a_lease_evicts_the_others_and_retries() -> None:
+    attempts = []
+
+    def infer(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            torch.empty(1 << 60, dtype=torch.uint8)  # the real CPU allocator failure
+        return model(x)
+
+    with make_pool("20MiB") as pool:
+        for name in "abc":
+            pool.register(name, mlp, size_hint=SIZE)
+        run(pool, "a")
+        run(pool, "b")
+        out = pool.call("c", infer, torch.ones(1, 512))
+        assert out.shape == (1, 512)
+        assert attempts == [0, 1]
+        assert pool["a"].state is ModelState.UNLOADED
+        assert pool["b"].state is ModelState.UNLOADED
+        assert pool["c"].state is ModelState.READY
+
+
+def test_oom_retry_decorator_uses_the_pool() -> None:
+    with make_pool("20MiB") as pool:
+        pool.register("a", mlp, size_hint=SIZE)
+        run(pool, "a")
+        attempts = []
+
+        @vramkit.oom_retry(pool=pool)
+        def allocate() -> int:
+            attempts.append(1)
+            if len(attempts) == 1:
+                torch.empty(1 << 60, dtype=torch.uint8)
+            return len(attempts)
+
+        assert allocate() == 2
+        assert pool["a"].state is ModelState.UNLOADED
+
+
+def test_status_lists_every_model() -> None:
+    with make_pool() as pool:
+        pool.register("asr", mlp, size_hint=SIZE, pin=True)
+        pool.register("llm", mlp, size_hint=SIZE)
+        run(pool, "asr")
+        status = pool.status()
+        assert [m.name for m in status.models] == ["asr", "llm"]
+        assert status.models[0].state == "READY"
+        assert status.models[0].pinned
+        assert status.models[0].device_bytes == SIZE
+        assert status.models[1].device_bytes == 0
+        assert status.charged_bytes == SIZE
+        assert status.budget_bytes == 10 * MiB
+        text = str(pool)
+        assert text.startswith("pool test on cpu:")
+        assert "READY pinned" in text
+        assert "pool test on cpu" in vramkit.status()
+
+
+def test_budget_forms(tmp_path: Any) -> None:
+    total = vramkit.snapshot("cpu")["cpu"].total_bytes or 0
+    assert ModelPool("cpu", budget=0.5).budget_bytes() == int(total * 0.5)
+    assert ModelPool("cpu", budget=1024).budget_bytes() == 1024
+    free = ModelPool("cpu").budget_bytes()
+    assert 0 < free <= total
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "fragment"),
+    [
+        (lambda: ModelPool("cpu", budget="-1GiB"), InvalidArgumentError, "budget must be"),
+        (lambda: ModelPool("cpu", budget=1.5), InvalidArgumentError, "fraction"),
+        (lambda: ModelPool("cpu", budget=0), InvalidArgumentError, "more than 0"),
+        (lambda: ModelPool("cpu", headroom="lots"), InvalidArgumentError, "headroom must be"),
+        (lambda: ModelPool("cpu", timeout=-1), InvalidArgumentError, "timeout"),
+        (lambda: ModelPool("cpu", evict_to="swap"), InvalidArgumentError, "evict_to"),
+        (lambda: ModelPool("cpu", keep_alive=-3), InvalidArgumentError, "keep_alive"),
+        (lambda: ModelPool("tpu"), InvalidArgumentError, "unknown device"),
+        (lambda: ModelPool("cpu:1"), DeviceUnavailableError, "one cpu"),
+    ],
+)
+def test_bad_input(make: Any, error: type, fragment: str) -> None:
+    with pytest.raises(error) as info:
+        make()
+    assert fragment in str(info.value)
+
+
+def test_membership_rules() -> None:
+    with make_pool() as pool, make_pool() as other:
+        model = pool.register("a", mlp)
+        with pytest.raises(InvalidArgumentError, match="already in the pool"):
+            pool.register("a", mlp)
+        with pytest.raises(InvalidArgumentError, match="another pool"):
+            other.add(model)
+        with pytest.raises(InvalidArgumentError, match="takes a ManagedModel"):
+            pool.add("a")  # type: ignore[arg-type]
+        with pytest.raises(KeyError, match="it has: a"):
+            pool["zzz"]
+        assert "a" in pool
+        assert len(pool) == 1
+        removed = pool.remove("a")
+        assert removed.state is ModelState.UNLOADED
+        assert "a" not in pool
+        other.add(removed)  # free to join another pool now

@@ -1,0 +1,831 @@
+"""``ModelPool``: several models, one memory budget.
+
+A 12 GiB card cannot hold FunASR, a 7B LLM and a TTS model at once; used in
+turns, it does not have to. Before a model loads (or wakes), the pool reserves
+its expected size plus headroom and evicts idle models until it fits: to a
+cheaper tier where host RAM allows (chosen from measured wake costs), else
+unloaded; least recently used first (or, given a plan of what comes next,
+the model needed furthest in the future); pinned models last; models with
+leases never. If nothing can be evicted it waits, bounded, then raises
+:class:`~vramkit.errors.BudgetExceededError` naming who holds what.
+
+>>> import torch, vramkit
+>>> pool = vramkit.ModelPool("cpu", budget="64MiB", headroom=0)
+>>> pool.register("small", lambda: torch.nn.Linear(64, 64))
+<ManagedModel 'small' UNLOADED on cpu, ?, 0 leases>
+>>> with pool.use("small") as layer:
+...     y = layer(torch.ones(1, 64))
+>>> pool.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import datetime
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from vramkit import events
+from vramkit._keepalive import KeepAliveScheduler
+from vramkit._units import format_bytes, format_part_of, parse_bytes
+from vramkit.cleaning import cleanup
+from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
+from vramkit.errors import (
+    BudgetExceededError,
+    InvalidArgumentError,
+    ModelBusyError,
+    ModelStateError,
+)
+from vramkit.model import ManagedModel, ModelState, _keep_alive_seconds
+from vramkit.oom import is_oom_error
+
+__all__ = ["ModelPool", "PoolStatus", "PooledModel", "live_pools"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+EvictTo = Literal["auto", "cpu", "disk", "unload"]
+
+_pools: weakref.WeakSet[ModelPool] = weakref.WeakSet()
+_pools_lock = threading.Lock()
+
+
+def live_pools() -> list[ModelPool]:
+    """Every open ``ModelPool`` in this process (for ``vramkit.status()``)."""
+    with _pools_lock:
+        return [p for p in _pools if not p.closed]
+
+
+@atexit.register
+def _close_pools_at_exit() -> None:
+    # Stop keep-alive and prefetch threads before the interpreter tears down;
+    # models are left to die with the process (no unload work at exit).
+    for pool in live_pools():
+        pool._stop_threads()
+
+
+@dataclass(frozen=True, slots=True)
+class PooledModel:
+    """One model's line in :meth:`ModelPool.status`."""
+
+    name: str
+    state: str
+    tier: str | None
+    device_bytes: int
+    size_bytes: int | None
+    leases: int
+    idle_seconds: float | None
+    pinned: bool
+    keep_alive: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """A pool's accounting at one moment.
+
+    Attributes:
+        name: The pool's name.
+        device: Its device.
+        budget_bytes: The budget now (for ``budget=None``, the driver's free
+            memory plus what the pool's models hold).
+        charged_bytes: Bytes the pool counts against the budget: resident
+            models plus reservations of loads in progress.
+        headroom_bytes: Bytes kept free beyond each reservation.
+        peak_charged_bytes: Highest ``charged_bytes`` seen.
+        models: One :class:`PooledModel` per model, in registration order.
+        loads: Loads and wakes the pool admitted.
+        evictions: Models the pool evicted (offloaded or unloaded) to make room.
+    """
+
+    name: str
+    device: str
+    budget_bytes: int
+    charged_bytes: int
+    headroom_bytes: int
+    peak_charged_bytes: int
+    models: tuple[PooledModel, ...]
+    loads: int
+    evictions: int
+
+    def __str__(self) -> str:
+        lines = [
+            f"pool {self.name} on {self.device}: "
+            f"{format_part_of(self.charged_bytes, max(self.budget_bytes, 1))} budget used "
+            f"(peak {format_bytes(self.peak_charged_bytes)}, headroom "
+            f"{format_bytes(self.headroom_bytes)}), {self.loads} loads, "
+            f"{self.evictions} evictions"
+        ]
+        header = ("model", "state", "on device", "size", "leases", "idle", "keep-alive")
+        rows = [header]
+        for m in self.models:
+            state = m.state + (f" ({m.tier})" if m.tier else "") + (" pinned" if m.pinned else "")
+            rows.append(
+                (
+                    m.name,
+                    state,
+                    format_bytes(m.device_bytes),
+                    format_bytes(m.size_bytes),
+                    str(m.leases),
+                    "-" if m.idle_seconds is None else f"{m.idle_seconds:.1f} s",
+                    "never" if m.keep_alive is None else f"{m.keep_alive:g} s",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines += [
+            "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        ]
+        return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class _Member:
+    model: ManagedModel[Any]
+    pinned: bool
+    order: int
+
+
+class ModelPool:
+    """Several :class:`~vramkit.ManagedModel` on one device under one memory budget.
+
+    Args:
+        device: The device the models share (default: the best available).
+            On ``cpu`` the budget counts host RAM, so every rule works without a GPU.
+        budget: ``None``: the driver's free memory at the time (on CUDA, NVML
+            counts other processes), plus what the pool's own models hold. A
+            float in (0, 1]: that fraction of the device's total. An int of
+            bytes or a string such as ``"10GiB"``: exactly that.
+        headroom: Bytes kept free beyond each model's reservation (activations,
+            allocator slack): ``"512MiB"`` by default.
+        keep_alive: Default idle seconds for models registered through
+            :meth:`register` (Ollama semantics: ``0`` unloads when idle, ``None``
+            never).
+        timeout: Seconds a load waits for leased models to be returned before
+            raising :class:`BudgetExceededError`.
+        evict_to: How to evict: ``"auto"`` (each model's cheapest tier from its
+            measured costs), ``"cpu"``, ``"disk"`` or ``"unload"``.
+        name: A name for reports and events.
+        clock: Monotonic seconds for the keep-alive scheduler (tests pass a
+            controllable clock together with ``start_threads=False``).
+        start_threads: Run keep-alive expiry on a background thread. With
+            ``False``, call :meth:`run_expiry` to expire due models.
+    """
+
+    def __init__(
+        self,
+        device: DeviceLike | None = None,
+        *,
+        budget: int | float | str | None = None,
+        headroom: int | str = "512MiB",
+        keep_alive: float | datetime.timedelta | None = None,
+        timeout: float = 30.0,
+        evict_to: EvictTo = "auto",
+        name: str = "pool",
+        clock: Callable[[], float] = time.monotonic,
+        start_threads: bool = True,
+    ) -> None:
+        self._device = resolve_device(device)
+        self._budget = _parse_budget(budget)
+        self._headroom = parse_bytes(headroom, what="headroom")
+        self._keep_alive = _keep_alive_seconds(keep_alive)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
+            raise InvalidArgumentError(f"timeout must be seconds >= 0; got {timeout!r}")
+        self._timeout = float(timeout)
+        if evict_to not in ("auto", "cpu", "disk", "unload"):
+            raise InvalidArgumentError(
+                f"evict_to must be 'auto', 'cpu', 'disk' or 'unload'; got {evict_to!r}"
+            )
+        self._evict_to: EvictTo = evict_to
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
+        self._name = name
+        self._lock = threading.Condition(threading.RLock())
+        self._members: dict[str, _Member] = {}
+        self._reserved: dict[str, int] = {}  # loads and wakes in progress
+        self._evicting: set[str] = set()
+        self._plan: collections.deque[str] = collections.deque()
+        self._closed = False
+        self._loads = 0
+        self._evictions = 0
+        self._peak = 0
+        self._scheduler = KeepAliveScheduler(
+            f"vramkit-keepalive-{name}", clock=clock, start=start_threads
+        )
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        with _pools_lock:
+            _pools.add(self)
+
+    # ------------------------------------------------------------------ membership
+
+    def register(
+        self,
+        name: str,
+        loader: Callable[[], T],
+        *,
+        pin: bool = False,
+        keep_alive: float | datetime.timedelta | Literal["pool"] | None = "pool",
+        **options: Any,
+    ) -> ManagedModel[T]:
+        """Create a :class:`~vramkit.ManagedModel` on the pool's device and add it.
+
+        Args:
+            name: Unique within the pool.
+            loader: Zero-argument callable returning the model (placed on the device).
+            pin: Evict this model only after every unpinned one.
+            keep_alive: Idle seconds before expiry; ``"pool"`` (default) takes
+                the pool's default.
+            **options: Passed to :class:`~vramkit.ManagedModel`.
+
+        Returns:
+            The new model.
+        """
+        alive = self._keep_alive if keep_alive == "pool" else keep_alive
+        model = ManagedModel(loader, name=name, device=self._device, keep_alive=alive, **options)
+        return self.add(model, pin=pin)
+
+    def add(self, model: ManagedModel[T], *, pin: bool = False) -> ManagedModel[T]:
+        """Put an existing model under this pool's budget (and its keep-alive thread).
+
+        Raises:
+            InvalidArgumentError: The model lives on another device, belongs to
+                another pool, or its name is taken here.
+        """
+        if not isinstance(model, ManagedModel):
+            raise InvalidArgumentError(f"add() takes a ManagedModel; got {model!r}")
+        if model.device != self._device:
+            raise InvalidArgumentError(
+                f"{model.name} lives on {model.device}; this pool manages {self._device}"
+            )
+        with self._lock:
+            self._check_open()
+            if model.name in self._members:
+                raise InvalidArgumentError(f"a model named {model.name!r} is already in the pool")
+            if model._owner is not None and model._owner is not self:
+                raise InvalidArgumentError(f"{model.name} already belongs to another pool")
+            model._owner = self
+            model._scheduler = self._scheduler
+            self._members[model.name] = _Member(model, bool(pin), len(self._members))
+            self._peak = max(self._peak, self._charged())
+        return model
+
+    def remove(self, name: str) -> ManagedModel[Any]:
+        """Unload a model (waiting for its leases) and take it out of the pool."""
+        model = self[name]
+        model.unload(wait=True)
+        with self._lock:
+            self._members.pop(name, None)
+            model._owner = None
+            model._scheduler = None
+            self._lock.notify_all()
+        return model
+
+    def __getitem__(self, name: str) -> ManagedModel[Any]:
+        try:
+            return self._members[name].model
+        except KeyError:
+            known = ", ".join(self._members) or "none"
+            raise KeyError(f"no model {name!r} in pool {self._name!r}; it has: {known}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def __iter__(self) -> Iterator[ManagedModel[Any]]:
+        return iter([m.model for m in self._members.values()])
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    @property
+    def device(self) -> Device:
+        """The pool's device."""
+        return self._device
+
+    @property
+    def name(self) -> str:
+        """The pool's name."""
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    # ------------------------------------------------------------------ leases
+
+    def use(self, name: str) -> _PoolLease:
+        """Borrow a model: ``with pool.use("asr") as model:`` (loads or wakes under the budget).
+
+        If the block raises an out-of-memory error, the pool evicts every other
+        idle model and cleans up before the error propagates, so a retry has
+        room; :meth:`call` retries for you.
+        """
+        model = self[name]
+        self._advance_plan(name)
+        return _PoolLease(self, model)
+
+    def call(self, name: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """Run ``fn(model, *args, **kwargs)`` under a lease; on OOM, evict others and retry once.
+
+        Returns:
+            What ``fn`` returns.
+        """
+        for attempt in (1, 2):
+            try:
+                with self.use(name) as model:
+                    return fn(model, *args, **kwargs)
+            except BaseException as exc:
+                if attempt == 2 or not is_oom_error(exc):
+                    raise
+                events.emit(
+                    events.Event(
+                        "oom",
+                        name,
+                        str(self._device),
+                        "READY",
+                        "READY",
+                        detail={"reason": "out of memory in a lease: evicted others, retrying"},
+                    )
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def plan(self, names: Iterable[str]) -> None:
+        """Tell the pool the order models will be used in, for Belady eviction.
+
+        With a plan, eviction picks the idle model needed furthest in the
+        future (or never) instead of the least recently used. Each
+        :meth:`use` of the model at the head of the plan consumes it.
+
+        Raises:
+            InvalidArgumentError: A name not in the pool.
+        """
+        names = list(names)
+        unknown = [n for n in names if n not in self._members]
+        if unknown:
+            raise InvalidArgumentError(f"plan names models not in the pool: {unknown}")
+        with self._lock:
+            self._plan = collections.deque(names)
+
+    def _advance_plan(self, name: str) -> None:
+        with self._lock:
+            if self._plan and self._plan[0] == name:
+                self._plan.popleft()
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(self, name: str) -> concurrent.futures.Future[bool]:
+        """Load or wake a model in the background, if the budget allows without waiting.
+
+        Idle models may be evicted for it (never leased ones), so the next step
+        of a pipeline starts warm while the current one runs.
+
+        Returns:
+            A future: ``True`` when the model is ready, ``False`` when the
+            budget had no room now (nothing was loaded).
+        """
+        model = self[name]
+        with self._lock:
+            self._check_open()
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"vramkit-prefetch-{self._name}"
+                )
+            executor = self._executor
+        return executor.submit(self._prefetch, model)
+
+    def _prefetch(self, model: ManagedModel[Any]) -> bool:
+        if model.state is ModelState.READY:
+            return True
+        if not self._room_without_waiting(model):
+            events.emit(
+                events.Event(
+                    "prefetch_skipped",
+                    model.name,
+                    str(self._device),
+                    model.state.value,
+                    model.state.value,
+                    detail={"reason": "no room in the budget right now"},
+                )
+            )
+            return False
+        try:
+            model.load()
+        except BudgetExceededError:
+            return False
+        events.emit(events.Event("prefetch", model.name, str(self._device), "UNLOADED", "READY"))
+        return True
+
+    def _room_without_waiting(self, model: ManagedModel[Any]) -> bool:
+        with self._lock:
+            need = (model.expected_bytes or 0) + self._headroom
+            idle = sum(self._resident(m.model) for m in self._candidates(exclude=model.name))
+            return need <= self._available() + idle
+
+    # ------------------------------------------------------------------ the budget
+
+    def budget_bytes(self) -> int:
+        """The budget now, in bytes (for ``budget=None``, recomputed from the driver)."""
+        kind, value = self._budget
+        if kind == "bytes":
+            return int(value)
+        reading = get_backend(self._device.kind).read(self._device.index or 0)
+        if kind == "fraction":
+            if reading.total_bytes is None:
+                raise ModelStateError(f"{self._device} reports no total: use a budget in bytes")
+            return int(reading.total_bytes * value)
+        free = reading.free_bytes
+        if free is None:
+            raise ModelStateError(
+                f"{self._device} reports no free memory (install the nvml extra?): "
+                "give the pool a budget in bytes"
+            )
+        return int(free) + self._charged_resident()
+
+    def _resident(self, model: ManagedModel[Any]) -> int:
+        """Device bytes a model holds now (0 unloaded or offloaded off the device)."""
+        state = model.state
+        size = model.size_bytes or 0
+        if state in (ModelState.READY, ModelState.UNLOADING, ModelState.OFFLOADING):
+            return size
+        if state is ModelState.OFFLOADED and model.tier == "cpu" and self._device.kind == "cpu":
+            return size  # "offloaded" to the memory it was already in
+        return 0
+
+    def _charged_resident(self) -> int:
+        return sum(
+            self._resident(m.model) for n, m in self._members.items() if n not in self._reserved
+        )
+
+    def _charged(self) -> int:
+        return self._charged_resident() + sum(self._reserved.values())
+
+    def _available(self) -> int:
+        kind, _ = self._budget
+        if kind == "driver":
+            reading = get_backend(self._device.kind).read(self._device.index or 0)
+            return int(reading.free_bytes or 0) - sum(self._reserved.values())
+        return self.budget_bytes() - self._charged()
+
+    def _candidates(self, *, exclude: str) -> list[_Member]:
+        """Idle, resident models that may be evicted, in eviction order."""
+        idle = [
+            m
+            for n, m in self._members.items()
+            if n != exclude
+            and n not in self._evicting
+            and n not in self._reserved
+            and m.model.leases == 0
+            and m.model.state in (ModelState.READY, ModelState.OFFLOADED)
+            and self._resident(m.model) > 0
+        ]
+        plan = list(self._plan)
+
+        def next_use(member: _Member) -> float:
+            try:
+                return float(plan.index(member.model.name))
+            except ValueError:
+                return math.inf
+
+        def key(member: _Member) -> tuple[bool, float, float]:
+            last = member.model.stats.last_used or 0.0
+            if plan:  # Belady: furthest next use first
+                return (member.pinned, -next_use(member), last)
+            return (member.pinned, 0.0, last)  # least recently used first
+
+        return sorted(idle, key=key)
+
+    def _before_load(self, model: ManagedModel[Any]) -> None:
+        """Admission, called by a member in its loading thread before its loader runs."""
+        name = model.name
+        deadline = time.monotonic() + self._timeout
+        while True:
+            with self._lock:
+                self._check_open()
+                expected = model.expected_bytes
+                if expected is None:
+                    # Size unknown until the first load (no hint, no checkpoint to
+                    # measure): make all the room idle models allow, then correct
+                    # after the load (see _after_load).
+                    victims = self._candidates(exclude=name)
+                    if victims:
+                        self._evicting.update(v.model.name for v in victims)
+                    expected = 0
+                else:
+                    victims = []
+            if victims:
+                self._evict_all(victims, reason=f"making room for {name} (size unknown)")
+            with self._lock:
+                need = expected + self._headroom
+                whole = self._whole_budget()
+                if need > whole:
+                    raise BudgetExceededError(
+                        f"{name} needs {format_bytes(need)} ({format_bytes(need - self._headroom)}"
+                        f" + {format_bytes(self._headroom)} headroom) but the whole budget of "
+                        f"pool {self._name!r} is {format_bytes(whole)}"
+                    )
+                available = self._available()
+                if need <= available:
+                    self._reserved[name] = expected
+                    self._peak = max(self._peak, self._charged())
+                    return
+                picked = self._pick(need - available, exclude=name)
+                if picked is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BudgetExceededError(self._no_room(name, need, available))
+                    self._lock.wait(min(remaining, 0.25))
+                    continue
+                self._evicting.update(v.model.name for v in picked)
+            self._evict_all(picked, reason=f"making room for {name}")
+
+    def _evict_all(self, victims: list[_Member], *, reason: str) -> list[str]:
+        """Evict ``victims`` (already marked in ``_evicting``) outside the pool lock."""
+        evicted = []
+        try:
+            for victim in victims:
+                if self._evict(victim.model, reason=reason):
+                    evicted.append(victim.model.name)
+        finally:
+            with self._lock:
+                self._evicting.difference_update(v.model.name for v in victims)
+                self._lock.notify_all()
+        return evicted
+
+    def _whole_budget(self) -> int:
+        kind, _ = self._budget
+        if kind == "driver":
+            reading = get_backend(self._device.kind).read(self._device.index or 0)
+            total = reading.total_bytes
+            if total is not None:
+                return int(total)
+        return self.budget_bytes()
+
+    def _pick(self, shortfall: int, *, exclude: str) -> list[_Member] | None:
+        """The fewest idle models, in eviction order, whose eviction covers ``shortfall``."""
+        chosen: list[_Member] = []
+        freed = 0
+        for member in self._candidates(exclude=exclude):
+            if freed >= shortfall:
+                break
+            chosen.append(member)
+            freed += self._resident(member.model)
+        if freed < shortfall or not chosen:
+            return None
+        # Spare any victim the others already cover, the ones needed soonest first:
+        # evicting a small model that does not close the gap only costs a reload.
+        for member in reversed(list(chosen)):
+            size = self._resident(member.model)
+            if freed - size >= shortfall:
+                chosen.remove(member)
+                freed -= size
+        return chosen
+
+    def _no_room(self, name: str, need: int, available: int) -> str:
+        holders = []
+        for n, member in self._members.items():
+            resident = self._reserved.get(n, self._resident(member.model))
+            if resident:
+                why = (
+                    f"{member.model.leases} leases"
+                    if member.model.leases
+                    else (
+                        "loading" if n in self._reserved else "pinned" if member.pinned else "idle"
+                    )
+                )
+                holders.append(f"{n} {format_bytes(resident)} ({why})")
+        return (
+            f"no room for {name} in pool {self._name!r} after waiting {self._timeout:g} s: "
+            f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free of "
+            f"{format_bytes(self.budget_bytes())}; held by: {', '.join(holders) or 'nothing'}"
+        )
+
+    def _evict(self, model: ManagedModel[Any], *, reason: str) -> bool:
+        """Offload or unload one idle model. Returns whether it freed its device bytes."""
+        tier = self._evict_to
+        if tier == "auto":
+            tier = model.choose_tier()  # type: ignore[assignment]
+        before = model.state
+        try:
+            if tier in ("cpu", "disk"):
+                model.offload(tier)
+            else:
+                model.unload()
+        except ModelBusyError:
+            return False  # a lease arrived in between: it is not idle any more
+        with self._lock:
+            self._evictions += 1
+        events.emit(
+            events.Event(
+                "evict",
+                model.name,
+                str(self._device),
+                before.value,
+                model.state.value,
+                bytes=model.size_bytes,
+                detail={"tier": tier, "reason": reason},
+            )
+        )
+        return True
+
+    def evict_idle(self, *, exclude: Iterable[str] = ()) -> list[str]:
+        """Evict every idle model now (after an out-of-memory error, say).
+
+        Args:
+            exclude: Names to keep.
+
+        Returns:
+            The names evicted.
+        """
+        keep = set(exclude)
+        with self._lock:
+            victims = [m for m in self._candidates(exclude="") if m.model.name not in keep]
+            self._evicting.update(v.model.name for v in victims)
+        return self._evict_all(victims, reason="evict_idle")
+
+    # hooks called by member models -----------------------------------------
+
+    def _after_load(self, model: ManagedModel[Any], *, ok: bool) -> None:
+        with self._lock:
+            self._reserved.pop(model.name, None)
+            if ok:
+                self._loads += 1
+            over = self._over_budget() if ok else 0
+            victims: list[_Member] = []
+            if over > 0:
+                # The measured size was larger than expected: get back under budget.
+                victims = self._pick(over, exclude=model.name) or self._candidates(
+                    exclude=model.name
+                )
+                self._evicting.update(v.model.name for v in victims)
+            self._peak = max(self._peak, self._charged())
+            self._lock.notify_all()
+        if victims:
+            self._evict_all(victims, reason=f"{model.name} was larger than expected")
+
+    def _over_budget(self) -> int:
+        kind, _ = self._budget
+        if kind == "driver":
+            return 0  # the driver's own accounting already includes the load
+        return self._charged() - self.budget_bytes()
+
+    def _after_unload(self, model: ManagedModel[Any]) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _after_offload(self, model: ManagedModel[Any]) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _idle(self, model: ManagedModel[Any]) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # ------------------------------------------------------------------ status and lifetime
+
+    def status(self) -> PoolStatus:
+        """Each model's state, tier, bytes, leases and idle time, and the pool's accounting."""
+        with self._lock:
+            members = list(self._members.values())
+            charged = self._charged()
+            peak = self._peak
+            loads, evictions = self._loads, self._evictions
+        try:
+            budget = self.budget_bytes()
+        except ModelStateError:
+            budget = 0
+        return PoolStatus(
+            name=self._name,
+            device=str(self._device),
+            budget_bytes=budget,
+            charged_bytes=charged,
+            headroom_bytes=self._headroom,
+            peak_charged_bytes=peak,
+            models=tuple(
+                PooledModel(
+                    name=m.model.name,
+                    state=m.model.state.value,
+                    tier=m.model.tier,
+                    device_bytes=self._resident(m.model),
+                    size_bytes=m.model.expected_bytes,
+                    leases=m.model.leases,
+                    idle_seconds=m.model.idle_seconds,
+                    pinned=m.pinned,
+                    keep_alive=m.model.keep_alive,
+                )
+                for m in members
+            ),
+            loads=loads,
+            evictions=evictions,
+        )
+
+    def __str__(self) -> str:
+        return str(self.status())
+
+    def __repr__(self) -> str:
+        return f"<ModelPool {self._name!r} on {self._device}, {len(self._members)} models>"
+
+    def run_expiry(self) -> int:
+        """Expire due keep-alive timers now, in this thread (for ``start_threads=False``)."""
+        return self._scheduler.run_due()
+
+    def close(self) -> None:
+        """Unload every model (waiting for leases), stop the pool's threads. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            members = list(self._members.values())
+            self._lock.notify_all()
+        self._stop_threads()
+        for member in members:
+            member.model.unload(wait=True)
+            member.model._owner = None
+            member.model._scheduler = None
+
+    def _stop_threads(self) -> None:
+        self._scheduler.close()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelStateError(f"pool {self._name!r} is closed")
+
+    def __enter__(self) -> ModelPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The pool's live background threads (keep-alive, prefetch)."""
+        found = []
+        thread = self._scheduler.thread
+        if thread is not None and thread.is_alive():
+            found.append(thread)
+        prefix = f"vramkit-prefetch-{self._name}"
+        found += [t for t in threading.enumerate() if t.name.startswith(prefix)]
+        return found
+
+
+class _PoolLease:
+    """A lease taken through the pool: OOM inside the block evicts the others first."""
+
+    __slots__ = ("_lease", "_model", "_pool")
+
+    def __init__(self, pool: ModelPool, model: ManagedModel[Any]) -> None:
+        self._pool = pool
+        self._model = model
+        self._lease = model.use()
+
+    def __enter__(self) -> Any:
+        self._pool._check_open()
+        return self._lease.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._lease.__exit__(exc_type, exc, tb)
+        if exc is not None and is_oom_error(exc):
+            self._pool.evict_idle(exclude=[self._model.name])
+            cleanup(self._model.device)
+
+    async def __aenter__(self) -> Any:
+        self._pool._check_open()
+        return await self._lease.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._lease.__aexit__(exc_type, exc, tb)
+
+
+def _parse_budget(budget: int | float | str | None) -> tuple[str, float]:
+    if budget is None:
+        return ("driver", 0.0)
+    if isinstance(budget, float) and not isinstance(budget, bool):
+        if not 0 < budget <= 1:
+            raise InvalidArgumentError(
+                f"budget as a fraction of the device must be in (0, 1]; got {budget!r} "
+                "(use bytes or a string like '10GiB' for an absolute budget)"
+            )
+        return ("fraction", budget)
+    value = parse_bytes(budget, what="budget")
+    if value == 0:
+        raise InvalidArgumentError("budget must be more than 0 bytes")
+    return ("bytes", float(value))
