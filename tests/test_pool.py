@@ -377,3 +377,16 @@ def test_membership_rules() -> None:
         assert removed.state is ModelState.UNLOADED
         assert "a" not in pool
         other.add(removed)  # free to join another pool now
+
+
+def test_shrinking_the_budget_evicts_idle_models() -> None:
+    with make_pool("20MiB") as pool:
+        for name in "abc":
+            pool.register(name, mlp, size_hint=SIZE)
+            run(pool, name)
+        with pool.use("c"):
+            evicted = pool.set_budget("5MiB")
+        assert sorted(evicted) == ["a", "b"]
+        assert pool.status().budget_bytes == 5 * MiB
+        with pytest.raises(InvalidArgumentError, match="budget"):
+            pool.set_budget("-1")

@@ -430,6 +430,27 @@ class ModelPool:
 
     # ------------------------------------------------------------------ the budget
 
+    def set_budget(self, budget: int | float | str | None) -> list[str]:
+        """Change the budget now (same forms as the constructor's ``budget=``).
+
+        If the pool is then over its new budget, idle models are evicted
+        until it fits (leased ones cannot be: their loads are done).
+
+        Returns:
+            The names evicted to fit.
+        """
+        parsed = _parse_budget(budget)
+        with self._lock:
+            self._check_open()
+            self._budget = parsed
+            over = self._over_budget()
+            victims: list[_Member] = []
+            if over > 0:
+                victims = self._pick(over, exclude="") or self._candidates(exclude="")
+                self._evicting.update(v.model.name for v in victims)
+            self._lock.notify_all()
+        return self._evict_all(victims, reason="the budget shrank") if victims else []
+
     def budget_bytes(self) -> int:
         """The budget now, in bytes (for ``budget=None``, recomputed from the driver)."""
         kind, value = self._budget
