@@ -11,6 +11,8 @@ from vramkit import errors
     [
         (errors.InvalidArgumentError, ValueError),
         (errors.InvalidArgumentError, TypeError),
+        (errors.UnknownModelError, KeyError),
+        (errors.UnknownModelError, errors.InvalidArgumentError),
         (errors.ModelStateError, RuntimeError),
         (errors.ModelBusyError, errors.ModelStateError),
         (errors.BudgetExceededError, RuntimeError),

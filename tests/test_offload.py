@@ -338,3 +338,48 @@ def test_funasr_round_trip_gives_the_same_transcript(asr: ManagedModel[Any], tie
         assert any(name.startswith("kwargs") for name in modules), "frontends travel too"
     del am, modules
     assert asr.unload().died
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda m: m.frozen.weight.data.fill_(7.0), id="data-inplace"),
+        pytest.param(
+            lambda m: setattr(m.frozen.weight, "data", torch.full((256, 256), 7.0)),
+            id="data-assign",
+        ),
+        pytest.param(lambda m: m.frozen.weight.fill_(7.0), id="inplace"),
+    ],
+)
+def test_edits_after_a_disk_wake_are_never_lost(edit: Any, tmp_path: Path) -> None:
+    mm = rich(tmp_path, inference_mode=False)
+    mm.load()
+    mm.offload("disk")
+    mm.wake()
+    with mm.use() as model, torch.no_grad():
+        edit(model)
+    del model
+    report = mm.offload("disk")
+    assert not report.reused_file
+    with mm.use() as model:
+        assert torch.all(model.frozen.weight == 7.0)
+
+
+def test_rewrite_forces_a_fresh_file(tmp_path: Path) -> None:
+    mm = rich(tmp_path)
+    mm.load()
+    mm.offload("disk")
+    mm.wake()
+    assert not mm.offload("disk", rewrite=True).reused_file
+
+
+def test_choose_tier_counts_writing_the_file(tmp_path: Path) -> None:
+    mm = rich(tmp_path)
+    mm.load()
+    costs = mm.tier_costs()
+    assert costs["disk"].offload_seconds > 0  # no file yet: it must be written
+    mm.offload("disk")
+    mm.wake()
+    costs = mm.tier_costs()
+    assert costs["disk"].offload_seconds == 0  # the file it woke from is reusable
+    assert costs["disk"].round_trip_seconds == costs["disk"].wake_seconds

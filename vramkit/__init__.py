@@ -28,6 +28,7 @@ from vramkit.errors import (
     ModelStateError,
     OffloadError,
     OutOfMemoryError,
+    UnknownModelError,
     VramkitError,
     VramLeakError,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "SessionReport",
     "TensorCensus",
     "TensorInfo",
+    "UnknownModelError",
     "UnloadReport",
     "VramLeakError",
     "VramLeakWarning",

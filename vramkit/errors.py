@@ -6,6 +6,7 @@ so existing ``except`` clauses keep working::
 
     VramkitError(Exception)
     ├── InvalidArgumentError(ValueError, TypeError)   bad input, caught at the call
+    │   └── UnknownModelError(KeyError)               no model of that name in the pool
     ├── ModelStateError(RuntimeError)                 operation not allowed in this state
     │   └── ModelBusyError                            leases are out; cannot unload now
     ├── BudgetExceededError(RuntimeError)             a memory budget cannot make room
@@ -30,6 +31,7 @@ __all__ = [
     "ModelStateError",
     "OffloadError",
     "OutOfMemoryError",
+    "UnknownModelError",
     "VramLeakError",
     "VramkitError",
 ]
@@ -45,6 +47,14 @@ class InvalidArgumentError(VramkitError, ValueError, TypeError):
     It is both a :class:`ValueError` and a :class:`TypeError` so that callers
     catching either builtin keep working; the message names what was expected.
     """
+
+
+class UnknownModelError(InvalidArgumentError, KeyError):
+    """A pool was asked for a model name it does not have; the message lists the names it has."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; this message is a sentence.
+        return str(self.args[0]) if self.args else ""
 
 
 class ModelStateError(VramkitError, RuntimeError):

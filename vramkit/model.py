@@ -72,6 +72,41 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _lease_ids = itertools.count(1)
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
+
+
+def _inference_guard() -> object:
+    """Enter ``torch.inference_mode()``; leaving happens when the returned guard is dropped.
+
+    The C++ RAII guard costs a third of the context manager, which matters on
+    a path taken once per inference call.
+    """
+    make = getattr(torch._C, "_InferenceMode", None)
+    if make is not None:
+        return make(True)
+    mode = torch.inference_mode()  # pragma: no cover - builds without the private guard
+    mode.__enter__()
+    return _ExitOnDrop(mode)
+
+
+class _ExitOnDrop:  # pragma: no cover - fallback for the above
+    __slots__ = ("_mode",)
+
+    def __init__(self, mode: Any) -> None:
+        self._mode = mode
+
+    def __del__(self) -> None:
+        self._mode.__exit__(None, None, None)
+
+
+def _thread_name(ident: int) -> str:
+    for thread in threading.enumerate():
+        if thread.ident == ident:
+            return thread.name
+    return f"thread {ident} (ended)"
+
+
 _instances: weakref.WeakSet[ManagedModel[Any]] = weakref.WeakSet()
 _instances_lock = threading.Lock()
 
@@ -236,6 +271,7 @@ class ModelStats:
         last_used: ``time.monotonic()`` when the last lease ended (or the model loaded).
         wake_seconds: Wall time of the last wake, per tier.
         offloaded_bytes: Bytes held per tier by the last offload.
+        offload_seconds: Wall time of the last offload, per tier.
     """
 
     loads: int = 0
@@ -247,6 +283,7 @@ class ModelStats:
     last_used: float | None = None
     wake_seconds: Mapping[str, float] = field(default_factory=dict)
     offloaded_bytes: Mapping[str, int] = field(default_factory=dict)
+    offload_seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 class _Lease(Generic[T]):
@@ -262,8 +299,7 @@ class _Lease(Generic[T]):
     def __enter__(self) -> T:
         obj, self._token = self._model._acquire()
         if self._model._inference_mode:
-            self._grad = torch.inference_mode()
-            self._grad.__enter__()
+            self._grad = _inference_guard()
         return obj
 
     def __exit__(
@@ -272,12 +308,8 @@ class _Lease(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            if self._grad is not None:
-                self._grad.__exit__(exc_type, exc, tb)
-                self._grad = None
-        finally:
-            self._model._return(self._token)
+        self._grad = None  # dropping the guard leaves inference mode
+        self._model._return(self._token)
 
     async def __aenter__(self) -> T:
         # A load can take seconds: do it off the event loop. Grad mode is
@@ -399,10 +431,14 @@ class ManagedModel(Generic[T]):
         self._policy = cleanup
         self._tracker: CleanupTracker | None = None
 
-        self._cond = threading.Condition(threading.Lock())
+        # Fast paths (lease, return) take the plain lock; waits go through the condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._state = ModelState.UNLOADED
         self._obj: T | None = None
-        self._leases: dict[int, tuple[int, str, float]] = {}  # token -> (thread id, name, since)
+        self._leases: dict[int, tuple[int, float]] = {}  # token -> (thread id, since)
+        self._last_used: float | None = None
+        self._waiting = 0  # threads blocked in _wait(), so returns can skip notify_all
         self._busy_thread: int | None = None  # thread running a load / unload / offload
         self._stamp = 0  # bumped at every lease and load: a keep-alive expiry must match it
         self._closed = False
@@ -671,7 +707,7 @@ class ManagedModel(Generic[T]):
     @property
     def stats(self) -> ModelStats:
         """Counters and measured costs (load seconds, size, wake seconds per tier...)."""
-        return self._stats
+        return replace(self._stats, last_used=self._last_used)
 
     @property
     def size_bytes(self) -> int | None:
@@ -695,7 +731,7 @@ class ManagedModel(Generic[T]):
     @property
     def idle_seconds(self) -> float | None:
         """Seconds since the last lease ended, while loaded and idle; else ``None``."""
-        last = self._stats.last_used
+        last = self._last_used
         if self._leases or last is None or self._state is ModelState.UNLOADED:
             return None
         return time.monotonic() - last
@@ -780,16 +816,18 @@ class ManagedModel(Generic[T]):
 
     def _acquire(self) -> tuple[T, int]:
         """Take a lease, loading or waking first if needed. Returns the object and a token."""
-        with self._cond:
+        with self._lock:
             if self._state is ModelState.READY:
-                return self._grant()
+                token = next(_lease_ids)
+                self._leases[token] = (_get_ident(), _monotonic())
+                self._stamp += 1
+                return self._obj, token  # type: ignore[return-value]
         return self._acquire_slow()
 
     def _grant(self) -> tuple[T, int]:
-        # Caller holds self._cond and has checked the state is READY.
+        # Caller holds the lock and has checked the state is READY.
         token = next(_lease_ids)
-        thread = threading.current_thread()
-        self._leases[token] = (thread.ident or 0, thread.name, time.monotonic())
+        self._leases[token] = (_get_ident(), _monotonic())
         self._stamp += 1
         return cast("T", self._obj), token
 
@@ -813,22 +851,30 @@ class ManagedModel(Generic[T]):
                         ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
                     )
                 else:
-                    self._cond.wait()
+                    self._wait()
                     continue
             if state is ModelState.UNLOADED:
                 self._do_load()
             else:
                 self._do_wake()
 
+    def _wait(self, timeout: float | None = None) -> None:
+        """Wait on the condition (caller holds the lock), counted for :meth:`_return`."""
+        self._waiting += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiting -= 1
+
     def _return(self, token: int) -> None:
-        with self._cond:
-            self._leases.pop(token, None)
-            now = time.monotonic()
-            self._stats = replace(self._stats, last_used=now)
+        with self._lock:
+            leases = self._leases
+            leases.pop(token, None)
+            self._last_used = _monotonic()
             self._stamp += 1
             stamp = self._stamp
-            idle = not self._leases
-            if idle:
+            idle = not leases
+            if idle and self._waiting:  # notify_all costs microseconds; skip it when alone
                 self._cond.notify_all()
         if idle:
             if self._owner is not None:
@@ -870,7 +916,7 @@ class ManagedModel(Generic[T]):
                         ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
                     )
                 else:
-                    self._cond.wait()
+                    self._wait()
                     continue
             if state is ModelState.UNLOADED:
                 return self._do_load()
@@ -933,8 +979,8 @@ class ManagedModel(Generic[T]):
                 loads=self._stats.loads + 1,
                 load_seconds=seconds,
                 size_bytes=size,
-                last_used=time.monotonic(),
             )
+            self._last_used = time.monotonic()
             stamp = self._stamp
             self._cond.notify_all()
         if owner is not None:
@@ -997,8 +1043,8 @@ class ManagedModel(Generic[T]):
                 stats,
                 wakes=stats.wakes + 1,
                 wake_seconds={**stats.wake_seconds, tier: report.seconds},
-                last_used=time.monotonic(),
             )
+            self._last_used = time.monotonic()
             stamp = self._stamp
             self._cond.notify_all()
         if owner is not None:
@@ -1061,7 +1107,12 @@ class ManagedModel(Generic[T]):
     # ------------------------------------------------------------------ offload tiers
 
     def offload(
-        self, tier: str = "cpu", *, wait: bool = False, timeout: float | None = None
+        self,
+        tier: str = "cpu",
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        rewrite: bool = False,
     ) -> OffloadReport:
         """Move the weights off the device, keeping what is needed to wake fast.
 
@@ -1072,6 +1123,8 @@ class ManagedModel(Generic[T]):
                 sessions) are dropped and rebuilt on wake; the report says so.
             wait: With leases out, wait for them instead of raising.
             timeout: Wait at most this long (implies ``wait``).
+            rewrite: Write the disk tier's file even if the one the model woke
+                from looks unchanged (see "the disk tier writes once" in the docs).
 
         Returns:
             An :class:`~vramkit.offload.OffloadReport`.
@@ -1108,12 +1161,12 @@ class ManagedModel(Generic[T]):
                 self._obj, self._offloaded = box
                 self._state = ModelState.WAKING
             self._do_wake()
-            return self.offload(chosen, wait=wait, timeout=timeout)
+            return self.offload(chosen, wait=wait, timeout=timeout, rewrite=rewrite)
         obj = box[0]
         box.clear()
         directory = self._offload_dir or offload.default_offload_dir()
         try:
-            state, report = offload.offload_object(self, obj, chosen, directory)
+            state, report = offload.offload_object(self, obj, chosen, directory, rewrite=rewrite)
         except BaseException:
             with self._cond:  # nothing changed: the model is as it was
                 self._obj = obj
@@ -1136,6 +1189,7 @@ class ManagedModel(Generic[T]):
                 stats,
                 offloads=stats.offloads + 1,
                 offloaded_bytes={**stats.offloaded_bytes, chosen: report.weight_bytes},
+                offload_seconds={**stats.offload_seconds, chosen: report.seconds},
             )
             stamp = self._stamp
             self._cond.notify_all()
@@ -1176,7 +1230,7 @@ class ManagedModel(Generic[T]):
             while self._state not in _SETTLED:
                 if self._busy_thread == me:
                     raise ModelStateError(f"{self._name}: wake() called from inside its own load")
-                self._cond.wait()
+                self._wait()
             if self._state is not ModelState.OFFLOADED:
                 return None
             self._busy_thread = me
@@ -1196,10 +1250,14 @@ class ManagedModel(Generic[T]):
         size = self._stats.size_bytes or 0
         on_host = self._device.kind == "cpu"
         measured = self._stats.wake_seconds
+        written = self._stats.offload_seconds
         load = self._stats.load_seconds
-        # Estimates before a measurement: ~8 GB/s host->device, ~1.5 GB/s page cache/disk.
+        # Estimates before a measurement: ~8 GB/s host<->device, ~1.5 GB/s reading
+        # page cache or disk, ~0.5 GB/s writing a file and syncing it.
         cpu_estimate = 0.0 if on_host else size / 8e9
         disk_estimate = size / 1.5e9 + (0.0 if on_host else size / 8e9)
+        reusable = self._disk_cache is not None and self._disk_cache.path.exists()
+        disk_write = 0.0 if reusable else written.get("disk", size / 0.5e9)
         return {
             "cpu": TierCost(
                 "cpu",
@@ -1208,9 +1266,16 @@ class ManagedModel(Generic[T]):
                 0,
                 measured.get("cpu", cpu_estimate),
                 "cpu" in measured,
+                written.get("cpu", cpu_estimate),
             ),
             "disk": TierCost(
-                "disk", size, 0, size, measured.get("disk", disk_estimate), "disk" in measured
+                "disk",
+                size,
+                0,
+                size,
+                measured.get("disk", disk_estimate),
+                "disk" in measured,
+                disk_write,
             ),
             "unload": TierCost(
                 "unload",
@@ -1226,8 +1291,9 @@ class ManagedModel(Generic[T]):
         """The cheapest way to free this model's device memory: cpu, disk, or unload.
 
         The ``cpu`` tier wins when host RAM can hold the weights (pinned copies
-        wake fastest); then ``disk`` when waking from it beats a reload; else
-        ``unload``. On a ``cpu`` device only ``disk`` or ``unload`` free anything.
+        wake fastest); then ``disk`` when writing the file (unless an unchanged
+        one exists) and waking from it beats a reload; else ``unload``. On a
+        ``cpu`` device only ``disk`` or ``unload`` free anything.
 
         Args:
             host_free_bytes: Host RAM available for the cpu tier (default: read now).
@@ -1239,7 +1305,7 @@ class ManagedModel(Generic[T]):
         cpu = costs["cpu"]
         if cpu.frees_device_bytes and size + 512 * 1024**2 <= host_free_bytes:
             return "cpu"
-        if costs["disk"].wake_seconds < costs["unload"].wake_seconds:
+        if costs["disk"].round_trip_seconds < costs["unload"].wake_seconds:
             return "disk"
         return "unload"
 
@@ -1346,7 +1412,7 @@ class ManagedModel(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                mine = sum(1 for ident, _, _ in self._leases.values() if ident == me)
+                mine = sum(1 for ident, _ in self._leases.values() if ident == me)
                 if mine:
                     raise ModelBusyError(
                         f"{self._name}: cannot {action} from inside its own lease "
@@ -1365,7 +1431,7 @@ class ManagedModel(Generic[T]):
                     raise ModelBusyError(self._busy_message())
                 if remaining is not None and remaining <= 0:
                     raise ModelBusyError(self._busy_message() + f" (waited {timeout} s)")
-                self._cond.wait(remaining)
+                self._wait(remaining)
             state = self._state
             if state is ModelState.UNLOADED:
                 return state, []
@@ -1380,11 +1446,11 @@ class ManagedModel(Generic[T]):
         if not self._leases:
             return f"{self._name} is {self._state.value.lower()}; unload(wait=True) waits for it"
         now = time.monotonic()
-        oldest = min(self._leases.values(), key=lambda lease: lease[2])
+        ident, since = min(self._leases.values(), key=lambda lease: lease[1])
         count = len(self._leases)
         return (
             f"{self._name} has {count} lease{'s' if count != 1 else ''} out "
-            f"(oldest held for {now - oldest[2]:.1f} s by thread {oldest[1]!r}); "
+            f"(oldest held for {now - since:.1f} s by thread {_thread_name(ident)!r}); "
             "unload(wait=True) or unload(timeout=...) waits for them"
         )
 
@@ -1406,11 +1472,15 @@ class ManagedModel(Generic[T]):
 
         discard(self, offloaded)  # host copies, pinned memory, cache files
         offloaded = None
+        interrupted: BaseException | None = None
         try:
             if obj is not None:
                 adapter.release(obj)
         except Exception as exc:  # recorded and raised after the unload completes
             error = f"{type(exc).__name__}: {exc}"
+        except BaseException as exc:  # KeyboardInterrupt: finish dropping, then re-raise
+            error = f"{type(exc).__name__} during release"
+            interrupted = exc
         refs, verified, labels = _track(obj, adapter)
         expected = self._stats.size_bytes
         if state_before is ModelState.OFFLOADED and (
@@ -1437,6 +1507,11 @@ class ManagedModel(Generic[T]):
             survivors.clear()
             del survivors
             gc.collect()
+        if interrupted is not None:
+            # Stop promptly, but only after our reference is gone: the model is
+            # UNLOADED (the caller's finally says so) and pins nothing of ours.
+            cleanup(self._device, gc_collect=False)
+            raise interrupted.with_traceback(None)
         report_cleanup = cleanup(self._device, gc_collect=False)  # collected just above
         after = self._await_driver(backend, index, before, expected)
         freed = _freed(before, after)
@@ -1573,11 +1648,11 @@ class _InferenceFunction(Generic[R]):
         model = self._model
         obj, token = model._acquire()
         try:
-            if self._mode:
-                with torch.inference_mode():
-                    result = self._invoke(instance, obj, args, kwargs)
-            else:
+            guard = _inference_guard() if self._mode else None
+            try:
                 result = self._invoke(instance, obj, args, kwargs)
+            finally:
+                del guard  # leaves inference mode
         finally:
             obj = None
             model._return(token)

@@ -140,6 +140,9 @@ class TierCost:
         wake_seconds: Seconds back to ready (the last measured wake, else an
             estimate from the size; for ``unload``, the last load time).
         measured: Whether ``wake_seconds`` was measured on this model.
+        offload_seconds: Seconds the offload itself would take (for ``disk``,
+            writing the file unless an unchanged one exists; measured where
+            this model has done it, else estimated).
     """
 
     tier: str
@@ -148,6 +151,12 @@ class TierCost:
     disk_bytes: int
     wake_seconds: float
     measured: bool
+    offload_seconds: float = 0.0
+
+    @property
+    def round_trip_seconds(self) -> float:
+        """Offload plus wake: what choosing this tier costs before the model is back."""
+        return self.offload_seconds + self.wake_seconds
 
 
 @dataclass(slots=True)
@@ -176,12 +185,45 @@ class _Offloaded:
     pinned: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class _Stamp:
+    """How to tell a woken tensor is unchanged since it came from the file."""
+
+    ref: weakref.ref[torch.Tensor]
+    version: int  # bumped by every in-place op through the tensor itself
+    data_ptr: int  # changed by `param.data = other`
+    sample: bytes  # a strided sample of the values: catches most writes through `.data`
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> _Stamp:
+        return cls(weakref.ref(tensor), _version(tensor), tensor.data_ptr(), _sample(tensor))
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        return (
+            self.ref() is tensor
+            and self.version == _version(tensor)
+            and self.data_ptr == tensor.data_ptr()
+            and self.sample == _sample(tensor)
+        )
+
+
+def _sample(tensor: torch.Tensor, points: int = 64) -> bytes:
+    """The bytes of up to ``points`` evenly spaced elements (a few µs; one small copy on GPU)."""
+    flat = tensor.detach().reshape(-1)
+    count = flat.numel()
+    if count == 0:
+        return b""
+    index = torch.linspace(0, count - 1, steps=min(count, points), device=flat.device).long()
+    values = flat.index_select(0, index).cpu()
+    return bytes(values.view(torch.uint8).numpy()) if values.is_contiguous() else b""
+
+
 @dataclass(slots=True)
 class _DiskCache:
     """A file a woken model came from, valid while its tensors are unchanged."""
 
     path: Path
-    stamps: dict[str, tuple[weakref.ref[torch.Tensor], int]]
+    stamps: dict[str, _Stamp]
 
 
 # ---------------------------------------------------------------------- cache directory
@@ -304,7 +346,7 @@ def modules_of(model: ManagedModel[Any], obj: object) -> dict[str, torch.nn.Modu
 
 
 def offload_object(
-    model: ManagedModel[Any], obj: object, tier: Tier, directory: Path
+    model: ManagedModel[Any], obj: object, tier: Tier, directory: Path, *, rewrite: bool = False
 ) -> tuple[_Offloaded, OffloadReport]:
     """Move ``obj``'s weights to ``tier``. On failure the object is left exactly as it was."""
     started = time.perf_counter()
@@ -335,7 +377,7 @@ def offload_object(
     if tier == "cpu":
         state, note = _to_host(model, slots, tensors, weight_bytes)
     else:
-        state, note = _to_disk(model, slots, tensors, weight_bytes, directory)
+        state, note = _to_disk(model, slots, tensors, weight_bytes, directory, rewrite=rewrite)
     state.weight_bytes = weight_bytes
     report = OffloadReport(
         model.name,
@@ -387,11 +429,13 @@ def _to_disk(
     tensors: dict[str, torch.Tensor],
     weight_bytes: int,
     directory: Path,
+    *,
+    rewrite: bool,
 ) -> tuple[_Offloaded, str]:
     devices = {k: t.device for k, t in tensors.items()}
     cache: _DiskCache | None = model._disk_cache
     note = ""
-    if cache is not None and _unchanged(cache, tensors) and cache.path.exists():
+    if not rewrite and cache is not None and _unchanged(cache, tensors) and cache.path.exists():
         path, note = cache.path, "reused"
     else:
         path = _write(model, tensors, weight_bytes, directory)
@@ -404,11 +448,7 @@ def _to_disk(
 def _unchanged(cache: _DiskCache, tensors: Mapping[str, torch.Tensor]) -> bool:
     if set(cache.stamps) != set(tensors):
         return False
-    for key, tensor in tensors.items():
-        ref, version = cache.stamps[key]
-        if ref() is not tensor or _version(tensor) != version:
-            return False
-    return True
+    return all(cache.stamps[key].matches(tensor) for key, tensor in tensors.items())
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -517,8 +557,7 @@ def _from_disk(model: ManagedModel[Any], state: _Offloaded, target: Device) -> N
         loaded = {k: t.to(_device_for(state, k, target)) for k, t in loaded.items()}
     _assign(state.slots, loaded)
     model._disk_cache = _DiskCache(
-        state.path,
-        {k: (weakref.ref(t), _version(t)) for k, t in _current(state.slots).items()},
+        state.path, {k: _Stamp.of(t) for k, t in _current(state.slots).items()}
     )
 
 

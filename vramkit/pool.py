@@ -43,6 +43,8 @@ from vramkit.errors import (
     InvalidArgumentError,
     ModelBusyError,
     ModelStateError,
+    OffloadError,
+    UnknownModelError,
 )
 from vramkit.model import ManagedModel, ModelState, _keep_alive_seconds
 from vramkit.oom import is_oom_error
@@ -292,7 +294,9 @@ class ModelPool:
             return self._members[name].model
         except KeyError:
             known = ", ".join(self._members) or "none"
-            raise KeyError(f"no model {name!r} in pool {self._name!r}; it has: {known}") from None
+            raise UnknownModelError(
+                f"no model {name!r} in pool {self._name!r}; it has: {known}"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._members
@@ -515,7 +519,7 @@ class ModelPool:
                 return math.inf
 
         def key(member: _Member) -> tuple[bool, float, float]:
-            last = member.model.stats.last_used or 0.0
+            last = member.model._last_used or 0.0
             if plan:  # Belady: furthest next use first
                 return (member.pinned, -next_use(member), last)
             return (member.pinned, 0.0, last)  # least recently used first
@@ -635,7 +639,14 @@ class ModelPool:
         before = model.state
         try:
             if tier in ("cpu", "disk"):
-                model.offload(tier)
+                try:
+                    model.offload(tier)
+                except OffloadError as exc:
+                    # The tier could not be written (disk full...): the model is
+                    # still READY and the room is still needed, so unload it.
+                    events.logger.warning("%s: %s; unloading instead", model.name, exc)
+                    tier = "unload"
+                    model.unload()
             else:
                 model.unload()
         except ModelBusyError:
