@@ -20,9 +20,11 @@ leak fails the same test on a laptop and on a GPU runner.
 **The window** a guarded test is measured over opens just before its first
 function-scoped fixture is set up (the guard is moved there, after every
 session-, module- and class-scoped fixture, so those never count) and closes
-after the last function-scoped fixture was torn down and pytest dropped the
-fixture values: memory a fixture frees in its teardown is not a leak, and
-memory a fixture keeps is one.
+when the guard itself is torn down: after every other function-scoped
+fixture, before any wider one, so a module's teardown cannot hide its last
+test's leak. The values of the finished fixtures, which pytest keeps until
+after teardown, are dropped first: memory a fixture gives back (or only
+returned) is not a leak, and memory a fixture keeps is one.
 
 **The verdict** is only known after teardown, but it belongs to the test: for
 guarded tests the plugin runs pytest's protocol with logging deferred, then
@@ -525,30 +527,6 @@ class Manager:
             state.raised = exc
             raise
 
-    # Outermost, so that the check runs after every other plugin's teardown
-    # (captured log records, for one, can hold tensors in their arguments).
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_teardown(
-        self, item: pytest.Item, nextitem: pytest.Item | None
-    ) -> Generator[None, None, None]:
-        """Close the test's session after its fixtures are gone, and judge it."""
-        if _RUN not in item.stash:
-            return (yield)
-        state = item.stash[_RUN]
-        try:
-            result = yield
-        except BaseException:
-            self._close(item, state, judge=False)  # a fixture's teardown failed: no verdict
-            raise
-        self._close(item, state, judge=True)
-        if state.failures and not state.deferred:
-            # Someone else owns the protocol: a teardown error, so the leak is never lost.
-            from vramkit.errors import VramLeakError
-
-            failures, state.failures = state.failures, []
-            raise VramLeakError("\n\n".join(f"{f.headline}\n{f.details}" for f in failures))
-        return result
-
     @pytest.hookimpl(tryfirst=True)
     def pytest_report_teststatus(
         self, report: pytest.CollectReport | pytest.TestReport, config: pytest.Config
@@ -607,20 +585,34 @@ class Manager:
             state.peak_unmeasured = _host_peak_problem()
         return state.run
 
-    def _close(self, item: pytest.Item, state: _ItemRun, *, judge: bool) -> None:
-        if not state.deferred:
-            del item.stash[_RUN]
+    def finish(self, item: pytest.Item) -> None:
+        """Leave the test's session and judge it (from the ``vram_guard`` fixture's teardown).
+
+        Raises:
+            VramLeakError: A failure found where another plugin owns the
+                protocol, so that it becomes a teardown error instead of being lost.
+        """
+        __tracebackhide__ = True
+        state = item.stash.get(_RUN, None)
+        if state is None:
+            return
+        self._close(item, state)
+        if state.deferred:
+            return
+        del item.stash[_RUN]
+        if state.failures:
+            from vramkit.errors import VramLeakError
+
+            raise VramLeakError("\n\n".join(f"{f.headline}\n{f.details}" for f in state.failures))
+
+    def _close(self, item: pytest.Item, state: _ItemRun) -> None:
         session, run = state.session, state.run
         if session is None or run is None or run.done:
             return
-        # pytest keeps the fixture values in item.funcargs until after teardown;
-        # a tensor a fixture returned is not the test's leak.
-        funcargs = getattr(item, "funcargs", None)
-        if isinstance(funcargs, dict):
-            funcargs.clear()
+        _drop_function_fixture_values(item)
         exc = state.raised
         state.raised = None
-        if exc is None and not (judge and state.called):
+        if exc is None and not state.called:
             exc = _NotRun("the test did not run to its end; no verdict")
         from vramkit.errors import VramLeakError
         from vramkit.session import VramLeakWarning
@@ -669,6 +661,22 @@ class Manager:
             return False
         state.failures.append(failure)
         return True
+
+
+def _drop_function_fixture_values(item: pytest.Item) -> None:
+    """Forget the values of function-scoped fixtures, which pytest keeps until after teardown.
+
+    The guard is torn down after every other function-scoped fixture, so
+    those are finished: a tensor one of them returned is not the test's leak.
+    """
+    funcargs = getattr(item, "funcargs", None)
+    if not isinstance(funcargs, dict):
+        return
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None)
+    for name in list(funcargs):
+        found = definitions.get(name) if isinstance(definitions, Mapping) else None
+        if not found or found[-1].scope == "function":
+            del funcargs[name]
 
 
 def _report_of(run: SessionRun) -> SessionReport | None:
@@ -833,15 +841,19 @@ def _model_lines() -> list[str]:
 
 
 @pytest.fixture
-def vram_guard(request: pytest.FixtureRequest) -> SessionRun:
+def vram_guard(request: pytest.FixtureRequest) -> Iterator[SessionRun]:
     """Check that the test leaves no memory behind on the device; yields its session run.
 
     The check runs after the test and its other function-scoped fixtures have
-    ended; ``run.report`` (a :class:`~vramkit.session.SessionReport`) is filled
-    then. Settings come from the test's ``no_vram_leak`` marker, else from the
-    ``--vram-*`` options and ini keys.
+    ended, before any wider-scoped fixture is torn down; ``run.report`` (a
+    :class:`~vramkit.session.SessionReport`) is filled then. Settings come from
+    the test's ``no_vram_leak`` marker, else from the ``--vram-*`` options and
+    ini keys.
     """
-    return _manager(request.config).start(request.node)
+    __tracebackhide__ = True
+    manager = _manager(request.config)
+    yield manager.start(request.node)
+    manager.finish(request.node)
 
 
 class VramSnapshots:
