@@ -494,6 +494,12 @@ def test_misused_markers_are_collection_errors_naming_each_test(
             pass
 
 
+        @pytest.mark.no_vram_leak(device="cpu")
+        @pytest.mark.vram_limit("1GiB", device="cuda:0")
+        def test_two_devices():
+            pass
+
+
         def test_fine():
             pass
         """,
@@ -521,12 +527,39 @@ def test_misused_markers_are_collection_errors_naming_each_test(
             "vramkit: test_misuse.py::test_no_limit: @pytest.mark.vram_limit(): "
             "wrong arguments (missing a required argument: 'limit')",
             '  accepted forms: @pytest.mark.vram_limit("2GiB"), *',
+            "vramkit: test_misuse.py::test_two_devices: no_vram_leak and vram_limit name "
+            "different devices (cpu, cuda:0); a test is checked on one device",
             "*ERROR collecting test_misuse_in_class.py*",
             "vramkit: test_misuse_in_class.py::TestGroup::test_misspelt: "
             "@pytest.mark.no_vram_leak(tolerence='1MiB'): wrong arguments (*'tolerence'*)",
         ]
     )
     assert "test_fine" not in result.stdout.str()  # nothing ran
+
+
+def test_a_marker_misused_by_a_hook_after_collection_errors_at_setup(
+    project: pytest.Pytester,
+) -> None:
+    project.makeconftest(
+        """
+        import pytest
+
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                item.add_marker(pytest.mark.no_vram_leak(tolerance="ten"))
+        """
+    )
+    project.makepyfile(test_late="def test_marked_late():\n    pass\n")
+    result = project.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_marked_late*",
+            "vramkit: test_late.py::test_marked_late: "
+            "@pytest.mark.no_vram_leak(tolerance='ten'): tolerance must be *",
+        ]
+    )
 
 
 def test_a_device_this_machine_lacks_skips_the_test(project: pytest.Pytester) -> None:

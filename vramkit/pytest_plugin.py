@@ -75,8 +75,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Imports of vramkit's own modules are done where needed: this module is
-# loaded by every pytest run in an environment that has vramkit installed.
+# vramkit's own modules are imported where they are needed: this module is
+# loaded by every pytest run in an environment with vramkit installed, and
+# must stay cheap to load (the vramkit package itself imports torch today).
 
 _GUARD: Final = "vram_guard"
 _FACTORY: Final = "managed_model_factory"
@@ -336,6 +337,25 @@ def _read_marker(item: pytest.Item, name: str) -> _LeakSpec | _LimitSpec | None:
     )
 
 
+def _read_markers(item: pytest.Item) -> tuple[_LeakSpec | None, _LimitSpec | None]:
+    """Both markers' arguments (``None`` where absent).
+
+    Raises:
+        ValueError: A misused marker, or the two naming different devices.
+    """
+    leak = _read_marker(item, "no_vram_leak")
+    limit = _read_marker(item, "vram_limit")
+    assert leak is None or isinstance(leak, _LeakSpec)
+    assert limit is None or isinstance(limit, _LimitSpec)
+    devices = {str(spec.device) for spec in (leak, limit) if spec is not None and spec.device}
+    if len(devices) > 1:
+        raise ValueError(
+            f"vramkit: {item.nodeid}: no_vram_leak and vram_limit name different devices "
+            f"({', '.join(sorted(devices))}); a test is checked on one device"
+        )
+    return leak, limit
+
+
 # --------------------------------------------------------------------------- per-test state
 
 
@@ -414,11 +434,10 @@ class Manager:
         for item in result if isinstance(result, list) else [result]:
             if not isinstance(item, pytest.Function):
                 continue
-            for marker in MARKERS:
-                try:
-                    _read_marker(item, marker)
-                except ValueError as exc:
-                    collector.stash.setdefault(_MISUSED, []).append(str(exc))
+            try:
+                _read_markers(item)
+            except ValueError as exc:
+                collector.stash.setdefault(_MISUSED, []).append(str(exc))
         return result
 
     @pytest.hookimpl(wrapper=True)
@@ -445,37 +464,27 @@ class Manager:
             if plan is None:
                 continue
             item.stash[_PLAN] = plan
-            if plan.measured:
-                _move_guard_first(item)
+            if plan.measured or plan.error is not None:
+                _move_guard_first(item)  # the guard's setup reports a late misuse
 
     def _plan(self, item: pytest.Function) -> _Plan | None:
         names = item.fixturenames
         try:
-            leak = _read_marker(item, "no_vram_leak")
-            limit = _read_marker(item, "vram_limit")
-        except ValueError as exc:  # a marker added after collection by some hook
+            leak, limit = _read_markers(item)
+        except ValueError as exc:  # a marker added after collection, by a hook
             return _Plan(None, None, None, models=False, error=str(exc))
-        assert leak is None or isinstance(leak, _LeakSpec)
-        assert limit is None or isinstance(limit, _LimitSpec)
         models = _FACTORY in names
         if leak is None and (_GUARD in names or self.settings.leak_check_all):
             leak = _LeakSpec(None, None, None)
         if leak is None and limit is None and not models:
             return None
-        named = [spec.device for spec in (leak, limit) if spec is not None and spec.device]
-        if len({str(device) for device in named}) > 1:
-            return _Plan(
-                None,
-                None,
-                None,
-                models=False,
-                error=f"vramkit: {item.nodeid}: no_vram_leak and vram_limit name different "
-                f"devices ({named[0]!r}, {named[1]!r}); a test is checked on one device",
-            )
+        device = (leak.device if leak is not None else None) or (
+            limit.device if limit is not None else None
+        )
         return _Plan(
             self._settled(leak) if leak is not None else None,
             limit.limit_bytes if limit is not None else None,
-            named[0] if named else self.settings.device,
+            device if device is not None else self.settings.device,
             models=models,
         )
 
@@ -551,12 +560,12 @@ class Manager:
         if state.run is not None:
             return state.run
         plan = item.stash.get(_PLAN, None)
+        if plan is not None and plan.error is not None:
+            pytest.fail(plan.error, pytrace=False)
         if plan is None or not plan.measured:  # asked for by getfixturevalue: a leak check
             plan = _Plan(
                 self._settled(_LeakSpec(None, None, None)), None, self.settings.device, models=False
             )
-        if plan.error is not None:
-            pytest.fail(plan.error, pytrace=False)
         from vramkit.devices import resolve_device
         from vramkit.errors import DeviceUnavailableError
         from vramkit.session import GpuSession
@@ -732,8 +741,8 @@ def _fold(reports: list[pytest.TestReport], failures: list[_Failure]) -> None:
         return
     call.outcome = "failed"
     call.longrepr = "\n".join(f.headline for f in failures)
-    for failure in failures:
-        call.sections.append((failure.section, failure.details))
+    # Before the captured output, which can run to pages (FunASR logs every load).
+    call.sections[:0] = [(f.section, f.details) for f in failures]
 
 
 # --------------------------------------------------------------------------- verdicts
