@@ -1,8 +1,8 @@
 """The pytest plugin, tested the way its users meet it: pytest runs on small test projects.
 
 Most runs are in-process (``pytester.runpytest``): a planted leak is a new
-storage, found by the census whatever else the heap holds. Subprocess runs
-(xdist, FunASR) each import torch, and funasr too, so there are two.
+storage, found by the census whatever else the heap holds. Two runs are
+subprocesses (each imports torch, one funasr too): xdist's, and FunASR's.
 """
 
 from __future__ import annotations
@@ -360,6 +360,16 @@ def test_on_an_accelerator_the_driver_must_confirm_the_allocator(
             fake.set_outside("36MiB")  # something else let go as much: the driver sees no growth
 
 
+        @pytest.mark.no_vram_leak(device="pluginfake:0")
+        def test_driver_growth_alone(fake):
+            fake.set_outside("100MiB")  # an arena grew: ignored without a process tolerance
+
+
+        @pytest.mark.no_vram_leak(device="pluginfake:0", process_tolerance="16MiB")
+        def test_driver_growth_past_a_process_tolerance(fake):
+            fake.set_outside("164MiB")
+
+
         @pytest.mark.vram_limit("1GiB", device="pluginfake:0")
         def test_over_the_limit(fake):
             fake.allocate("2GiB")
@@ -377,15 +387,19 @@ def test_on_an_accelerator_the_driver_must_confirm_the_allocator(
     assert outcomes == {
         "test_leak": "failed",
         "test_unverified": "passed",
+        "test_driver_growth_alone": "passed",
+        "test_driver_growth_past_a_process_tolerance": "failed",
         "test_over_the_limit": "failed",
         "test_under_the_limit": "passed",
     }
     result.stdout.fnmatch_lines(
         [
-            "test_fake.py L.M. *",
+            "test_fake.py L..LM. *",
             "leaked 64.0 MiB on pluginfake:0 (allocated +64.0 MiB, reserved +64.0 MiB, "
             "driver +64.0 MiB); tolerance 16.0 MiB",
             "no new live tensors on pluginfake:0: the memory is held outside *",
+            "leaked 64.0 MiB on pluginfake:0 (allocated 0 B, reserved 0 B, driver +64.0 MiB); "
+            "tolerance 16.0 MiB, process tolerance 16.0 MiB",
             "peak 2.0 GiB above the start on pluginfake:0 exceeds vram_limit 1.0 GiB "
             "(allocated 128.0 MiB at the start, 2.1 GiB at the peak)",
             "*warnings summary*",
