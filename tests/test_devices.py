@@ -140,8 +140,9 @@ def test_cpu_backend_reopens_proc_files_after_fork() -> None:
     os.waitpid(pid, 0)
     assert parent_rss is not None
     # the child read its own /proc/self (with its 256 MiB block), not the parent's
+    # file descriptors: its reading agrees with psutil's view of the child
     assert abs(child_rss - child_truth) < 16 * 1024**2
-    assert child_rss - parent_rss > 128 * 1024**2
+    assert child_rss >= 256 * 1024**2
 
 
 def test_malloc_trim_runs_on_glibc() -> None:

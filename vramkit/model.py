@@ -1014,9 +1014,12 @@ class ManagedModel(Generic[T]):
         started = time.perf_counter()
         if state is None or state.method == "rebuild":
             return self._wake_by_loading(tier, None, started)
+        if owner is not None:
+            try:
+                owner._before_load(self)  # the pool's admission: may wait, may refuse
+            except BaseException as exc:
+                return self._wake_failed(exc)
         try:
-            if owner is not None:
-                owner._before_load(self)
             report = offload.wake_object(self, state)
         except BaseException as exc:
             if owner is not None:
@@ -1155,8 +1158,9 @@ class ManagedModel(Generic[T]):
         )
         if state_before is ModelState.UNLOADED:
             raise ModelStateError(f"{self._name} is not loaded: nothing to offload")
-        if state_before is ModelState.OFFLOADED:
-            # Another tier: wake first, then offload where asked.
+        previous = box[1] if state_before is ModelState.OFFLOADED else None
+        if previous is not None and not (previous.method == "move" and chosen == "disk"):
+            # disk -> cpu, or a dropped object: wake first, then offload where asked.
             with self._cond:
                 self._obj, self._offloaded = box
                 self._state = ModelState.WAKING
@@ -1166,17 +1170,25 @@ class ManagedModel(Generic[T]):
         box.clear()
         directory = self._offload_dir or offload.default_offload_dir()
         try:
-            state, report = offload.offload_object(self, obj, chosen, directory, rewrite=rewrite)
+            # From the cpu tier the weights are already in host RAM: they go to
+            # disk from there, without a round trip through the device.
+            state, report = offload.offload_object(
+                self, obj, chosen, directory, rewrite=rewrite, previous=previous
+            )
         except BaseException:
             with self._cond:  # nothing changed: the model is as it was
                 self._obj = obj
-                self._state = ModelState.READY
+                self._offloaded = previous
+                self._state = ModelState.READY if previous is None else ModelState.OFFLOADED
                 self._busy_thread = None
                 self._cond.notify_all()
             raise
         if state.method == "rebuild":
             obj = None  # dropped: the loader rebuilds it
             gc.collect()
+        if previous is not None:
+            offload.release_host_copies(previous)
+            previous = None
         with self._cond:
             self._obj = obj
             self._offloaded = state
@@ -1204,7 +1216,7 @@ class ManagedModel(Generic[T]):
                 "offload",
                 self._name,
                 str(self._device),
-                "READY",
+                state_before.value,
                 "OFFLOADED",
                 seconds=report.seconds,
                 memory_before=report.memory_before,
@@ -1495,8 +1507,11 @@ class ManagedModel(Generic[T]):
         described: tuple[str, ...] = ()
         neutralised = 0
         if survivors:
-            described = tuple(_describe_survivors(survivors, labels))
-            holders = tuple(_holders_of(survivors))
+            # Collected into lists first: a tuple filled from a generator must not be
+            # seen by a heap walk before it is complete (see vramkit._gc).
+            found = list(_holders_of(survivors))
+            holders = tuple(found)
+            described = tuple(list(_describe_survivors(survivors, labels)))  # noqa: C414
             if self._free_survivors:
                 message = (
                     f"{self._name} was unloaded by vramkit and its memory freed, but this "

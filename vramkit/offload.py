@@ -346,9 +346,20 @@ def modules_of(model: ManagedModel[Any], obj: object) -> dict[str, torch.nn.Modu
 
 
 def offload_object(
-    model: ManagedModel[Any], obj: object, tier: Tier, directory: Path, *, rewrite: bool = False
+    model: ManagedModel[Any],
+    obj: object,
+    tier: Tier,
+    directory: Path,
+    *,
+    rewrite: bool = False,
+    previous: _Offloaded | None = None,
 ) -> tuple[_Offloaded, OffloadReport]:
-    """Move ``obj``'s weights to ``tier``. On failure the object is left exactly as it was."""
+    """Move ``obj``'s weights to ``tier``. On failure the object is left exactly as it was.
+
+    ``previous`` is the cpu tier's state when a model offloaded to host RAM
+    moves on to disk: its weights are written from host RAM, and the devices
+    they wake to are still the ones they originally left.
+    """
     started = time.perf_counter()
     backend = get_backend(model.device.kind)
     index = model.device.index or 0
@@ -379,6 +390,8 @@ def offload_object(
     else:
         state, note = _to_disk(model, slots, tensors, weight_bytes, directory, rewrite=rewrite)
     state.weight_bytes = weight_bytes
+    if previous is not None:
+        state.devices = dict(previous.devices)
     report = OffloadReport(
         model.name,
         tier,
@@ -578,14 +591,23 @@ def _current(slots: Iterable[_Slot]) -> dict[str, torch.Tensor]:
     return found
 
 
-def discard(model: ManagedModel[Any], state: _Offloaded | None) -> None:
-    """Free what an offloaded state holds (host copies, pinned memory); keep no file."""
-    if state is None:
-        return
+def release_host_copies(state: _Offloaded) -> None:
+    """Drop a cpu-tier state's host copies (pinned memory included) once they moved on."""
     state.host.clear()
     state.slots.clear()
-    if state.path is not None:
-        _forget(state.path)
+
+
+def discard(model: ManagedModel[Any], state: _Offloaded | None) -> None:
+    """Free what an offloaded state holds (host copies, pinned memory); keep no file.
+
+    A model woken from disk keeps its file for a cheap re-offload while it is
+    ``READY`` (``state`` is then ``None``): that file goes too.
+    """
+    if state is not None:
+        state.host.clear()
+        state.slots.clear()
+        if state.path is not None:
+            _forget(state.path)
     cache = model._disk_cache
     if cache is not None:
         _forget(cache.path)

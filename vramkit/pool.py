@@ -24,6 +24,7 @@ import atexit
 import collections
 import concurrent.futures
 import datetime
+import logging
 import math
 import threading
 import time
@@ -56,6 +57,7 @@ R = TypeVar("R")
 
 EvictTo = Literal["auto", "cpu", "disk", "unload"]
 
+_log = logging.getLogger("vramkit.pool")
 _pools: weakref.WeakSet[ModelPool] = weakref.WeakSet()
 _pools_lock = threading.Lock()
 
@@ -430,7 +432,7 @@ class ModelPool:
         with self._lock:
             need = (model.expected_bytes or 0) + self._headroom
             idle = sum(self._resident(m.model) for m in self._candidates(exclude=model.name))
-            return need <= self._available() + idle
+            return need <= self._available(exclude=model.name) + idle
 
     # ------------------------------------------------------------------ the budget
 
@@ -474,29 +476,43 @@ class ModelPool:
         return int(free) + self._charged_resident()
 
     def _resident(self, model: ManagedModel[Any]) -> int:
-        """Device bytes a model holds now (0 unloaded or offloaded off the device)."""
+        """Device bytes a model holds now: what it would free if it left the device.
+
+        Transitional states count what is really there: a model unloading (or
+        switching tiers) from an offloaded state holds nothing on the device any
+        more; one waking holds nothing yet (its admission reserves for it).
+        """
         state = model.state
         size = model.size_bytes or 0
-        if state in (ModelState.READY, ModelState.UNLOADING, ModelState.OFFLOADING):
+        offloaded_in_place = model.tier == "cpu" and self._device.kind == "cpu"
+        if state is ModelState.READY:
             return size
-        if state is ModelState.OFFLOADED and model.tier == "cpu" and self._device.kind == "cpu":
-            return size  # "offloaded" to the memory it was already in
+        if state in (ModelState.UNLOADING, ModelState.OFFLOADING):
+            return size if model.tier is None or offloaded_in_place else 0
+        if state in (ModelState.OFFLOADED, ModelState.WAKING):
+            return size if offloaded_in_place else 0  # "offloaded" to where it already was
         return 0
 
-    def _charged_resident(self) -> int:
+    def _charged_resident(self, exclude: str = "") -> int:
         return sum(
-            self._resident(m.model) for n, m in self._members.items() if n not in self._reserved
+            self._resident(m.model)
+            for n, m in self._members.items()
+            if n not in self._reserved and n != exclude
         )
 
-    def _charged(self) -> int:
-        return self._charged_resident() + sum(self._reserved.values())
+    def _charged(self, exclude: str = "") -> int:
+        return self._charged_resident(exclude) + sum(
+            v for n, v in self._reserved.items() if n != exclude
+        )
 
-    def _available(self) -> int:
+    def _available(self, exclude: str = "") -> int:
+        """Room left for ``exclude`` (whose own bytes, if any, are not counted against it)."""
         kind, _ = self._budget
         if kind == "driver":
             reading = get_backend(self._device.kind).read(self._device.index or 0)
-            return int(reading.free_bytes or 0) - sum(self._reserved.values())
-        return self.budget_bytes() - self._charged()
+            own = self._resident(self._members[exclude].model) if exclude in self._members else 0
+            return int(reading.free_bytes or 0) + own - sum(self._reserved.values())
+        return self.budget_bytes() - self._charged(exclude)
 
     def _candidates(self, *, exclude: str) -> list[_Member]:
         """Idle, resident models that may be evicted, in eviction order."""
@@ -555,10 +571,19 @@ class ModelPool:
                         f" + {format_bytes(self._headroom)} headroom) but the whole budget of "
                         f"pool {self._name!r} is {format_bytes(whole)}"
                     )
-                available = self._available()
+                available = self._available(exclude=name)
                 if need <= available:
                     self._reserved[name] = expected
                     self._peak = max(self._peak, self._charged())
+                    if _log.isEnabledFor(logging.DEBUG):
+                        _log.debug(
+                            "pool %s admits %s: %s needed, %s available; %s",
+                            self._name,
+                            name,
+                            need,
+                            available,
+                            self._describe_members(),
+                        )
                     return
                 picked = self._pick(need - available, exclude=name)
                 if picked is None:
@@ -582,6 +607,14 @@ class ModelPool:
                 self._evicting.difference_update(v.model.name for v in victims)
                 self._lock.notify_all()
         return evicted
+
+    def _describe_members(self) -> str:
+        return ", ".join(
+            f"{n} {m.model.state.value}"
+            + (f"({m.model.tier})" if m.model.tier else "")
+            + f" {self._reserved.get(n, self._resident(m.model))}"
+            for n, m in self._members.items()
+        )
 
     def _whole_budget(self) -> int:
         kind, _ = self._budget

@@ -22,11 +22,14 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
 import time
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from vramkit._gc import exclusive
 
 __all__ = ["ReferrerChain", "find_referrers"]
 
@@ -85,8 +88,17 @@ def find_referrers(
     Returns:
         Chains, shortest first. Empty when nothing in Python holds ``target``.
     """
-    search = _Search(ignore)
-    return search.run(target, max_depth, max_chains, max_objects, time.perf_counter() + seconds)
+    # gc.get_referrers can hand us objects another thread is still building:
+    # walk without thread switches and drop every reference before returning.
+    with exclusive():
+        search = _Search(ignore)
+        try:
+            return search.run(
+                target, max_depth, max_chains, max_objects, time.perf_counter() + seconds
+            )
+        finally:
+            search.close()
+            del search
 
 
 class _Search:
@@ -104,9 +116,18 @@ class _Search:
         self.keep_alive: list[Any] = []  # scan results, kept so their ids stay unique
         self.internal: set[int] = {id(self.held), id(self.ignored), id(self.keep_alive)}
         self.own_frame = sys._getframe(1)  # find_referrers' frame
-        self.running = _running_frames(self.own_frame)
+        self.running, self.executing = _running_frames(self.own_frame)
+        # Names now: threading.enumerate() takes a lock, which the walk must not.
+        self.thread_names = {t.ident: t.name for t in threading.enumerate()}
         self.internal.update(id(scope) for _, scope in self.running)
-        self.internal.add(id(self.running))
+        self.internal.update((id(self.running), id(self.executing)))
+
+    def close(self) -> None:
+        """Drop every reference the search took."""
+        self.held.clear()
+        self.keep_alive.clear()
+        self.running.clear()
+        self.executing.clear()
 
     def _scan(self, objects: list[Any]) -> list[Any]:
         """Every holder of any of ``objects``, minus the search's own containers."""
@@ -171,8 +192,24 @@ class _Search:
         for holder in self._scan(objects):
             if self._skip(holder) or isinstance(holder, types.ModuleType):
                 continue  # a module refers to its dict, which is handled as the root
-            if isinstance(holder, types.FrameType) and (_is_vramkit(holder) or _is_running(holder)):
-                continue  # vramkit's own; running frames are searched by _running_frame_edges
+            if isinstance(holder, types.FrameType) and _is_vramkit(holder):
+                continue  # vramkit's own frames (the unload in progress)
+            executing = (
+                self.executing.get(id(holder)) if isinstance(holder, types.FrameType) else None
+            )
+            if executing is not None:
+                if executing[1] != threading.get_ident():
+                    # Another thread's running frame: name it, but do not read its locals.
+                    for obj in (r for r in gc.get_referents(holder) if id(r) in wanted):
+                        edges.setdefault(id(obj), []).append(
+                            _Edge(
+                                holder,
+                                f"{_where(holder)}, a local of running thread "
+                                f"{self.thread_names.get(executing[1], executing[1])!r}",
+                                root="frame",
+                            )
+                        )
+                continue  # this thread's running frames: _running_frame_edges
             held = {id(r): r for r in gc.get_referents(holder) if id(r) in wanted}
             if isinstance(holder, dict) and any(id(k) in wanted for k in holder):
                 held.update((id(k), k) for k in holder if id(k) in wanted)
@@ -365,21 +402,38 @@ def _frame_edges(frame: types.FrameType, obj: object) -> list[_Edge]:
     return [_Edge(frame, f"{_where(frame)} (finished), local {n}") for n in names]
 
 
-def _running_frames(own_frame: types.FrameType) -> list[tuple[types.FrameType, dict[str, Any]]]:
-    """Frames executing now in any thread (not vramkit's own), with their locals.
+def _running_frames(
+    own_frame: types.FrameType,
+) -> tuple[list[tuple[types.FrameType, dict[str, Any]]], dict[int, tuple[types.FrameType, int]]]:
+    """This thread's executing frames with their locals, and every thread's executing frames.
 
     Since Python 3.11 a running function's locals are not visible to
-    ``gc.get_referrers``, so they are searched directly.
+    ``gc.get_referrers``, so this thread's are searched directly. Other
+    threads' frames are only identified, never asked for ``f_locals``: reading
+    the locals of a frame another thread is executing can crash CPython 3.11.
+
+    Returns:
+        ``[(frame, locals)]`` for this thread (vramkit's own frames and module
+        level excluded), and ``{id(frame): (frame, thread id)}`` for every
+        thread, frames kept alive so their ids stay unique.
     """
-    frames = []
-    for top in sys._current_frames().values():
+    me = threading.get_ident()
+    mine: list[tuple[types.FrameType, dict[str, Any]]] = []
+    every: dict[int, tuple[types.FrameType, int]] = {}
+    for ident, top in sys._current_frames().items():
         current: types.FrameType | None = top
         while current is not None:
+            every[id(current)] = (current, ident)
             module_level = current.f_code.co_name == "<module>"  # its locals are its globals
-            if current is not own_frame and not module_level and not _is_vramkit(current):
-                frames.append((current, dict(current.f_locals)))
+            if (
+                ident == me
+                and current is not own_frame
+                and not module_level
+                and not _is_vramkit(current)
+            ):
+                mine.append((current, dict(current.f_locals)))
             current = current.f_back
-    return frames
+    return mine, every
 
 
 def _running_frame_edges(
@@ -391,16 +445,6 @@ def _running_frame_edges(
         for name, value in scope.items()
         if value is obj
     ]
-
-
-def _is_running(frame: types.FrameType) -> bool:
-    for top in sys._current_frames().values():
-        current: types.FrameType | None = top
-        while current is not None:
-            if current is frame:
-                return True
-            current = current.f_back
-    return False
 
 
 def _attribute_label(holder: object, obj: object) -> str:

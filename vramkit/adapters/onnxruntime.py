@@ -17,6 +17,7 @@ import gc
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from vramkit._gc import exclusive
 from vramkit.adapters._base import AdapterBase, type_path
 from vramkit.errors import ModelStateError
 
@@ -61,14 +62,16 @@ class OnnxRuntimeAdapter(AdapterBase):
                 survivor._sess = UnloadedSession(message)  # type: ignore[attr-defined]
             elif type_path(survivor).startswith("onnxruntime.capi."):
                 natives.append(survivor)
-        for native in natives:
-            for holder in _attribute_holders(native):
-                # IOBinding keeps `_session` (the native session) and `_iobinding`.
-                if getattr(holder, "_session", None) is native:
-                    holder._session = UnloadedSession(message)
-                    holder._iobinding = UnloadedSession(message)
-                elif self.matches(holder) and getattr(holder, "_sess", None) is native:
-                    holder._sess = UnloadedSession(message)
+        with exclusive():  # holders come from gc.get_referrers: see vramkit._gc
+            for native in natives:
+                for holder in _attribute_holders(native):
+                    # IOBinding keeps `_session` (the native session) and `_iobinding`.
+                    if getattr(holder, "_session", None) is native:
+                        holder._session = UnloadedSession(message)
+                        holder._iobinding = UnloadedSession(message)
+                    elif self.matches(holder) and getattr(holder, "_sess", None) is native:
+                        holder._sess = UnloadedSession(message)
+                holder = None
         return 0
 
 

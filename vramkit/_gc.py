@@ -1,0 +1,54 @@
+"""Walking the garbage collector's view of the heap without breaking other threads.
+
+``gc.get_objects()`` and ``gc.get_referrers()`` hand out objects that other
+threads may still be building: CPython fills a tuple from a generator and then
+resizes it, which requires that nothing else holds it. If a heap walk holds
+such a tuple when its thread resumes, that thread fails with ``SystemError:
+bad argument to internal function``. So heap walks run inside
+:func:`exclusive`, which keeps the GIL (no thread switch while the walk runs
+Python code) and must drop every reference it took before it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+import threading
+from collections.abc import Iterator
+
+__all__ = ["exclusive"]
+
+_lock = threading.Lock()
+_walkers = 0
+_saved_interval = 0.005
+_gc_was_enabled = True
+
+
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold off other Python threads for the duration of a heap walk.
+
+    Reentrant and safe across threads: the switch interval is raised by the
+    first walker in and restored by the last one out. Automatic garbage
+    collection is paused too, because a finalizer it runs could block on a
+    lock and let another thread run while the walk holds its objects. The
+    walk itself must not take locks or do I/O.
+    """
+    global _walkers, _saved_interval, _gc_was_enabled
+    with _lock:
+        if _walkers == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(max(_saved_interval, 10.0))
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _walkers += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _walkers -= 1
+            if _walkers == 0:
+                if _gc_was_enabled:
+                    gc.enable()
+                sys.setswitchinterval(_saved_interval)
