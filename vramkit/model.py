@@ -1490,8 +1490,10 @@ class ManagedModel(Generic[T]):
                 adapter.release(obj)
         except Exception as exc:  # recorded and raised after the unload completes
             error = f"{type(exc).__name__}: {exc}"
+            _clear_frames(exc.__traceback__)  # the release's frames hold the model
         except BaseException as exc:  # KeyboardInterrupt: finish dropping, then re-raise
             error = f"{type(exc).__name__} during release"
+            _clear_frames(exc.__traceback__)
             interrupted = exc
         refs, verified, labels = _track(obj, adapter)
         expected = self._stats.size_bytes

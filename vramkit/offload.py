@@ -474,9 +474,6 @@ def _version(tensor: torch.Tensor) -> int:
 def _write(
     model: ManagedModel[Any], tensors: dict[str, torch.Tensor], weight_bytes: int, directory: Path
 ) -> Path:
-    from vramkit._optional import require
-
-    safetensors_torch = require("safetensors.torch", "offload(tier='disk')")
     final = directory / f"{_safe_name(model.name)}-{os.getpid()}-{id(model):x}.safetensors"
     partial = final.with_suffix(".partial")
     try:
@@ -485,11 +482,7 @@ def _write(
             raise OSError(
                 28, f"{format_bytes(free)} free in {directory}, {format_bytes(weight_bytes)} needed"
             )
-        payload = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-        safetensors_torch.save_file(payload, str(partial), metadata={"vramkit_model": model.name})
-        del payload
-        with open(partial, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_aligned_safetensors(partial, tensors, metadata={"vramkit_model": model.name})
         if partial.stat().st_size < weight_bytes:
             raise OSError(5, f"short write: {partial.stat().st_size} bytes of {weight_bytes}")
         os.replace(partial, final)
@@ -502,6 +495,89 @@ def _write(
         ) from exc
     _remember(final)
     return final
+
+
+ALIGNMENT = 64
+"""Byte alignment of every tensor in the disk tier's file (and so in its mapping)."""
+
+_PAD_PREFIX = "__vramkit_pad_"
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    **{
+        getattr(torch, name): code
+        for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"))
+        if hasattr(torch, name)
+    },
+}
+
+
+def write_aligned_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]
+) -> None:
+    """Write a safetensors file whose every tensor starts on a 64-byte boundary.
+
+    A mapped tensor's address decides which BLAS kernel runs, and kernels for
+    differently aligned data add in a different order: weights woken from an
+    8-byte-aligned file can give outputs that differ in the last bits. Gaps are
+    filled with small ``U8`` padding entries (skipped on load), so the file
+    stays a valid safetensors file any reader accepts. Tensors are copied to
+    host one at a time, so a GPU model never needs its whole size in host RAM.
+
+    Raises:
+        OSError: The file could not be written.
+        TypeError: A dtype safetensors cannot store (complex numbers).
+    """
+    import json
+
+    layout: dict[str, Any] = {"__metadata__": dict(metadata)}
+    order: list[tuple[str, torch.Tensor | int]] = []
+    offset = 0
+    for index, (key, tensor) in enumerate(tensors.items()):
+        code = _SAFETENSORS_DTYPES.get(tensor.dtype)
+        if code is None:
+            raise TypeError(f"{key}: safetensors cannot store {tensor.dtype}")
+        if offset % ALIGNMENT:
+            pad = ALIGNMENT - offset % ALIGNMENT
+            layout[f"{_PAD_PREFIX}{index}"] = {
+                "dtype": "U8",
+                "shape": [pad],
+                "data_offsets": [offset, offset + pad],
+            }
+            order.append((f"{_PAD_PREFIX}{index}", pad))
+            offset += pad
+        size = tensor.numel() * tensor.element_size()
+        layout[key] = {
+            "dtype": code,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        order.append((key, tensor))
+        offset += size
+    header = json.dumps(layout, separators=(",", ":")).encode("utf-8")
+    # The data starts right after the 8-byte length and the header: pad the
+    # header with spaces (allowed by the format) so that start is aligned too.
+    header += b" " * (-(8 + len(header)) % ALIGNMENT)
+    with open(path, "wb") as fh:
+        fh.write(len(header).to_bytes(8, "little"))
+        fh.write(header)
+        for _, item in order:
+            if isinstance(item, int):
+                fh.write(b"\0" * item)
+                continue
+            host = item.detach().to("cpu").contiguous()
+            fh.write(host.reshape(-1).view(torch.uint8).numpy().data)
+            del host
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _disk_free(directory: Path) -> int | None:
@@ -563,6 +639,8 @@ def _from_disk(model: ManagedModel[Any], state: _Offloaded, target: Device) -> N
         raise FileNotFoundError(f"cache file {state.path} was deleted")
     on_host = all(d.type == "cpu" for d in state.devices.values())
     loaded = safetensors_torch.load_file(str(state.path), device="cpu")
+    for key in [k for k in loaded if k.startswith(_PAD_PREFIX)]:
+        del loaded[key]
     missing = {s.key for s in state.slots} - set(loaded)
     if missing:
         raise OSError(f"cache file {state.path} lacks {sorted(missing)[:3]}")
