@@ -99,7 +99,8 @@ def test_loaders_failing_at_random_points(reliability: Record) -> None:
         try:
             assert same_model(pool[name])
         except RuntimeError as exc:
-            assert "injected failure" in str(exc)
+            if "injected failure" not in str(exc):
+                raise
             failures += 1
             assert pool[name].state is ModelState.UNLOADED
             assert name not in pool._reserved
