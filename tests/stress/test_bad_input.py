@@ -262,16 +262,15 @@ def test_table_is_recorded(reliability: Record) -> None:
 def test_reentrant_misuse_raises_at_once(misuse: str, reliability: Record) -> None:
     pool = ModelPool("cpu", budget="1GiB", name="reentrant")
     mm = pool.register("m", tiny)
+    calls: dict[str, Callable[[], Any]] = {
+        "unload": mm.unload,
+        "unload-wait": lambda: mm.unload(wait=True),
+        "offload": lambda: mm.offload("cpu", wait=True),
+        "remove": lambda: pool.remove("m"),
+    }
     started = time.perf_counter()
     with pool.use("m"), pytest.raises(ModelBusyError, match="inside its own lease"):
-        if misuse == "unload":
-            mm.unload()
-        elif misuse == "unload-wait":
-            mm.unload(wait=True)
-        elif misuse == "offload":
-            mm.offload("cpu", wait=True)
-        else:
-            pool.remove("m")
+        calls[misuse]()
     assert time.perf_counter() - started < 2  # at once, not a deadlock
     assert mm.unload().died
     pool.close()
