@@ -4,6 +4,8 @@ import vramkit
 def test_all_is_exactly_the_public_names() -> None:
     import types
 
+    for name in vramkit.__all__:
+        getattr(vramkit, name)  # lazy names load on first access
     public = {
         name
         for name, value in vars(vramkit).items()
@@ -33,3 +35,10 @@ def test_all_is_sorted() -> None:
 def test_version_is_a_string() -> None:
     assert isinstance(vramkit.__version__, str)
     assert vramkit.__version__
+
+
+def test_unknown_attributes_raise_attribute_error() -> None:
+    import pytest
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vramkit.nope  # type: ignore[attr-defined]  # noqa: B018

@@ -12,13 +12,14 @@ cpu     10.2 / 23.5 GiB used (43%) · process 412.3 MiB
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from vramkit import events
+# Cheap, torch-free names load eagerly; the rest on first use (PEP 562), so
+# `import vramkit` - and every pytest run, through the plugin's entry point -
+# does not pay for importing torch until something needs it.
 from vramkit._units import format_bytes, parse_bytes
-from vramkit.cleaning import CleanupReport, cleanup
-from vramkit.cli import status
-from vramkit.devices import Device, DeviceMemory, resolve_device
 from vramkit.errors import (
     BudgetExceededError,
     DeviceUnavailableError,
@@ -31,15 +32,57 @@ from vramkit.errors import (
     UnknownModelError,
     VramkitError,
     VramLeakError,
+    VramLeakWarning,
 )
-from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
-from vramkit.model import LoadReport, ManagedModel, ModelState, ModelStats, UnloadReport
-from vramkit.oom import adaptive_batch_size, is_oom_error, oom_retry
-from vramkit.policy import CleanupPolicy, CleanupTracker, managed
-from vramkit.pool import ModelPool, PoolStatus
-from vramkit.referrers import ReferrerChain, find_referrers
-from vramkit.session import GpuSession, SessionReport, VramLeakWarning, gpu_session
-from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
+
+if TYPE_CHECKING:
+    from vramkit import events
+    from vramkit.cleaning import CleanupReport, cleanup
+    from vramkit.cli import status
+    from vramkit.devices import Device, DeviceMemory, resolve_device
+    from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
+    from vramkit.model import LoadReport, ManagedModel, ModelState, ModelStats, UnloadReport
+    from vramkit.oom import adaptive_batch_size, is_oom_error, oom_retry
+    from vramkit.policy import CleanupPolicy, CleanupTracker, managed
+    from vramkit.pool import ModelPool, PoolStatus
+    from vramkit.referrers import ReferrerChain, find_referrers
+    from vramkit.session import GpuSession, SessionReport, gpu_session
+    from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
+
+_LAZY = {
+    "events": "vramkit.events",
+    **dict.fromkeys(("CleanupReport", "cleanup"), "vramkit.cleaning"),
+    "status": "vramkit.cli",
+    **dict.fromkeys(("Device", "DeviceMemory", "resolve_device"), "vramkit.devices"),
+    **dict.fromkeys(
+        ("DeviceMemoryDelta", "MemoryDelta", "MemorySnapshot", "snapshot"), "vramkit.memory"
+    ),
+    **dict.fromkeys(
+        ("LoadReport", "ManagedModel", "ModelState", "ModelStats", "UnloadReport"),
+        "vramkit.model",
+    ),
+    **dict.fromkeys(("adaptive_batch_size", "is_oom_error", "oom_retry"), "vramkit.oom"),
+    **dict.fromkeys(("CleanupPolicy", "CleanupTracker", "managed"), "vramkit.policy"),
+    **dict.fromkeys(("ModelPool", "PoolStatus"), "vramkit.pool"),
+    **dict.fromkeys(("ReferrerChain", "find_referrers"), "vramkit.referrers"),
+    **dict.fromkeys(("GpuSession", "SessionReport", "gpu_session"), "vramkit.session"),
+    **dict.fromkeys(("TensorCensus", "TensorInfo", "live_tensors"), "vramkit.tensors"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vramkit' has no attribute {name!r}")
+    imported = importlib.import_module(module)
+    value = imported if module == f"vramkit.{name}" else getattr(imported, name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 try:
     __version__ = version("vramkit")

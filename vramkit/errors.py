@@ -16,6 +16,8 @@ so existing ``except`` clauses keep working::
     ├── DeviceUnavailableError(RuntimeError)          no such device on this machine
     └── MissingDependencyError(ImportError)           an optional extra is not installed
 
+    VramLeakWarning(ResourceWarning)                  memory did not come back (a warning)
+
 Foreign errors (torch, ONNX Runtime, the OS) are translated at vramkit's
 boundary with ``raise ... from exc``, so the original stays on ``__cause__``.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "OutOfMemoryError",
     "UnknownModelError",
     "VramLeakError",
+    "VramLeakWarning",
     "VramkitError",
 ]
 
@@ -112,3 +115,12 @@ class MissingDependencyError(VramkitError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class VramLeakWarning(ResourceWarning):
+    """Memory did not come back, reported as a warning.
+
+    Issued by ``leak_check="warn"``, and for an ``"unverified"`` verdict (the
+    allocator shows growth the driver does not confirm) whatever ``leak_check``
+    says, since that case may be the allocator's bookkeeping rather than a leak.
+    """

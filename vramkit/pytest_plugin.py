@@ -171,7 +171,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # filter, so the run's own filters (say "error") still decide.
     filters = config.getini("filterwarnings")
     if isinstance(filters, list):
-        filters.insert(0, "always::vramkit.session.VramLeakWarning")
+        filters.insert(0, "always::vramkit.errors.VramLeakWarning")
     manager = Manager(config, _read_settings(config))
     config.stash[_MANAGER] = manager
     config.pluginmanager.register(manager, "vramkit_manager")
@@ -179,7 +179,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _read_settings(config: pytest.Config) -> _Settings:
     from vramkit._units import parse_bytes
-    from vramkit.devices import resolve_device
     from vramkit.errors import DeviceUnavailableError, InvalidArgumentError
 
     # Each option's dest is its ini key: the command line wins, then the ini file.
@@ -201,6 +200,8 @@ def _read_settings(config: pytest.Config) -> _Settings:
         raise fail("vram_process_tolerance", exc) from None
     device = value("vram_device") or None
     if device is not None:
+        from vramkit.devices import resolve_device  # imports torch: only when asked
+
         try:
             resolve_device(device)
         except (InvalidArgumentError, DeviceUnavailableError) as exc:
@@ -623,8 +624,7 @@ class Manager:
         state.raised = None
         if exc is None and not state.called:
             exc = _NotRun("the test did not run to its end; no verdict")
-        from vramkit.errors import VramLeakError
-        from vramkit.session import VramLeakWarning
+        from vramkit.errors import VramLeakError, VramLeakWarning
 
         unverified: str | None = None
         try:

@@ -47,7 +47,7 @@ from vramkit._units import format_bytes, parse_bytes
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
 from vramkit.devices.cuda import is_initialized as cuda_initialized
-from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError
+from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError, VramLeakWarning
 from vramkit.memory import MemoryDelta, MemorySnapshot, snapshot
 from vramkit.oom import _is_coroutine_callable, _qualname
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
@@ -87,13 +87,8 @@ _PAUSE_SECONDS: Final = 0.01  # between re-checks; grows with each attempt
 _log = logging.getLogger("vramkit")
 
 
-class VramLeakWarning(ResourceWarning):
-    """Memory did not come back, reported as a warning.
-
-    Issued by ``leak_check="warn"``, and for an ``"unverified"`` verdict (the
-    allocator shows growth the driver does not confirm) whatever ``leak_check``
-    says, since that case may be the allocator's bookkeeping rather than a leak.
-    """
+# VramLeakWarning lives in vramkit.errors (torch-free, so warning filters naming it
+# do not import torch); re-exported here where it is issued.
 
 
 @dataclass(frozen=True, slots=True)
