@@ -97,12 +97,17 @@ class CudaBackend:
         )
 
     def empty_cache(self, index: int) -> None:
-        """Release torch's cached blocks and finished IPC handles to the driver."""
+        """Release torch's cached blocks, finished IPC handles, and cached pinned host memory."""
         if not is_initialized():
             return
         torch.cuda.empty_cache()
         if _has_context(index):
             torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]
+        # Pinned host buffers (the cpu offload tier) are cached by torch's host
+        # allocator and never returned by malloc_trim: release them explicitly.
+        empty_host = getattr(torch.accelerator, "empty_host_cache", None)
+        if empty_host is not None:
+            empty_host()
 
     def synchronize(self, index: int) -> None:
         """Wait for all streams on ``cuda:<index>``, so deferred frees have happened."""
