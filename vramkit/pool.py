@@ -670,6 +670,7 @@ class ModelPool:
         if tier == "auto":
             tier = model.choose_tier()  # type: ignore[assignment]
         before = model.state
+        started = time.perf_counter()
         try:
             if tier in ("cpu", "disk"):
                 try:
@@ -693,6 +694,7 @@ class ModelPool:
                 str(self._device),
                 before.value,
                 model.state.value,
+                seconds=time.perf_counter() - started,
                 bytes=model.size_bytes,
                 detail={"tier": tier, "reason": reason},
             )
