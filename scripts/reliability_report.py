@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             "no:cacheprovider",
             *pytest_args,
         ]
-        print("$ " + " ".join(command[1:]), flush=True)
+        print("$ python " + " ".join(command[1:]), flush=True)
         started = time.perf_counter()
         code, summary = _run(command, env)
         seconds = time.perf_counter() - started
