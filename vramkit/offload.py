@@ -255,6 +255,43 @@ def _forget(path: Path | None) -> None:
         path.unlink()
 
 
+_swept: set[Path] = set()
+_LEFTOVER = re.compile(r"-(\d+)-[0-9a-f]+\.(safetensors|partial)$")
+
+
+def _sweep_once(directory: Path) -> None:
+    """Remove files left in ``directory`` by processes that died without cleaning up.
+
+    Exit handlers remove a process's files, but a process killed by a signal
+    never runs them. A file is only removed when the process id in its name is
+    no longer running, once per directory per process.
+    """
+    with _files_lock:
+        if directory in _swept:
+            return
+        _swept.add(directory)
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _LEFTOVER.search(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 @atexit.register
 def _remove_leftover_files() -> None:
     with _files_lock:
@@ -478,6 +515,7 @@ def _write(
     partial = final.with_suffix(".partial")
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _sweep_once(directory)
         if (free := _disk_free(directory)) is not None and free < weight_bytes:
             raise OSError(
                 28, f"{format_bytes(free)} free in {directory}, {format_bytes(weight_bytes)} needed"
