@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import importlib.util
+import io
+import logging
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def median_seconds(fn: Callable[[], object], *, runs: int, warmup: int = 3) -> float:
@@ -75,3 +80,26 @@ def interleaved_per_call(
         if gc_was_enabled:
             gc.enable()
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def load_heap(workdir: str) -> tuple[str, Any]:
+    """Import funasr and load the tiny pipeline, if funasr is installed."""
+    if importlib.util.find_spec("funasr") is None:
+        return "funasr not installed: torch and vramkit only", None
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import funasr
+
+        from vramkit.testing.models import build_funasr_pipeline
+
+        logging.disable(logging.INFO)
+        dirs = build_funasr_pipeline(workdir)
+        model = funasr.AutoModel(
+            model=str(dirs.asr),
+            vad_model=str(dirs.vad),
+            punc_model=str(dirs.punc),
+            device="cpu",
+            disable_update=True,
+            disable_pbar=True,
+            ncpu=1,
+        )
+    return "funasr imported, tiny VAD + ASR + punctuation pipeline loaded", model

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import io
-import logging
 import platform
 import statistics
 import tempfile
@@ -26,11 +24,10 @@ import textwrap
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from _common import fmt_seconds, median_per_call
+from _common import fmt_seconds, load_heap, median_per_call
 
 import vramkit
 from vramkit.devices import default_device
@@ -98,29 +95,6 @@ def time_hooks(item: pytest.Item) -> float | None:
         manager.pytest_report_teststatus(report, item.config)
 
     return median_per_call(hooks, calls=20000)
-
-
-def load_heap(workdir: str) -> tuple[str, Any]:
-    """Import funasr and load the tiny pipeline, if funasr is installed."""
-    if importlib.util.find_spec("funasr") is None:
-        return "funasr not installed: torch and vramkit only", None
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import funasr
-
-        from vramkit.testing.models import build_funasr_pipeline
-
-        logging.disable(logging.INFO)
-        dirs = build_funasr_pipeline(workdir)
-        model = funasr.AutoModel(
-            model=str(dirs.asr),
-            vad_model=str(dirs.vad),
-            punc_model=str(dirs.punc),
-            device="cpu",
-            disable_update=True,
-            disable_pbar=True,
-            ncpu=1,
-        )
-    return "funasr imported, tiny VAD + ASR + punctuation pipeline loaded", model
 
 
 def run(path: Path, *args: str) -> Timer:

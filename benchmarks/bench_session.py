@@ -9,17 +9,13 @@ Prints medians and the ratio against two bare ``vramkit.snapshot()`` calls
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib.util
-import io
-import logging
 import platform
 import tempfile
 from typing import Any
 
 import torch
-from _common import fmt_seconds, median_per_call, median_seconds
+from _common import fmt_seconds, load_heap, median_per_call, median_seconds
 
 import vramkit
 from vramkit.devices import default_device
@@ -27,29 +23,6 @@ from vramkit.policy import CleanupPolicy
 from vramkit.session import gpu_session
 
 GOAL_SECONDS = 1e-3  # entering + leaving without a leak check
-
-
-def load_heap(workdir: str) -> tuple[str, Any]:
-    """Import funasr and load the tiny pipeline, if funasr is installed."""
-    if importlib.util.find_spec("funasr") is None:
-        return "funasr not installed: torch and vramkit only", None
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import funasr
-
-        from vramkit.testing.models import build_funasr_pipeline
-
-        logging.disable(logging.INFO)
-        dirs = build_funasr_pipeline(workdir)
-        model = funasr.AutoModel(
-            model=str(dirs.asr),
-            vad_model=str(dirs.vad),
-            punc_model=str(dirs.punc),
-            device="cpu",
-            disable_update=True,
-            disable_pbar=True,
-            ncpu=1,
-        )
-    return "funasr imported, tiny VAD + ASR + punctuation pipeline loaded", model
 
 
 def main() -> None:

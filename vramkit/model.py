@@ -955,16 +955,12 @@ class ManagedModel(Generic[T]):
             if owner is not None:
                 owner._after_load(self, ok=False)
             cleanup(self._device)
-            events.emit(
-                events.Event(
-                    "load_failed",
-                    self._name,
-                    str(self._device),
-                    "LOADING",
-                    "UNLOADED",
-                    seconds=time.perf_counter() - started,
-                    detail={"error": f"{type(exc).__name__}: {exc}"},
-                )
+            self._emit(
+                "load_failed",
+                "LOADING",
+                "UNLOADED",
+                seconds=time.perf_counter() - started,
+                detail={"error": f"{type(exc).__name__}: {exc}"},
             )
             raise
         seconds = time.perf_counter() - started
@@ -986,19 +982,15 @@ class ManagedModel(Generic[T]):
         if owner is not None:
             owner._after_load(self, ok=True)
         report = LoadReport(self._name, str(self._device), seconds, size, before, after)
-        events.emit(
-            events.Event(
-                "load",
-                self._name,
-                str(self._device),
-                "UNLOADED",
-                "READY",
-                seconds=seconds,
-                memory_before=before,
-                memory_after=after,
-                bytes=size,
-                detail={"adapter": adapter.name},
-            )
+        self._emit(
+            "load",
+            "UNLOADED",
+            "READY",
+            seconds=seconds,
+            memory_before=before,
+            memory_after=after,
+            bytes=size,
+            detail={"adapter": adapter.name},
         )
         if self._keep_alive is not None:
             self._schedule_expiry(stamp)
@@ -1052,17 +1044,13 @@ class ManagedModel(Generic[T]):
             self._cond.notify_all()
         if owner is not None:
             owner._after_load(self, ok=True)
-        events.emit(
-            events.Event(
-                "wake",
-                self._name,
-                str(self._device),
-                "OFFLOADED",
-                "READY",
-                seconds=report.seconds,
-                bytes=report.weight_bytes,
-                detail={"tier": tier, "method": report.method},
-            )
+        self._emit(
+            "wake",
+            "OFFLOADED",
+            "READY",
+            seconds=report.seconds,
+            bytes=report.weight_bytes,
+            detail={"tier": tier, "method": report.method},
         )
         if self._keep_alive is not None:
             self._schedule_expiry(stamp)
@@ -1211,19 +1199,15 @@ class ManagedModel(Generic[T]):
         report = replace(report, memory_after=after)
         if self._owner is not None:
             self._owner._after_offload(self)
-        events.emit(
-            events.Event(
-                "offload",
-                self._name,
-                str(self._device),
-                state_before.value,
-                "OFFLOADED",
-                seconds=report.seconds,
-                memory_before=report.memory_before,
-                memory_after=after,
-                bytes=report.weight_bytes,
-                detail={"tier": chosen, "method": report.method},
-            )
+        self._emit(
+            "offload",
+            state_before.value,
+            "OFFLOADED",
+            seconds=report.seconds,
+            memory_before=report.memory_before,
+            memory_after=after,
+            bytes=report.weight_bytes,
+            detail={"tier": chosen, "method": report.method},
         )
         if self._keep_alive is not None:
             self._schedule_expiry(stamp)
@@ -1383,19 +1367,15 @@ class ManagedModel(Generic[T]):
                 self._cond.notify_all()
             if self._owner is not None:
                 self._owner._after_unload(self)
-        events.emit(
-            events.Event(
-                "unload",
-                self._name,
-                str(self._device),
-                state_before.value,
-                "UNLOADED",
-                seconds=report.seconds,
-                memory_before=report.memory_before,
-                memory_after=report.memory_after,
-                bytes=report.seen_bytes,
-                detail={"died": report.died, "holders": len(report.holders)},
-            )
+        self._emit(
+            "unload",
+            state_before.value,
+            "UNLOADED",
+            seconds=report.seconds,
+            memory_before=report.memory_before,
+            memory_after=report.memory_after,
+            bytes=report.seen_bytes,
+            detail={"died": report.died, "holders": len(report.holders)},
         )
         if report.error is not None:
             error = ModelStateError(
@@ -1589,18 +1569,18 @@ class ManagedModel(Generic[T]):
             report = self.unload()
         except ModelBusyError:
             return  # a lease arrived in between: its end re-schedules the expiry
-        events.emit(
-            events.Event(
-                "expire",
-                self._name,
-                str(self._device),
-                report.state_before.value,
-                "UNLOADED",
-                seconds=report.seconds,
-                bytes=report.seen_bytes,
-                detail={"reason": f"idle for {self._keep_alive} s"},
-            )
+        self._emit(
+            "expire",
+            report.state_before.value,
+            "UNLOADED",
+            seconds=report.seconds,
+            bytes=report.seen_bytes,
+            detail={"reason": f"idle for {self._keep_alive} s"},
         )
+
+    def _emit(self, kind: str, before: str, after: str, **fields: Any) -> None:
+        """Log the transition and hand it to subscribers (see :mod:`vramkit.events`)."""
+        events.emit(events.Event(kind, self._name, str(self._device), before, after, **fields))
 
     # ------------------------------------------------------------------ lifetime
 
