@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 Tier = Literal["cpu", "disk"]
-TIERS: tuple[Tier, ...] = ("cpu", "disk")
 
 _HOST_HEADROOM = 512 * 1024**2  # leave this much host RAM free when pinning
 
