@@ -347,8 +347,8 @@ def test_sigterm_without_a_handler(tmp_path: Path, reliability: Record) -> None:
     # The default action ends the process without running exit handlers: this is
     # the documented reason to install a handler (next test).
     reliability.lost = (
-        f"{len(left)} disk-tier file left in the cache directory (SIGTERM's default action "
-        "skips exit handlers)"
+        f"{len(left)} disk-tier file left in the cache directory until the next process "
+        "writes there (SIGTERM's default action skips exit handlers)"
         if left
         else "nothing"
     )
