@@ -858,6 +858,23 @@ class ManagedModel(Generic[T]):
             else:
                 self._do_wake()
 
+    def _settle(self, state: ModelState, **counters: Any) -> int:
+        """End a transition in ``state`` (caller holds the lock) and wake whoever waits.
+
+        Frees the busy slot, bumps the stamp that keep-alive expiries must
+        match, and updates the stats with ``counters``.
+
+        Returns:
+            The new stamp.
+        """
+        self._state = state
+        self._busy_thread = None
+        self._stamp += 1
+        if counters:
+            self._stats = replace(self._stats, **counters)
+        self._cond.notify_all()
+        return self._stamp
+
     def _wait(self, timeout: float | None = None) -> None:
         """Wait on the condition (caller holds the lock), counted for :meth:`_return`."""
         self._waiting += 1
@@ -967,18 +984,13 @@ class ManagedModel(Generic[T]):
         with self._cond:
             self._obj = obj
             self._adapter = adapter
-            self._state = ModelState.READY
-            self._busy_thread = None
-            self._stamp += 1
-            self._stats = replace(
-                self._stats,
+            self._last_used = time.monotonic()
+            stamp = self._settle(
+                ModelState.READY,
                 loads=self._stats.loads + 1,
                 load_seconds=seconds,
                 size_bytes=size,
             )
-            self._last_used = time.monotonic()
-            stamp = self._stamp
-            self._cond.notify_all()
         if owner is not None:
             owner._after_load(self, ok=True)
         report = LoadReport(self._name, str(self._device), seconds, size, before, after)
@@ -1030,18 +1042,12 @@ class ManagedModel(Generic[T]):
         with self._cond:
             self._offloaded = None
             self._tier = None
-            self._state = ModelState.READY
-            self._busy_thread = None
-            self._stamp += 1
-            stats = self._stats
-            self._stats = replace(
-                stats,
-                wakes=stats.wakes + 1,
-                wake_seconds={**stats.wake_seconds, tier: report.seconds},
-            )
             self._last_used = time.monotonic()
-            stamp = self._stamp
-            self._cond.notify_all()
+            stamp = self._settle(
+                ModelState.READY,
+                wakes=self._stats.wakes + 1,
+                wake_seconds={**self._stats.wake_seconds, tier: report.seconds},
+            )
         if owner is not None:
             owner._after_load(self, ok=True)
         self._emit(
@@ -1181,18 +1187,12 @@ class ManagedModel(Generic[T]):
             self._obj = obj
             self._offloaded = state
             self._tier = chosen
-            self._state = ModelState.OFFLOADED
-            self._busy_thread = None
-            self._stamp += 1
-            stats = self._stats
-            self._stats = replace(
-                stats,
-                offloads=stats.offloads + 1,
-                offloaded_bytes={**stats.offloaded_bytes, chosen: report.weight_bytes},
-                offload_seconds={**stats.offload_seconds, chosen: report.seconds},
+            stamp = self._settle(
+                ModelState.OFFLOADED,
+                offloads=self._stats.offloads + 1,
+                offloaded_bytes={**self._stats.offloaded_bytes, chosen: report.weight_bytes},
+                offload_seconds={**self._stats.offload_seconds, chosen: report.seconds},
             )
-            stamp = self._stamp
-            self._cond.notify_all()
         obj = None
         cleanup(self._device, gc_collect=state.method == "rebuild")
         after = get_backend(self._device.kind).read(self._device.index or 0)
