@@ -177,6 +177,8 @@ def _value(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    if isinstance(value, Mapping | list | tuple) and not value:
+        return "none"
     if isinstance(value, Mapping):
         return ", ".join(f"{k} {_value(v)}" for k, v in value.items())
     if isinstance(value, list | tuple):
@@ -302,6 +304,8 @@ def render(
             lines += [f"| {_text(k)} | {_text(_value(v))} |" for k, v in figures.items()]
         else:
             lines.append("No figures recorded.")
+        if r.get("note"):
+            lines += ["", _text(r["note"])]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

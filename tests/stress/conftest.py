@@ -41,6 +41,7 @@ class Record:
     bad_inputs: str = "none"
     lost: str = "nothing"
     figures: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # a sentence under the figures: what a surprising figure means
     seconds: float = 0.0
     mode: str = "long" if LONG else "short"
     outcome: str = "passed"
