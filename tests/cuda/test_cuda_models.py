@@ -9,6 +9,7 @@ layer is asserted only where this process's own change dominates it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -189,3 +190,40 @@ def test_a_pool_on_the_gpu_evicts_to_stay_inside_its_budget() -> None:
         assert _allocated() - base < peak_one + 8 * MiB
         status = pool.status()
         assert status.peak_charged_bytes <= status.budget_bytes
+
+
+def test_a_funasr_pipeline_on_the_gpu_offloads_wakes_and_unloads(funasr_pipeline: Any) -> None:
+    from vramkit.adapters import adapter_for
+    from vramkit.testing.models import synthetic_audio
+
+    torch.empty(1, device="cuda:0")
+    vramkit.cleanup("cuda:0")
+    base = _allocated()
+    mm = vramkit.ManagedModel.from_funasr(
+        funasr_pipeline.asr,
+        vad_model=str(funasr_pipeline.vad),
+        punc_model=str(funasr_pipeline.punc),
+        device="cuda:0",
+        name="asr",
+    )
+    audio = synthetic_audio(1.0)
+    try:
+        with mm.use() as am:
+            first = am.generate(input=audio)[0]["text"]
+            devices = {t.device for t in adapter_for(am).tensors(am)}
+        del am
+        assert devices == {torch.device("cuda", 0)}
+        assert _allocated() - base > 0
+
+        for tier in ("cpu", "disk"):
+            mm.offload(tier)
+            assert _allocated() - base < 1 * MiB, tier
+            with mm.use() as am:
+                assert am.generate(input=audio)[0]["text"] == first, tier
+            del am
+
+        report = mm.unload()
+        assert report.died, report
+        assert _allocated() - base < 1 * MiB
+    finally:
+        mm.close()
