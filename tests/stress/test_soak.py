@@ -46,9 +46,8 @@ WARMUP = 10  # cycles before the baseline reading: caches, lazy imports, thread 
 # Honest bounds, from measurements. Over 1,000 cycles per phase (long mode) the
 # growth after warm-up was, load / offload phase: torch +0.01 / +0.41 MiB, FunASR
 # +0.02 / +4.56 MiB; fds, threads and gc-tracked objects did not change. The
-# FunASR offload-phase creep is the disk tier's read: safetensors' safe_open /
-# get_tensor (0.8.0) keeps about 60 bytes per tensor per load (upstream; a plain
-# loop of load_file shows it too), some 8 KiB per disk wake of this pipeline. A
+# FunASR offload-phase creep is upstream (safetensors 0.8.0), explained in the
+# note _check_and_record puts on the reliability page. A
 # leak of one model per cycle would exceed the bounds well before the end of the
 # short run for torch (4 MiB a model); for the tiny FunASR pipeline (0.3 MiB of
 # weights) the unload reports' proof of death and the gc object count are the
