@@ -94,9 +94,7 @@ def load_heap(workdir: str) -> tuple[str, Any]:
         logging.disable(logging.INFO)
         dirs = build_funasr_pipeline(workdir)
         model = funasr.AutoModel(
-            model=str(dirs.asr),
-            vad_model=str(dirs.vad),
-            punc_model=str(dirs.punc),
+            **dirs.automodel_kwargs(),
             device="cpu",
             disable_update=True,
             disable_pbar=True,

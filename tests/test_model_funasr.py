@@ -23,9 +23,7 @@ held: list[Any] = []
 @pytest.fixture
 def pipeline(funasr_pipeline: Any) -> ManagedModel[Any]:
     return ManagedModel.from_funasr(
-        funasr_pipeline.asr,
-        vad_model=str(funasr_pipeline.vad),
-        punc_model=str(funasr_pipeline.punc),
+        **funasr_pipeline.automodel_kwargs(),
         device="cpu",
         name="asr",
         batch_size_s=60,

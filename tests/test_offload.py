@@ -310,9 +310,7 @@ def test_the_cache_file_is_removed_at_exit(tmp_path: Path) -> None:
 @pytest.fixture
 def asr(funasr_pipeline: Any, tmp_path: Path) -> ManagedModel[Any]:
     return ManagedModel.from_funasr(
-        funasr_pipeline.asr,
-        vad_model=str(funasr_pipeline.vad),
-        punc_model=str(funasr_pipeline.punc),
+        **funasr_pipeline.automodel_kwargs(),
         device="cpu",
         name="asr",
         manager_options={"offload_dir": tmp_path},

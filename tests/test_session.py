@@ -495,9 +495,7 @@ def pipeline(funasr: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> It
     threads = torch.get_num_threads()
     dirs = build_funasr_pipeline(tmp_path_factory.mktemp("funasr_pipeline"))
     model = funasr.AutoModel(
-        model=str(dirs.asr),
-        vad_model=str(dirs.vad),
-        punc_model=str(dirs.punc),
+        **dirs.automodel_kwargs(),
         device="cpu",
         disable_update=True,
         disable_pbar=True,

@@ -291,9 +291,7 @@ def run_pipeline(
     try:
         pool.add(
             ManagedModel.from_funasr(
-                dirs.asr,
-                vad_model=str(dirs.vad),
-                punc_model=str(dirs.punc),
+                **dirs.automodel_kwargs(),
                 device=target,
                 name="asr",
                 manager_options={"size_hint": sizes["asr"]},

@@ -200,9 +200,7 @@ def test_a_funasr_pipeline_on_the_gpu_offloads_wakes_and_unloads(funasr_pipeline
     vramkit.cleanup("cuda:0")
     base = _allocated()
     mm = vramkit.ManagedModel.from_funasr(
-        funasr_pipeline.asr,
-        vad_model=str(funasr_pipeline.vad),
-        punc_model=str(funasr_pipeline.punc),
+        **funasr_pipeline.automodel_kwargs(),
         device="cuda:0",
         name="asr",
     )

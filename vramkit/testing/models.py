@@ -169,6 +169,14 @@ class FunasrPipelineDirs:
     vad: Path
     punc: Path
 
+    def automodel_kwargs(self) -> dict[str, Any]:
+        """The three as ``model``, ``vad_model`` and ``punc_model`` strings.
+
+        For ``funasr.AutoModel(**dirs.automodel_kwargs(), device="cpu")`` or
+        ``ManagedModel.from_funasr(**dirs.automodel_kwargs(), name="asr")``.
+        """
+        return {"model": str(self.asr), "vad_model": str(self.vad), "punc_model": str(self.punc)}
+
 
 def _unique_chars(text: str) -> list[str]:
     return list(dict.fromkeys(text))
