@@ -402,9 +402,7 @@ class ManagedModel(Generic[T]):
                 f"loader must be a zero-argument callable that returns the model; got {loader!r}"
             )
         if name is None:
-            name = getattr(loader, "__name__", None) or type(loader).__name__
-            if name == "<lambda>":
-                name = "model"
+            name = _callable_name(loader)
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
         if adapter is not None and (release is not None or size is not None):
@@ -1178,8 +1176,7 @@ class ManagedModel(Generic[T]):
                 self._cond.notify_all()
             raise
         if state.method == "rebuild":
-            obj = None  # dropped: the loader rebuilds it
-            gc.collect()
+            obj = None  # dropped: the loader rebuilds it (the cleanup below collects)
         if previous is not None:
             offload.release_host_copies(previous)
             previous = None
@@ -1194,9 +1191,8 @@ class ManagedModel(Generic[T]):
                 offload_seconds={**self._stats.offload_seconds, chosen: report.seconds},
             )
         obj = None
-        cleanup(self._device, gc_collect=state.method == "rebuild")
-        after = get_backend(self._device.kind).read(self._device.index or 0)
-        report = replace(report, memory_after=after)
+        cleaned = cleanup(self._device, gc_collect=state.method == "rebuild")
+        report = replace(report, memory_after=cleaned.after.readings[0])
         if self._owner is not None:
             self._owner._after_offload(self)
         self._emit(
@@ -1205,7 +1201,7 @@ class ManagedModel(Generic[T]):
             "OFFLOADED",
             seconds=report.seconds,
             memory_before=report.memory_before,
-            memory_after=after,
+            memory_after=report.memory_after,
             bytes=report.weight_bytes,
             detail={"tier": chosen, "method": report.method},
         )
@@ -1294,12 +1290,14 @@ class ManagedModel(Generic[T]):
         Args:
             host_free_bytes: Host RAM available for the cpu tier (default: read now).
         """
+        from vramkit.offload import _HOST_HEADROOM
+
         costs = self.tier_costs()
         size = self._stats.size_bytes or 0
         if host_free_bytes is None:
             host_free_bytes = get_backend("cpu").read(0).free_bytes or 0
         cpu = costs["cpu"]
-        if cpu.frees_device_bytes and size + 512 * 1024**2 <= host_free_bytes:
+        if cpu.frees_device_bytes and size + _HOST_HEADROOM <= host_free_bytes:
             return "cpu"
         if costs["disk"].round_trip_seconds < costs["unload"].wake_seconds:
             return "disk"
@@ -1510,7 +1508,8 @@ class ManagedModel(Generic[T]):
             cleanup(self._device, gc_collect=False)
             raise interrupted.with_traceback(None)
         report_cleanup = cleanup(self._device, gc_collect=False)  # collected just above
-        after = self._await_driver(backend, index, before, expected)
+        cleaned = report_cleanup.after.readings[0]
+        after = self._await_driver(backend, index, before, cleaned, expected)
         freed = _freed(before, after)
         with self._cond:
             self._stats = replace(self._stats, unloads=self._stats.unloads + 1)
@@ -1535,10 +1534,17 @@ class ManagedModel(Generic[T]):
         )
 
     def _await_driver(
-        self, backend: Any, index: int, before: DeviceMemory, expected: int | None
+        self,
+        backend: Any,
+        index: int,
+        before: DeviceMemory,
+        after: DeviceMemory,
+        expected: int | None,
     ) -> DeviceMemory:
-        """On drivers that free asynchronously, wait (bounded) until 75% of ``expected`` shows."""
-        after: DeviceMemory = backend.read(index)
+        """On drivers that free asynchronously, wait (bounded) until 75% of ``expected`` shows.
+
+        ``after`` is the reading taken right after cleanup; returns the last reading.
+        """
         if self._device.kind == "cpu" or not expected or before.used_bytes is None:
             return after
         deadline = time.monotonic() + self._driver_wait

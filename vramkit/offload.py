@@ -53,7 +53,7 @@ __all__ = [
 
 Tier = Literal["cpu", "disk"]
 
-_HOST_HEADROOM = 512 * 1024**2  # leave this much host RAM free when pinning
+_HOST_HEADROOM = 512 * 1024**2  # leave this much host RAM free for a cpu-tier copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,8 +437,7 @@ def offload_object(
         pinned=state.pinned,
         path=None if state.path is None else str(state.path),
         reused_file=note == "reused",
-        memory_before=before,
-        memory_after=backend.read(index),
+        memory_before=before,  # memory_after: read by the caller once it has cleaned up
         note="" if note == "reused" else note,
     )
     return state, report
@@ -719,8 +718,7 @@ def discard(model: ManagedModel[Any], state: _Offloaded | None) -> None:
     ``READY`` (``state`` is then ``None``): that file goes too.
     """
     if state is not None:
-        state.host.clear()
-        state.slots.clear()
+        release_host_copies(state)
         if state.path is not None:
             _forget(state.path)
     cache = model._disk_cache
