@@ -830,31 +830,48 @@ class ManagedModel(Generic[T]):
         return cast("T", self._obj), token
 
     def _acquire_slow(self) -> tuple[T, int]:
-        me = threading.get_ident()
         while True:
             with self._cond:
-                self._check_open()
-                state = self._state
+                state = self._claim_to_load(
+                    "{name}: a lease was requested while this thread is {doing} the model "
+                    "(a loader or release that uses the model it is building?)"
+                )
                 if state is ModelState.READY:
                     return self._grant()
-                if self._busy_thread == me:
-                    raise ModelStateError(
-                        f"{self._name}: a lease was requested while this thread is "
-                        f"{state.value.lower()} the model (a loader or release that uses "
-                        "the model it is building?)"
-                    )
-                if state in _SETTLED:
-                    self._busy_thread = me
-                    self._state = (
-                        ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
-                    )
-                else:
-                    self._wait()
-                    continue
             if state is ModelState.UNLOADED:
                 self._do_load()
             else:
                 self._do_wake()
+
+    def _claim_to_load(self, reentered: str) -> ModelState:
+        """Wait for ``READY`` or a settled state, and claim a settled one (caller holds the lock).
+
+        A claimed model is ``LOADING`` (from ``UNLOADED``) or ``WAKING`` (from
+        ``OFFLOADED``) with this thread busy on it; the caller then runs
+        :meth:`_do_load` or :meth:`_do_wake` outside the lock.
+
+        Args:
+            reentered: The error when this thread is the one loading or waking
+                the model; ``{name}`` and ``{doing}`` are filled in.
+
+        Returns:
+            ``READY`` (nothing claimed), or the state the claim started from.
+        """
+        me = threading.get_ident()
+        while True:
+            self._check_open()
+            state = self._state
+            if state is ModelState.READY:
+                return state
+            if self._busy_thread == me:
+                raise ModelStateError(reentered.format(name=self._name, doing=state.value.lower()))
+            if state in _SETTLED:
+                self._busy_thread = me
+                self._state = (
+                    ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
+                )
+                return state
+            self._wait()
 
     def _settle(self, state: ModelState, **counters: Any) -> int:
         """End a transition in ``state`` (caller holds the lock) and wake whoever waits.
@@ -916,27 +933,14 @@ class ManagedModel(Generic[T]):
             The :class:`LoadReport` of the load this call performed, or ``None``
             when the model was already ready (or another thread loaded it).
         """
-        me = threading.get_ident()
-        while True:
-            with self._cond:
-                self._check_open()
-                state = self._state
-                if state is ModelState.READY:
-                    return None
-                if self._busy_thread == me:
-                    raise ModelStateError(f"{self._name}: load() called from inside its own loader")
-                if state in _SETTLED:
-                    self._busy_thread = me
-                    self._state = (
-                        ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
-                    )
-                else:
-                    self._wait()
-                    continue
-            if state is ModelState.UNLOADED:
-                return self._do_load()
-            self._do_wake()
+        with self._cond:
+            state = self._claim_to_load("{name}: load() called from inside its own loader")
+        if state is ModelState.READY:
             return None
+        if state is ModelState.UNLOADED:
+            return self._do_load()
+        self._do_wake()
+        return None
 
     def _do_load(self) -> LoadReport:
         """Run the loader. Caller has set state LOADING and ``_busy_thread``."""
