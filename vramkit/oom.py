@@ -73,7 +73,9 @@ _CUDNN_NOT_SUPPORTED: Final = "cudnn_status_not_supported"
 _CHAIN_LIMIT: Final = 8
 
 
+@functools.cache
 def _oom_types() -> tuple[type[BaseException], ...]:
+    """The exception types that always mean out of memory (torch imported on first use)."""
     import torch
 
     found: list[type[BaseException]] = [MemoryError]
