@@ -19,10 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramkit._units import format_bytes
-from vramkit.devices import DeviceMemory
+
+if TYPE_CHECKING:
+    from vramkit.devices import DeviceMemory
 
 __all__ = ["Event", "emit", "subscribe"]
 

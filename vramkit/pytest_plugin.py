@@ -77,7 +77,7 @@ T = TypeVar("T")
 
 # vramkit's own modules are imported where they are needed: this module is
 # loaded by every pytest run in an environment with vramkit installed, and
-# must stay cheap to load (the vramkit package itself imports torch today).
+# must stay cheap to load (most of them import torch).
 
 _GUARD: Final = "vram_guard"
 _FACTORY: Final = "managed_model_factory"

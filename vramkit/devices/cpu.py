@@ -45,9 +45,10 @@ class _ProcReader:
         self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
         self._meminfo = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
         self._cgroup_current = -1
-        self._cgroup_limit = _cgroup_limit()
+        directory = _cgroup_dir()
+        self._cgroup_limit = _cgroup_limit(directory)
         if self._cgroup_limit is not None:
-            path = _cgroup_dir() + "/memory.current"
+            path = directory + "/memory.current"
             self._cgroup_current = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._pid = os.getpid()
 
@@ -100,12 +101,12 @@ def _cgroup_dir() -> str:
     return "/sys/fs/cgroup"
 
 
-def _cgroup_limit() -> int | None:
-    """The cgroup v2 memory limit in bytes, or ``None`` when there is none."""
+def _cgroup_limit(directory: str) -> int | None:
+    """The memory limit in bytes of cgroup v2 ``directory``, or ``None`` when there is none."""
     try:
-        with open(_cgroup_dir() + "/memory.max", encoding="ascii") as fh:
+        with open(directory + "/memory.max", encoding="ascii") as fh:
             text = fh.read().strip()
-        if text == "max" or not os.path.exists(_cgroup_dir() + "/memory.current"):
+        if text == "max" or not os.path.exists(directory + "/memory.current"):
             return None
         return int(text)
     except (OSError, ValueError):
