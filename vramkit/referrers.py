@@ -114,6 +114,7 @@ class _Search:
         # bookkeeping is easy to recognise and skip; paths hold strings only.
         self.held: dict[int, Any] = {}
         self.keep_alive: list[Any] = []  # scan results, kept so their ids stay unique
+        self.tensors: list[Any] | None = None  # the heap's tensors, scanned once when needed
         self.internal: set[int] = {id(self.held), id(self.ignored), id(self.keep_alive)}
         self.own_frame = sys._getframe(1)  # find_referrers' frame
         self.running, self.executing = _running_frames(self.own_frame)
@@ -126,6 +127,7 @@ class _Search:
         """Drop every reference the search took."""
         self.held.clear()
         self.keep_alive.clear()
+        self.tensors = None
         self.running.clear()
         self.executing.clear()
 
@@ -137,6 +139,16 @@ class _Search:
         self.keep_alive.append(found)
         self.internal.add(id(found))
         return found
+
+    def _heap_tensors(self) -> list[Any]:
+        """Every tensor in the heap, for autograd-graph holders: one scan per search."""
+        if self.tensors is None:
+            from vramkit.tensors import tensors_in_heap
+
+            self.tensors = tensors_in_heap()
+            self.keep_alive.append(self.tensors)
+            self.internal.add(id(self.tensors))
+        return self.tensors
 
     def _skip(self, holder: object) -> bool:
         return (
@@ -162,7 +174,7 @@ class _Search:
                 obj = self.held[oid]
                 edges = level.get(oid, []) + _running_frame_edges(obj, self.running)
                 if issubclass(type(obj), tensor_type) and obj.requires_grad:
-                    edges += _autograd_holders(obj, self.internal, self.keep_alive)
+                    edges += _autograd_holders(obj, self._heap_tensors())
                 for edge in edges:
                     new_path = _prepend(edge, path, attach_next)
                     if edge.root is not None:
@@ -467,19 +479,14 @@ def _attribute_label(holder: object, obj: object) -> str:
     return kind
 
 
-def _autograd_holders(tensor: Any, internal: set[int], keep_alive: list[list[Any]]) -> list[_Edge]:
-    """Live tensors whose autograd graph holds ``tensor`` (only C++ refers to it)."""
+def _autograd_holders(tensor: Any, candidates: list[Any]) -> list[_Edge]:
+    """Those of ``candidates`` whose autograd graph holds ``tensor`` (only C++ refers to it)."""
     try:
         ptr = tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return []
     if ptr == 0:
         return []
-    from vramkit.tensors import tensors_in_heap
-
-    candidates = tensors_in_heap()
-    keep_alive.append(candidates)
-    internal.add(id(candidates))
     edges = []
     for candidate in candidates:
         if candidate is tensor:
