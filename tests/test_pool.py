@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -291,6 +292,36 @@ def test_out_of_memory_inside_a_lease_evicts_the_others_and_retries() -> None:
         out = pool.call("c", infer, torch.ones(1, 512))
         assert out.shape == (1, 512)
         assert attempts == [0, 1]
+        assert pool["a"].state is ModelState.UNLOADED
+        assert pool["b"].state is ModelState.UNLOADED
+        assert pool["c"].state is ModelState.READY
+
+
+def test_oom_inside_a_lease_evicts_the_other_idle_models() -> None:
+    with make_pool("20MiB") as pool:
+        for name in "abc":
+            pool.register(name, mlp, size_hint=SIZE)
+        run(pool, "a")
+        run(pool, "b")
+        with pytest.raises(RuntimeError, match="can't allocate memory"), pool.use("c"):
+            torch.empty(1 << 60, dtype=torch.uint8)  # the real CPU allocator failure
+        assert pool["a"].state is ModelState.UNLOADED
+        assert pool["b"].state is ModelState.UNLOADED
+        assert pool["c"].state is ModelState.READY
+
+
+def test_oom_inside_an_async_lease_evicts_the_other_idle_models() -> None:
+    async def main(pool: ModelPool) -> None:
+        async with pool.use("c"):
+            torch.empty(1 << 60, dtype=torch.uint8)
+
+    with make_pool("20MiB") as pool:
+        for name in "abc":
+            pool.register(name, mlp, size_hint=SIZE)
+        run(pool, "a")
+        run(pool, "b")
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            asyncio.run(main(pool))
         assert pool["a"].state is ModelState.UNLOADED
         assert pool["b"].state is ModelState.UNLOADED
         assert pool["c"].state is ModelState.READY

@@ -20,6 +20,7 @@ leases never. If nothing can be evicted it waits, bounded, then raises
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import concurrent.futures
@@ -866,8 +867,7 @@ class _PoolLease:
     ) -> None:
         self._lease.__exit__(exc_type, exc, tb)
         if exc is not None and is_oom_error(exc):
-            self._pool.evict_idle(exclude=[self._model.name])
-            cleanup(self._model.device)
+            self._make_room()
 
     async def __aenter__(self) -> Any:
         self._pool._check_open()
@@ -880,6 +880,13 @@ class _PoolLease:
         tb: TracebackType | None,
     ) -> None:
         await self._lease.__aexit__(exc_type, exc, tb)
+        if exc is not None and is_oom_error(exc):
+            await asyncio.to_thread(self._make_room)  # unloading can take seconds
+
+    def _make_room(self) -> None:
+        """After an out-of-memory error in the block: evict the other idle models, clean up."""
+        self._pool.evict_idle(exclude=[self._model.name])
+        cleanup(self._model.device)
 
 
 def _parse_budget(budget: int | float | str | None) -> tuple[str, float]:
