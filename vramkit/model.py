@@ -910,7 +910,7 @@ class ManagedModel(Generic[T]):
                 self._cond.notify_all()
         if idle:
             if self._owner is not None:
-                self._owner._idle(self)
+                self._owner._freed(self)
             if self._keep_alive is not None:
                 self._schedule_expiry(stamp)
 
@@ -1198,7 +1198,7 @@ class ManagedModel(Generic[T]):
         cleaned = cleanup(self._device, gc_collect=state.method == "rebuild")
         report = replace(report, memory_after=cleaned.after.readings[0])
         if self._owner is not None:
-            self._owner._after_offload(self)
+            self._owner._freed(self)
         self._emit(
             "offload",
             state_before.value,
@@ -1287,9 +1287,16 @@ class ManagedModel(Generic[T]):
         """The cheapest way to free this model's device memory: cpu, disk, or unload.
 
         The ``cpu`` tier wins when host RAM can hold the weights (pinned copies
-        wake fastest); then ``disk`` when writing the file (unless an unchanged
-        one exists) and waking from it beats a reload; else ``unload``. On a
-        ``cpu`` device only ``disk`` or ``unload`` free anything.
+        wake fastest); then ``disk`` when waking from it beats a reload; else
+        ``unload``. On a ``cpu`` device only ``disk`` or ``unload`` free anything.
+
+        Wake times decide, not offload plus wake: the file is written once and
+        reused by every later eviction while the weights are unchanged, and a
+        model that is evicted is usually wanted again. (Counting the first
+        write made the choice flip with the page cache: a loader that happened
+        to read warm files beat write-plus-wake once, and every later
+        eviction then paid a full reload.) :meth:`tier_costs` still reports
+        the write as ``offload_seconds``.
 
         Args:
             host_free_bytes: Host RAM available for the cpu tier (default: read now).
@@ -1303,7 +1310,7 @@ class ManagedModel(Generic[T]):
         cpu = costs["cpu"]
         if cpu.frees_device_bytes and size + _HOST_HEADROOM <= host_free_bytes:
             return "cpu"
-        if costs["disk"].round_trip_seconds < costs["unload"].wake_seconds:
+        if costs["disk"].wake_seconds < costs["unload"].wake_seconds:
             return "disk"
         return "unload"
 
@@ -1368,7 +1375,7 @@ class ManagedModel(Generic[T]):
                 self._busy_thread = None
                 self._cond.notify_all()
             if self._owner is not None:
-                self._owner._after_unload(self)
+                self._owner._freed(self)
         self._emit(
             "unload",
             state_before.value,

@@ -155,7 +155,6 @@ class PoolStatus:
 class _Member:
     model: ManagedModel[Any]
     pinned: bool
-    order: int
 
 
 class ModelPool:
@@ -277,7 +276,7 @@ class ModelPool:
                 raise InvalidArgumentError(f"{model.name} already belongs to another pool")
             model._owner = self
             model._scheduler = self._scheduler
-            self._members[model.name] = _Member(model, bool(pin), len(self._members))
+            self._members[model.name] = _Member(model, bool(pin))
             self._peak = max(self._peak, self._charged())
         return model
 
@@ -381,6 +380,8 @@ class ModelPool:
             self._plan = collections.deque(names)
 
     def _advance_plan(self, name: str) -> None:
+        if not self._plan:  # no plan (the usual case): no lock on the lease path
+            return
         with self._lock:
             if self._plan and self._plan[0] == name:
                 self._plan.popleft()
@@ -743,15 +744,8 @@ class ModelPool:
             return 0  # the driver's own accounting already includes the load
         return self._charged() - self.budget_bytes()
 
-    def _after_unload(self, model: ManagedModel[Any]) -> None:
-        with self._lock:
-            self._lock.notify_all()
-
-    def _after_offload(self, model: ManagedModel[Any]) -> None:
-        with self._lock:
-            self._lock.notify_all()
-
-    def _idle(self, model: ManagedModel[Any]) -> None:
+    def _freed(self, model: ManagedModel[Any]) -> None:
+        """A member unloaded, offloaded or went idle: wake admissions waiting for room."""
         with self._lock:
             self._lock.notify_all()
 
