@@ -48,7 +48,7 @@ from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
 from vramkit.devices.cuda import is_initialized as cuda_initialized
 from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError, VramLeakWarning
-from vramkit.memory import MemoryDelta, MemorySnapshot, snapshot
+from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
 from vramkit.oom import _is_coroutine_callable, _qualname
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
 
@@ -592,7 +592,7 @@ class GpuSession:
                 cleanup=report_of_cleanup,
                 new_tensors=None,
                 held=(),
-                allocator_growth_bytes=_growth(before[name], after[name], "allocated_bytes"),
+                allocator_growth_bytes=_allocator_growth(before[name], after[name]),
                 driver_growth_bytes=_driver_growth(before[name], after[name]),
                 leaked_bytes=None,
                 verdict="unchecked",
@@ -657,7 +657,7 @@ class GpuSession:
             census = baseline.new_in(live_tensors(self.device))
             allocator: int | None = census.total_bytes
         else:
-            allocator = _growth(before, latest[name], "allocated_bytes")
+            allocator = _allocator_growth(before, latest[name])
         return _Reading(latest, allocator, _driver_growth(before, latest[name]), census)
 
     def _suspicious(self, reading: _Reading) -> bool:
@@ -730,15 +730,14 @@ def _max_known(a: int | None, b: int | None) -> int | None:
     return a if b is None else max(a, b)
 
 
-def _growth(before: DeviceMemory, after: DeviceMemory, field: str) -> int | None:
-    old, new = getattr(before, field), getattr(after, field)
-    return None if old is None or new is None else new - old
+def _allocator_growth(before: DeviceMemory, after: DeviceMemory) -> int | None:
+    return DeviceMemoryDelta.between(before, after).allocated_bytes
 
 
 def _driver_growth(before: DeviceMemory, after: DeviceMemory) -> int | None:
     """This process per the driver where known (NVML, RSS), else the whole device."""
-    growth = _growth(before, after, "process_used_bytes")
-    return growth if growth is not None else _growth(before, after, "used_bytes")
+    delta = DeviceMemoryDelta.between(before, after)
+    return delta.process_used_bytes if delta.process_used_bytes is not None else delta.used_bytes
 
 
 def _describe_exception(exc: BaseException | None) -> str | None:
