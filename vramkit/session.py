@@ -698,17 +698,11 @@ class _Reading:
 
 def _holders(largest: TensorCensus) -> tuple[HeldTensor, ...]:
     """Who holds each of ``largest``, searched within one shared time budget."""
-    from vramkit.referrers import find_referrers
-
     deadline = time.perf_counter() + _HINT_SECONDS
     found = []
     for info in largest:
-        tensor, remaining = info.tensor, deadline - time.perf_counter()
-        chains = (
-            find_referrers(tensor, max_depth=8, seconds=remaining) if tensor is not None else []
-        )
-        del tensor  # the search's own reference must not outlive it
-        found.append(HeldTensor(info, tuple(chains)))
+        remaining = deadline - time.perf_counter()
+        found.append(HeldTensor(info, tuple(info.referrers(max_depth=8, seconds=remaining))))
         if remaining <= 0:
             break
     return tuple(found)

@@ -70,8 +70,12 @@ class TensorInfo:
         """The tensor, if it is still alive."""
         return self._ref() if self._ref is not None else None
 
-    def referrers(self, *, max_depth: int = 8) -> list[ReferrerChain]:
+    def referrers(self, *, max_depth: int = 8, seconds: float = 2.0) -> list[ReferrerChain]:
         """Who holds this tensor, as readable chains from a root (module global, frame...).
+
+        Args:
+            max_depth: How many referrer levels to walk back.
+            seconds: Time budget of the search (see :func:`~vramkit.find_referrers`).
 
         Returns:
             Chains such as ``__main__.cache[3] -> Linear.weight``; empty when the
@@ -82,7 +86,7 @@ class TensorInfo:
             return []
         from vramkit.referrers import find_referrers
 
-        return find_referrers(tensor, max_depth=max_depth)
+        return find_referrers(tensor, max_depth=max_depth, seconds=seconds)
 
     def describe(self) -> str:
         """One line: ``Tensor[1024, 1024] float32 on cpu, 4.0 MiB``."""
