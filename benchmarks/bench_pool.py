@@ -78,7 +78,7 @@ def main() -> None:
         budget=4 * sum(tight.sizes.values()),
     )
     fetched = tight.loads + tight.wakes
-    headroom = min(8 * 1024**2, tight.budget_bytes // 16)
+    headroom = tight.headroom_bytes
     sequence = [stage for _ in range(args.items) for stage in STAGES]
     best = minimum_fetches(sequence, tight.sizes, tight.budget_bytes, headroom)
     largest = max(tight.sizes.values())

@@ -77,6 +77,7 @@ class DemoResult:
     sizes: dict[str, int]
     items: int
     seconds: float
+    headroom_bytes: int = 0
     transcripts: list[str] = field(default_factory=list)
     events: list[tuple[float, str, str, str]] = field(default_factory=list)  # (t, kind, model, to)
     samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, charged, process)
@@ -117,11 +118,10 @@ def _fmt(value: int | None) -> str:
 
 def default_cache_dir() -> Path:
     """Where the demo builds its models: ``$VRAMKIT_CACHE_DIR/demo`` or the user cache."""
+    from vramkit.offload import _user_cache_dir
+
     override = os.environ.get("VRAMKIT_CACHE_DIR")
-    if override:
-        return Path(override).expanduser() / "demo"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vramkit" / "demo"
+    return Path(override).expanduser() / "demo" if override else _user_cache_dir() / "demo"
 
 
 def build_models(cache_dir: Path) -> dict[str, Any]:
@@ -243,7 +243,7 @@ def run_pipeline(
 
     import_funasr("vramkit demo")  # ~7 s, once: before the clock starts, like any app's imports
     pool = ModelPool(target, budget=budget_bytes, headroom=headroom, name="demo", timeout=60.0)
-    result = DemoResult(str(target), budget_bytes, sizes, items, 0.0)
+    result = DemoResult(str(target), budget_bytes, sizes, items, 0.0, headroom)
     t0 = time.perf_counter()
     backend_cpu = vramkit.devices.get_backend("cpu")
     lock = threading.Lock()
@@ -329,11 +329,9 @@ def run_pipeline(
                 )
             sample()
         result.stage_seconds = timings
-        status = pool.status()
-        result.loads = status.loads
-        result.evictions = status.evictions
+        result.evictions = pool.status().evictions
+        result.loads = sum(pool[s].stats.loads for s in STAGES)
         result.wakes = sum(pool[s].stats.wakes for s in STAGES)
-        result.loads -= result.wakes  # the pool counts wakes as admissions too
     finally:
         stop.set()
         sampling.join()

@@ -234,10 +234,13 @@ _files: set[Path] = set()
 def default_offload_dir() -> Path:
     """Where disk-tier files go: ``$VRAMKIT_CACHE_DIR``, else the user cache dir + ``vramkit``."""
     override = os.environ.get("VRAMKIT_CACHE_DIR")
-    if override:
-        return Path(override).expanduser()
+    return Path(override).expanduser() if override else _user_cache_dir() / "offload"
+
+
+def _user_cache_dir() -> Path:
+    """The user cache folder for vramkit: ``$XDG_CACHE_HOME/vramkit`` or ``~/.cache/vramkit``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vramkit" / "offload"
+    return Path(base) / "vramkit"
 
 
 def _remember(path: Path) -> None:
