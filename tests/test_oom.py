@@ -481,21 +481,15 @@ def test_adaptive_batch_size_bad_input() -> None:
 # --------------------------------------------------------------------------- FunASR
 
 
-@pytest.fixture(scope="module")
-def funasr() -> ModuleType:
-    pytest.importorskip("kaldi_native_fbank")
-    return pytest.importorskip("funasr")
-
-
 def test_adaptive_batch_size_with_funasr_batch_size_s(
-    funasr: ModuleType, tmp_path_factory: pytest.TempPathFactory
+    funasr_module: ModuleType, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     from vramkit.testing.models import build_funasr_paraformer, synthetic_audio
 
     threads = torch.get_num_threads()
     try:
         model_dir = build_funasr_paraformer(tmp_path_factory.mktemp("paraformer"))
-        model = funasr.AutoModel(
+        model = funasr_module.AutoModel(
             model=str(model_dir), device="cpu", disable_update=True, disable_pbar=True, ncpu=1
         )
         audio = synthetic_audio(1.0)

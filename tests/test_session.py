@@ -483,19 +483,10 @@ def test_entering_and_leaving_without_leak_check_is_cheap() -> None:
 
 
 @pytest.fixture(scope="module")
-def funasr() -> ModuleType:
-    pytest.importorskip("kaldi_native_fbank")
-    return pytest.importorskip("funasr")
-
-
-@pytest.fixture(scope="module")
-def pipeline(funasr: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from vramkit.testing.models import build_funasr_pipeline
-
+def pipeline(funasr_module: ModuleType, funasr_pipeline: Any) -> Iterator[Any]:
     threads = torch.get_num_threads()
-    dirs = build_funasr_pipeline(tmp_path_factory.mktemp("funasr_pipeline"))
-    model = funasr.AutoModel(
-        **dirs.automodel_kwargs(),
+    model = funasr_module.AutoModel(
+        **funasr_pipeline.automodel_kwargs(),
         device="cpu",
         disable_update=True,
         disable_pbar=True,

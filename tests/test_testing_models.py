@@ -42,28 +42,23 @@ def _keep_torch_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def funasr() -> Any:
-    """Import funasr once per session (about 7 s: it imports all its submodules)."""
-    pytest.importorskip("kaldi_native_fbank")
-    return pytest.importorskip("funasr")
-
-
-@pytest.fixture(scope="session")
-def funasr_dirs(funasr: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def funasr_dirs(
+    funasr_module: ModuleType, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """Each FunASR kind built once per session."""
     root = tmp_path_factory.mktemp("funasr_models")
     return {kind: build(root / kind) for kind, build in FUNASR_BUILDERS.items()}
 
 
 @pytest.fixture(scope="session")
-def load_funasr(funasr: ModuleType) -> Callable[..., Any]:
+def load_funasr(funasr_module: ModuleType) -> Callable[..., Any]:
     """AutoModel with offline, quiet, single-thread settings."""
 
     def load(**kwargs: Any) -> Any:
         for key in ("model", "vad_model", "punc_model"):
             if key in kwargs:
                 kwargs[key] = str(kwargs[key])
-        return funasr.AutoModel(
+        return funasr_module.AutoModel(
             device="cpu", disable_update=True, disable_pbar=True, ncpu=1, **kwargs
         )
 
@@ -215,7 +210,7 @@ def test_sensevoice_generates_with_language_and_itn(
 
 
 def test_vad_asr_punc_pipeline_end_to_end(
-    funasr: ModuleType,
+    funasr_module: ModuleType,
     tmp_path_factory: pytest.TempPathFactory,
     load_funasr: Callable[..., Any],
 ) -> None:
@@ -231,7 +226,7 @@ def test_vad_asr_punc_pipeline_end_to_end(
 
 
 def test_pipeline_reuses_complete_builds_and_replaces_broken_ones(
-    funasr: ModuleType, tmp_path: Path
+    funasr_module: ModuleType, tmp_path: Path
 ) -> None:
     dirs = M.build_funasr_pipeline(tmp_path)
     assert {dirs.asr.name, dirs.vad.name, dirs.punc.name} == {"asr", "vad", "punc"}
@@ -261,7 +256,7 @@ def test_pipeline_reuses_complete_builds_and_replaces_broken_ones(
 
 
 def test_failed_build_leaves_nothing_behind(
-    funasr: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    funasr_module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "vad"
 
@@ -285,7 +280,9 @@ def test_failed_build_leaves_nothing_behind(
 
 
 @pytest.mark.parametrize("kind", sorted(FUNASR_BUILDERS))
-def test_funasr_builds_are_deterministic(funasr: ModuleType, tmp_path: Path, kind: str) -> None:
+def test_funasr_builds_are_deterministic(
+    funasr_module: ModuleType, tmp_path: Path, kind: str
+) -> None:
     build = FUNASR_BUILDERS[kind]
     a, b, c = build(tmp_path / "a"), build(tmp_path / "b"), build(tmp_path / "c", seed=1)
     sa, sb, sc = (torch.load(p / "model.pt", map_location="cpu") for p in (a, b, c))
@@ -297,7 +294,7 @@ def test_funasr_builds_are_deterministic(funasr: ModuleType, tmp_path: Path, kin
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_funasr_build_leaves_global_state_alone(funasr: ModuleType, tmp_path: Path) -> None:
+def test_funasr_build_leaves_global_state_alone(funasr_module: ModuleType, tmp_path: Path) -> None:
     # build_model seeds all three global generators and sets torch's threads
     threads = torch.get_num_threads()
     torch_state = torch.random.get_rng_state()
