@@ -21,7 +21,7 @@ from typing import Any
 from vramkit._units import format_bytes
 from vramkit.devices import DeviceLike, get_backend
 from vramkit.devices.cpu import malloc_trim
-from vramkit.memory import MemoryDelta, MemorySnapshot, snapshot, target_devices
+from vramkit.memory import MemoryDelta, MemorySnapshot, read_devices, target_devices
 
 __all__ = ["CleanupReport", "cleanup"]
 
@@ -119,7 +119,7 @@ def cleanup(
     """
     started = time.perf_counter()
     devices = target_devices(device)
-    before = snapshot(devices)
+    before = read_devices(devices)
     steps: list[str] = []
     collected = 0
     if gc_collect:
@@ -137,7 +137,7 @@ def cleanup(
     trimmed = trim and malloc_trim()
     if trimmed:
         steps.append("malloc_trim")
-    after = snapshot(devices)
+    after = read_devices(devices)
     return CleanupReport(
         before=before,
         after=after,

@@ -195,7 +195,11 @@ def snapshot(device: DeviceLike | Iterable[DeviceLike] | None = None) -> MemoryS
         InvalidArgumentError: A malformed or unknown device name.
         DeviceUnavailableError: A device this machine lacks.
     """
-    devices = target_devices(device)
+    return read_devices(target_devices(device))
+
+
+def read_devices(devices: tuple[Device, ...]) -> MemorySnapshot:
+    """A snapshot of devices already resolved (by :func:`target_devices`), not checked again."""
     wall, mono = time.time(), time.perf_counter()
     readings = tuple(get_backend(d.kind).read(d.index or 0) for d in devices)
     return MemorySnapshot(readings, wall, mono)
