@@ -367,7 +367,6 @@ class _Plan:
     leak: _LeakSpec | None
     limit_bytes: int | None
     device: DeviceLike | None
-    models: bool  # asked for managed_model_factory
     error: str | None = None  # a marker misused after collection (added by a hook)
 
     @property
@@ -473,12 +472,11 @@ class Manager:
         try:
             leak, limit = _read_markers(item)
         except ValueError as exc:  # a marker added after collection, by a hook
-            return _Plan(None, None, None, models=False, error=str(exc))
-        models = _FACTORY in names
+            return _Plan(None, None, None, error=str(exc))
         if leak is None and (_GUARD in names or self.settings.leak_check_all):
             leak = _LeakSpec(None, None, None)
-        if leak is None and limit is None and not models:
-            return None
+        if leak is None and limit is None and _FACTORY not in names:
+            return None  # a plan without a measurement still tracks the factory's models
         device = (leak.device if leak is not None else None) or (
             limit.device if limit is not None else None
         )
@@ -486,7 +484,6 @@ class Manager:
             self._settled(leak) if leak is not None else None,
             limit.limit_bytes if limit is not None else None,
             device if device is not None else self.settings.device,
-            models=models,
         )
 
     def _settled(self, leak: _LeakSpec) -> _LeakSpec:
@@ -564,9 +561,7 @@ class Manager:
         if plan is not None and plan.error is not None:
             pytest.fail(plan.error, pytrace=False)
         if plan is None or not plan.measured:  # asked for by getfixturevalue: a leak check
-            plan = _Plan(
-                self._settled(_LeakSpec(None, None, None)), None, self.settings.device, models=False
-            )
+            plan = _Plan(self._settled(_LeakSpec(None, None, None)), None, self.settings.device)
         from vramkit.devices import resolve_device
         from vramkit.errors import DeviceUnavailableError
         from vramkit.session import GpuSession
@@ -681,11 +676,21 @@ def _drop_function_fixture_values(item: pytest.Item) -> None:
     funcargs = getattr(item, "funcargs", None)
     if not isinstance(funcargs, dict):
         return
-    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None)
+    function_scoped = _function_scoped(item)
     for name in list(funcargs):
-        found = definitions.get(name) if isinstance(definitions, Mapping) else None
-        if not found or found[-1].scope == "function":
+        if function_scoped is None or function_scoped(name):
             del funcargs[name]
+
+
+def _function_scoped(item: pytest.Item) -> Callable[[str], bool] | None:
+    """Whether a fixture of ``item`` is function-scoped (one without a definition is).
+
+    ``None`` when pytest's fixture definitions cannot be read at all.
+    """
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None)
+    if not isinstance(definitions, Mapping):
+        return None
+    return lambda name: not definitions.get(name) or definitions[name][-1].scope == "function"
 
 
 def _report_of(run: SessionRun) -> SessionReport | None:
@@ -704,17 +709,10 @@ def _move_guard_first(item: pytest.Function) -> None:
     function-scoped fixture and no session-, module- or class-scoped one.
     """
     names = [name for name in item.fixturenames if name != _GUARD]
-    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None)
+    function_scoped = _function_scoped(item)
     position = len(names)  # unknown scopes: last, so nothing wider can count
-    if isinstance(definitions, Mapping):
-        position = next(
-            (
-                index
-                for index, name in enumerate(names)
-                if not definitions.get(name) or definitions[name][-1].scope == "function"
-            ),
-            len(names),
-        )
+    if function_scoped is not None:
+        position = next((i for i, name in enumerate(names) if function_scoped(name)), position)
     names.insert(position, _GUARD)
     # A new list: parametrized siblings share the old one, and may not ask for the guard.
     item.fixturenames = names
