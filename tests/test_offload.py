@@ -430,3 +430,23 @@ def test_files_left_by_dead_processes_are_swept(tmp_path: Path) -> None:
     mm.offload("disk")
     assert not stale.exists()
     assert alive.exists()
+
+
+def test_disk_wake_of_a_tensor_over_2_to_the_24_elements_reads_the_file(tmp_path: Path) -> None:
+    # The unchanged-weights stamp once took float32 sample indices, which ran past
+    # the end of such a tensor: every wake of a model with one (any LLM's
+    # embedding) fell back to the loader.
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Embedding(2**24 + 8, 1)
+
+    mm = ManagedModel.from_torch(build, device="cpu", name="wide", offload_dir=tmp_path)
+    ids = torch.tensor([0, 2**24 + 7])
+    before = mm(ids)
+    mm.offload("disk")
+    report = mm.wake()
+    assert report is not None
+    assert report.fallback is None, str(report)
+    assert mm.stats.loads == 1
+    assert torch.equal(mm(ids), before)
+    assert mm.offload("disk").reused_file  # and the stamp recognises the file as unchanged

@@ -212,7 +212,11 @@ def _sample(tensor: torch.Tensor, points: int = 64) -> bytes:
     count = flat.numel()
     if count == 0:
         return b""
-    index = torch.linspace(0, count - 1, steps=min(count, points), device=flat.device).long()
+    steps = min(count, points)
+    # Integer arithmetic: float32 linspace rounds count - 1 up to count for
+    # tensors over 2**24 elements (any LLM's embedding) and indexes past the end.
+    index = torch.arange(steps, dtype=torch.int64, device=flat.device) * (count - 1)
+    index = index // max(steps - 1, 1)
     values = flat.index_select(0, index).cpu()
     return bytes(values.view(torch.uint8).numpy()) if values.is_contiguous() else b""
 
