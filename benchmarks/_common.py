@@ -13,6 +13,27 @@ from collections.abc import Callable
 from typing import Any
 
 
+def versions(*, threads: bool = False, with_pytest: bool = False) -> str:
+    """The line each benchmark starts with: what its figures were measured on."""
+    import os
+    import platform
+
+    import torch
+
+    import vramkit
+
+    parts = [f"vramkit {vramkit.__version__}"]
+    if with_pytest:
+        import pytest
+
+        parts.append(f"pytest {pytest.__version__}")
+    parts += [f"torch {torch.__version__}", f"Python {platform.python_version()}"]
+    parts.append(platform.machine())
+    if threads:
+        parts.append(f"{os.cpu_count()} cpus, {torch.get_num_threads()} torch threads")
+    return " · ".join(parts)
+
+
 def median_seconds(fn: Callable[[], object], *, runs: int, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` over ``runs`` calls, after ``warmup`` calls."""
     for _ in range(warmup):

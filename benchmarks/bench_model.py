@@ -20,7 +20,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 
 import psutil
 import torch
-from _common import fmt_seconds, interleaved_per_call
+from _common import fmt_seconds, interleaved_per_call, versions
 
 import vramkit
 from vramkit import ManagedModel
@@ -281,11 +280,7 @@ def main() -> None:
         print(json.dumps(child(variant)))
         return
     quick = "--quick" in sys.argv
-    print(
-        f"vramkit {vramkit.__version__} · torch {torch.__version__} · "
-        f"Python {platform.python_version()} · {platform.machine()} · "
-        f"{os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
-    )
+    print(versions(threads=True))
     overhead(quick)
     unload_memory(quick)
 

@@ -23,19 +23,18 @@ import contextlib
 import gc
 import mmap
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import numpy as np
 import psutil
 import torch
-from _common import fmt_seconds
+from _common import fmt_seconds, median_seconds, versions
 
 import vramkit
 from vramkit import ManagedModel
@@ -79,13 +78,10 @@ def filesystem_of(path: str) -> str:
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """One call's wall time (samples taken in turn with others, then reduced by median)."""
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
-
-
-def median_of(samples: list[float]) -> float:
-    return statistics.median(samples)
 
 
 def read_into(path: str, buffer: np.ndarray[Any, Any]) -> None:
@@ -126,7 +122,7 @@ def time_readinto(path: str, nbytes: int, runs: int) -> float:
     """Median time to read the cached file into a buffer allocated and touched beforehand."""
     buffer = np.ones(nbytes, dtype=np.uint8)
     read_into(path, buffer)  # and the file is in the page cache
-    return median_of([timed(lambda: read_into(path, buffer)) for _ in range(runs)])
+    return median_seconds(lambda: read_into(path, buffer), runs=runs, warmup=0)
 
 
 def make_loader(path: str, dim: int) -> Callable[[], torch.nn.Module]:
@@ -141,11 +137,7 @@ def make_loader(path: str, dim: int) -> Callable[[], torch.nn.Module]:
 def main() -> None:
     quick = "--quick" in sys.argv
     loader_runs, tier_runs, read_runs = (3, 3, 5) if quick else (5, 7, 9)
-    print(
-        f"vramkit {vramkit.__version__} · torch {torch.__version__} · "
-        f"Python {platform.python_version()} · {platform.machine()} · "
-        f"{os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
-    )
+    print(versions(threads=True))
     with tempfile.TemporaryDirectory(prefix="bench-offload-") as workdir:
         run(workdir, loader_runs, tier_runs, read_runs)
 
@@ -219,21 +211,21 @@ def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
     mm.offload("disk")
     file_bytes = os.path.getsize(path)
     readinto_s = time_readinto(path, file_bytes, read_runs)
-    mapped_s = median_of([timed(lambda: mmap_read_all(path)) for _ in range(read_runs)])
-    touch_s = median_of([timed(lambda: mmap_touch(path)) for _ in range(read_runs)])
+    mapped_s = median_seconds(lambda: mmap_read_all(path), runs=read_runs, warmup=0)
+    touch_s = median_seconds(lambda: mmap_touch(path), runs=read_runs, warmup=0)
     mm.wake()
     mm(x)
     mm.unload()
     memory["UNLOADED (end)"] = host_memory()
 
-    loader_s, disk_s, cpu_s = median_of(loader), median_of(disk), median_of(cpu)
-    forward = median_of(warm)
+    loader_s, disk_s, cpu_s = median(loader), median(disk), median(cpu)
+    forward = median(warm)
     bound = min(readinto_s, mapped_s)
     rows = [
         ("forward alone, model READY (warm)", forward, None),
         ("(a) loader: build + load_state_dict(torch.load)", loader_s, None),
-        ("(b) disk tier: wake + first forward", disk_s, median_of(disk_wake)),
-        ("(c) cpu tier: wake + first forward", cpu_s, median_of(cpu_wake)),
+        ("(b) disk tier: wake + first forward", disk_s, median(disk_wake)),
+        ("(c) cpu tier: wake + first forward", cpu_s, median(cpu_wake)),
     ]
     print(
         f"\nTime to READY + first forward (median of {loader_runs} loader runs, "
@@ -270,10 +262,10 @@ def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
         "touch,\nso wake() alone looks cheaper than it is; 'wake + first forward' is the honest "
         "figure."
     )
-    print(f"{'  wake() alone':<50} {fmt_seconds(median_of(lazy_wake)):>10}")
-    first_touch = fmt_seconds(median_of(lazy_first))
+    print(f"{'  wake() alone':<50} {fmt_seconds(median(lazy_wake)):>10}")
+    first_touch = fmt_seconds(median(lazy_first))
     print(f"{'  first forward after it (pages read here)':<50} {first_touch:>10}")
-    print(f"{'  second forward':<50} {fmt_seconds(median_of(lazy_second)):>10}")
+    print(f"{'  second forward':<50} {fmt_seconds(median(lazy_second)):>10}")
 
     print("\nHost memory held in each state (MiB vs before the first load)")
     header = f"{'state':<26} {'RSS':>8}"
@@ -322,10 +314,10 @@ def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
 
 
 def cuda_bandwidth(
-    loader: Callable[[], torch.nn.Module], dim: int, workdir: str, runs: int, where: str = "cuda"
+    loader: Callable[[], torch.nn.Module], dim: int, workdir: str, runs: int
 ) -> None:
     """The cpu tier's wake on CUDA vs a plain pinned ``tensor.to("cuda")`` of the same bytes."""
-    device = torch.device(where)
+    device = torch.device("cuda")
     mm = ManagedModel.from_torch(loader, device=device, name="mlp512-cuda", offload_dir=workdir)
     x = torch.randn(1, dim, device=device)
     mm(x)
@@ -365,13 +357,13 @@ def cuda_bandwidth(
     del host
     torch.cuda.empty_cache()
 
-    wake_s, copy_s = median_of(wakes), median_of(copies)
+    wake_s, copy_s = median(wakes), median(copies)
     print(
         f"\nCUDA ({torch.cuda.get_device_name()}): cpu-tier wake of {nbytes / MIB:.0f} MiB, "
         f"host copy pinned: {pinned} (median of {runs})"
     )
     print(f"{'cpu-tier wake()':<50} {fmt_seconds(wake_s):>10} {nbytes / wake_s / 1e9:>7.2f} GB/s")
-    print(f"{'cpu-tier wake + first forward':<50} {fmt_seconds(median_of(first_forward)):>10}")
+    print(f"{'cpu-tier wake + first forward':<50} {fmt_seconds(median(first_forward)):>10}")
     print(
         f"{'pinned tensor.to(cuda), one block (peak)':<50} {fmt_seconds(copy_s):>10} "
         f"{nbytes / copy_s / 1e9:>7.2f} GB/s"

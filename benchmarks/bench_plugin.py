@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import platform
 import statistics
 import tempfile
 import textwrap
@@ -26,10 +25,8 @@ from collections.abc import Generator
 from pathlib import Path
 
 import pytest
-import torch
-from _common import fmt_seconds, load_heap, median_per_call
+from _common import fmt_seconds, load_heap, median_per_call, versions
 
-import vramkit
 from vramkit.devices import default_device
 
 TESTS = 30  # of each kind
@@ -119,11 +116,7 @@ def main() -> None:
         )
         path = Path(workdir) / "test_bench.py"
         path.write_text(textwrap.dedent(TEST_FILE).format(tests=tests), encoding="utf-8")
-        print(
-            f"vramkit {vramkit.__version__} · pytest {pytest.__version__} · "
-            f"torch {torch.__version__} · Python {platform.python_version()} · "
-            f"{platform.machine()}"
-        )
+        print(versions(with_pytest=True))
         print(f"device: {device} · {heap} · {len(gc.get_objects()):,} gc-tracked objects")
         print(
             f"method: pytest.main in this process, {TESTS} tests of each kind per run; wall time "

@@ -10,12 +10,10 @@ Prints medians and the ratio against two bare ``vramkit.snapshot()`` calls
 from __future__ import annotations
 
 import gc
-import platform
 import tempfile
 from typing import Any
 
-import torch
-from _common import fmt_seconds, load_heap, median_per_call, median_seconds
+from _common import fmt_seconds, load_heap, median_per_call, median_seconds, versions
 
 import vramkit
 from vramkit.devices import default_device
@@ -30,10 +28,7 @@ def main() -> None:
         heap, model = load_heap(workdir)
         device = default_device()
         tensors = vramkit.live_tensors(device)
-        print(
-            f"vramkit {vramkit.__version__} · torch {torch.__version__} · "
-            f"Python {platform.python_version()} · {platform.machine()}"
-        )
+        print(versions())
         print(f"device: {device} · {heap}")
         print(
             f"heap: {len(gc.get_objects()):,} gc-tracked objects, "

@@ -7,12 +7,10 @@ Prints medians and the ratio against a bare ``psutil.Process().memory_info()``
 from __future__ import annotations
 
 import gc
-import platform
 import sys
 
 import psutil
-import torch
-from _common import fmt_seconds, median_per_call, median_seconds
+from _common import fmt_seconds, median_per_call, median_seconds, versions
 
 import vramkit
 from vramkit.devices import available_devices
@@ -24,10 +22,7 @@ def main() -> None:
         import funasr  # noqa: F401  - a realistic heap for cleanup's gc.collect
 
     devices = ", ".join(str(d) for d in available_devices())
-    print(
-        f"vramkit {vramkit.__version__} · torch {torch.__version__} · "
-        f"Python {platform.python_version()} · {platform.machine()}"
-    )
+    print(versions())
     print(
         f"devices: {devices} · gc-tracked objects: {len(gc.get_objects()):,}"
         + (" (funasr imported)" if heavy else "")
