@@ -124,9 +124,7 @@ class KeepAliveScheduler:
                         self._cond.wait()
                 if self._closed:
                     return
-            # Outside the lock: unloading may take seconds and re-schedule.
-            for model, stamp in self._pop_due():
-                self._fire(model, stamp)
+            self.run_due()  # outside the lock: unloading may take seconds and re-schedule
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread (pending expiries are dropped) and wait for it to end."""
