@@ -5,7 +5,7 @@ def test_all_is_exactly_the_public_names() -> None:
     import types
 
     for name in vramkit.__all__:
-        getattr(vramkit, name)  # lazy names load on first access
+        getattr(vramkit, name)  # every public name resolves; lazy ones load on first access
     public = {
         name
         for name, value in vars(vramkit).items()
@@ -16,6 +16,17 @@ def test_all_is_exactly_the_public_names() -> None:
         )
     }
     assert set(vramkit.__all__) - {"__version__"} == public
+
+
+def test_every_lazy_name_is_public_and_importable_from_its_module() -> None:
+    import importlib
+
+    lazy = vramkit._LAZY
+    assert set(lazy) <= set(vramkit.__all__), "lazy names missing from __all__"
+    for name, module in lazy.items():
+        imported = importlib.import_module(module)
+        value = imported if module == f"vramkit.{name}" else getattr(imported, name)
+        assert getattr(vramkit, name) is value, name
 
 
 def test_function_names_are_not_shadowed_by_modules() -> None:

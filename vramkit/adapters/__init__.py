@@ -4,8 +4,8 @@ Built in, tried in this order: FunASR ``AutoModel``, ONNX Runtime
 ``InferenceSession``, torch ``nn.Module``, and a fallback for any other object
 (measured through the torch modules and tensors in its attributes). Anything
 with its own teardown gets a :class:`GenericAdapter` with ``release=`` and
-``size=``. A new kind joins with :func:`register_adapter`; nothing in vramkit
-branches on types by name.
+``size=``. A new kind joins with :func:`register_adapter` (and leaves with
+:func:`unregister_adapter`); nothing in vramkit branches on types by name.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
     "TorchAdapter",
     "adapter_for",
     "register_adapter",
+    "unregister_adapter",
 ]
 
 _lock = threading.Lock()
@@ -51,6 +52,13 @@ def register_adapter(adapter: Adapter) -> None:
         )
     with _lock:
         _adapters = (adapter, *(a for a in _adapters if a is not adapter))
+
+
+def unregister_adapter(adapter: Adapter) -> None:
+    """Forget ``adapter``: :func:`adapter_for` no longer returns it (a no-op if not registered)."""
+    global _adapters
+    with _lock:
+        _adapters = tuple(a for a in _adapters if a is not adapter)
 
 
 def adapter_for(obj: object) -> Adapter:
