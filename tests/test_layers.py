@@ -63,7 +63,6 @@ LAYERS: dict[str, tuple[int, str]] = {
 # Imports that break the layer rule today, as "importer -> imported".
 KNOWN_VIOLATIONS = {
     "vramkit -> vramkit.cli",  # status() lives in the command line
-    "vramkit.adapters._torch_util -> vramkit.tensors",  # the heap walk
     "vramkit.events -> vramkit.devices",  # DeviceMemory, as an annotation
     "vramkit.model -> vramkit.oom",  # is_oom_error, for a wake that failed
     "vramkit.model -> vramkit.policy",  # CleanupPolicy, as an annotation
@@ -73,17 +72,11 @@ KNOWN_VIOLATIONS = {
 KNOWN_CIRCLES = {
     ("vramkit", "vramkit.cli", "vramkit.demo"),  # through status() in the command line
     ("vramkit.model", "vramkit.offload"),
-    ("vramkit.referrers", "vramkit.tensors"),
 }
 
 # Private names imported from another part of the package, as "importer -> module.name".
 KNOWN_PRIVATE_IMPORTS = {
-    "vramkit.demo -> vramkit.offload._user_cache_dir",
     "vramkit.model -> vramkit.offload._HOST_HEADROOM",
-    "vramkit.policy -> vramkit.oom._is_coroutine_callable",
-    "vramkit.pool -> vramkit.model._keep_alive_seconds",
-    "vramkit.session -> vramkit.oom._is_coroutine_callable",
-    "vramkit.session -> vramkit.oom._qualname",
 }
 
 

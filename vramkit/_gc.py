@@ -7,6 +7,10 @@ such a tuple when its thread resumes, that thread fails with ``SystemError:
 bad argument to internal function``. So heap walks run inside
 :func:`exclusive`, which keeps the GIL (no thread switch while the walk runs
 Python code) and must drop every reference it took before it returns.
+
+The heap walks themselves live here too (:func:`tensors_in_heap`), so the
+census, the referrer search and the adapters that free survivors share one.
+torch is imported only when a walk runs: ``import vramkit`` stays torch-free.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ import gc
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-__all__ = ["exclusive"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["exclusive", "tensors_in_heap"]
 
 _lock = threading.Lock()
 _walkers = 0
@@ -52,3 +60,39 @@ def exclusive() -> Iterator[None]:
                 if _gc_was_enabled:
                     gc.enable()
                 sys.setswitchinterval(_saved_interval)
+
+
+def tensors_in_heap() -> list[torch.Tensor]:
+    """Every tensor the garbage collector tracks, subclasses (``Parameter``) included.
+
+    Found as the referrers of the tensor classes (every instance of a Python
+    class refers to its class), not by walking ``gc.get_objects()``: that list
+    would hold every object in the heap, including tuples other threads are
+    still filling, and a thread resuming while it is held fails with
+    ``SystemError`` (see :mod:`vramkit._gc`). It is also several times faster.
+    """
+    import torch
+
+    classes = _tensor_classes(torch.Tensor)
+    with exclusive():
+        holders = gc.get_referrers(*classes)
+        try:
+            # type() and issubclass(), not isinstance(): isinstance reads
+            # obj.__class__, which some proxies answer with a warning.
+            return [h for h in holders if issubclass(type(h), torch.Tensor)]
+        finally:
+            holders.clear()
+
+
+def _tensor_classes(base: type) -> list[type]:
+    found: list[type] = []
+    stack: list[type] = [base]
+    seen: set[int] = set()
+    while stack:
+        cls = stack.pop()
+        if id(cls) in seen:
+            continue
+        seen.add(id(cls))
+        found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found

@@ -15,6 +15,7 @@ models outside a pool share a process-wide one. Threads are daemons, stopped by
 from __future__ import annotations
 
 import atexit
+import datetime
 import heapq
 import logging
 import threading
@@ -23,7 +24,9 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Expirable", "KeepAliveScheduler", "default_scheduler"]
+from vramkit.errors import InvalidArgumentError
+
+__all__ = ["Expirable", "KeepAliveScheduler", "default_scheduler", "keep_alive_seconds"]
 
 _log = logging.getLogger("vramkit")
 
@@ -159,3 +162,21 @@ def default_scheduler() -> KeepAliveScheduler:
             _default = KeepAliveScheduler()
             atexit.register(_default.close)
         return _default
+
+
+def keep_alive_seconds(value: float | datetime.timedelta | None) -> float | None:
+    """Check a ``keep_alive`` setting; returns seconds as a float, or ``None`` (never expire)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise InvalidArgumentError(
+            f"keep_alive must be seconds >= 0 (0 unloads when idle), a timedelta, or None "
+            f"(never expire); got {value!r}"
+        )
+    if value < 0:
+        raise InvalidArgumentError(
+            f"keep_alive must be >= 0 seconds, or None to never expire; got {value!r}"
+        )
+    return float(value)

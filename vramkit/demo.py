@@ -118,10 +118,10 @@ def _fmt(value: int | None) -> str:
 
 def default_cache_dir() -> Path:
     """Where the demo builds its models: ``$VRAMKIT_CACHE_DIR/demo`` or the user cache."""
-    from vramkit.offload import _user_cache_dir
+    from vramkit._utils import user_cache_dir
 
     override = os.environ.get("VRAMKIT_CACHE_DIR")
-    return Path(override).expanduser() / "demo" if override else _user_cache_dir() / "demo"
+    return Path(override).expanduser() / "demo" if override else user_cache_dir() / "demo"
 
 
 def build_models(cache_dir: Path) -> dict[str, Any]:

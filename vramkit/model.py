@@ -18,7 +18,6 @@ names the holder and the memory is freed anyway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import functools
 import gc
@@ -27,7 +26,6 @@ import itertools
 import os
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -39,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overlo
 import torch
 
 from vramkit import events
-from vramkit._keepalive import KeepAliveScheduler, default_scheduler
+from vramkit._keepalive import KeepAliveScheduler, default_scheduler, keep_alive_seconds
 from vramkit._units import format_bytes, parse_bytes
+from vramkit._utils import callable_name, clear_frames
 from vramkit.adapters import Adapter, GenericAdapter, adapter_for
 from vramkit.adapters.funasr import funasr_side_effects_undone, import_funasr
 from vramkit.cleaning import CleanupReport, cleanup
@@ -402,7 +401,7 @@ class ManagedModel(Generic[T]):
                 f"loader must be a zero-argument callable that returns the model; got {loader!r}"
             )
         if name is None:
-            name = _callable_name(loader)
+            name = callable_name(loader)
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
         if adapter is not None and (release is not None or size is not None):
@@ -418,7 +417,7 @@ class ManagedModel(Generic[T]):
         self._loader = loader
         self._name = name
         self._device = resolve_device(device)
-        self._keep_alive = _keep_alive_seconds(keep_alive)
+        self._keep_alive = keep_alive_seconds(keep_alive)
         self._adapter_override = adapter
         self._adapter: Adapter | None = None
         self._inference_mode = bool(inference_mode)
@@ -507,7 +506,7 @@ class ManagedModel(Generic[T]):
         config = {"factory": getattr(factory, "__qualname__", repr(factory)), "dtype": dtype}
         return ManagedModel[torch.nn.Module](
             load_torch,
-            name=name or _callable_name(factory),
+            name=name or callable_name(factory),
             device=target,
             config=config,
             **options,
@@ -966,7 +965,7 @@ class ManagedModel(Generic[T]):
             # The failed load's frames hold whatever it built: clear them so a
             # half-built model does not stay alive through the traceback.
             obj = None
-            _clear_frames(exc.__traceback__)
+            clear_frames(exc.__traceback__)
             with self._cond:
                 self._state = ModelState.UNLOADED
                 self._busy_thread = None
@@ -1479,10 +1478,10 @@ class ManagedModel(Generic[T]):
                 adapter.release(obj)
         except Exception as exc:  # recorded and raised after the unload completes
             error = f"{type(exc).__name__}: {exc}"
-            _clear_frames(exc.__traceback__)  # the release's frames hold the model
+            clear_frames(exc.__traceback__)  # the release's frames hold the model
         except BaseException as exc:  # KeyboardInterrupt: finish dropping, then re-raise
             error = f"{type(exc).__name__} during release"
-            _clear_frames(exc.__traceback__)
+            clear_frames(exc.__traceback__)
             interrupted = exc
         refs, verified, labels = _track(obj, adapter)
         expected = self._stats.size_bytes
@@ -1708,23 +1707,6 @@ class _InferenceFunction(Generic[R]):
 # ---------------------------------------------------------------------- helpers
 
 
-def _keep_alive_seconds(value: float | datetime.timedelta | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime.timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise InvalidArgumentError(
-            f"keep_alive must be seconds >= 0 (0 unloads when idle), a timedelta, or None "
-            f"(never expire); got {value!r}"
-        )
-    if value < 0:
-        raise InvalidArgumentError(
-            f"keep_alive must be >= 0 seconds, or None to never expire; got {value!r}"
-        )
-    return float(value)
-
-
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".ort", ".ckpt", ".gguf")
 
 
@@ -1752,11 +1734,6 @@ def _is_oom(exc: BaseException) -> bool:
     from vramkit.oom import is_oom_error
 
     return is_oom_error(exc)
-
-
-def _callable_name(fn: object) -> str:
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    return "model" if name == "<lambda>" else name
 
 
 def _grew_by(before: DeviceMemory, after: DeviceMemory) -> int | None:
@@ -1838,11 +1815,6 @@ def _holders_of(survivors: list[Any]) -> Iterator[ReferrerChain]:
             seen.add(chain.steps)
             roots.add(chain.steps[0])
             yield chain
-
-
-def _clear_frames(tb: TracebackType | None) -> None:
-    with contextlib.suppress(RuntimeError):  # a frame still executing is not ours to clear
-        traceback.clear_frames(tb)
 
 
 def _check_funasr_path(key: str, value: object) -> None:

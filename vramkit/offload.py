@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from vramkit._units import format_bytes
+from vramkit._utils import user_cache_dir
 from vramkit.devices import Device, DeviceMemory, get_backend
 from vramkit.errors import InvalidArgumentError, OffloadError
 
@@ -238,13 +239,7 @@ _files: set[Path] = set()
 def default_offload_dir() -> Path:
     """Where disk-tier files go: ``$VRAMKIT_CACHE_DIR``, else the user cache dir + ``vramkit``."""
     override = os.environ.get("VRAMKIT_CACHE_DIR")
-    return Path(override).expanduser() if override else _user_cache_dir() / "offload"
-
-
-def _user_cache_dir() -> Path:
-    """The user cache folder for vramkit: ``$XDG_CACHE_HOME/vramkit`` or ``~/.cache/vramkit``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vramkit"
+    return Path(override).expanduser() if override else user_cache_dir() / "offload"
 
 
 def _remember(path: Path) -> None:

@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, overload, runtime_checkable
 
+from vramkit._utils import is_coroutine_callable, qualname
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import InvalidArgumentError, OutOfMemoryError
@@ -172,19 +173,6 @@ class SupportsEvictIdle(Protocol):
         ...
 
 
-def _qualname(function: Callable[..., Any]) -> str:
-    return str(getattr(function, "__qualname__", None) or getattr(function, "__name__", function))
-
-
-def _is_coroutine_callable(function: object) -> bool:
-    """Whether calling ``function`` returns a coroutine (functions, partials, callable objects)."""
-    if inspect.isclass(function):
-        return False
-    if inspect.iscoroutinefunction(function):
-        return True
-    return inspect.iscoroutinefunction(getattr(function, "__call__", None))  # noqa: B004
-
-
 def _resolve_optional(device: DeviceLike | None) -> Device | None:
     # None stays None: clean every available device, since an OOM on one
     # device often follows memory held on the host or another device.
@@ -294,8 +282,8 @@ def oom_retry(
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         if not callable(function) or inspect.isclass(function):
             raise InvalidArgumentError(f"oom_retry decorates a function; got {function!r}")
-        name = _qualname(function)
-        if _is_coroutine_callable(function):
+        name = qualname(function)
+        if is_coroutine_callable(function):
             coroutine_function = cast("Callable[..., Coroutine[Any, Any, Any]]", function)
 
             @functools.wraps(function)
@@ -408,13 +396,13 @@ class _Placement:
         if found is None:
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
                 raise InvalidArgumentError(
-                    f"{_qualname(function)} has no parameter {param!r} to receive the batch "
+                    f"{qualname(function)} has no parameter {param!r} to receive the batch "
                     f"size; add one (it may have a default) or pass param='...'"
                 )
             return
         if found.kind is inspect.Parameter.POSITIONAL_ONLY:
             raise InvalidArgumentError(
-                f"{_qualname(function)}'s {param!r} is positional-only; the batch size is "
+                f"{qualname(function)}'s {param!r} is positional-only; the batch size is "
                 "passed by keyword"
             )
         if found.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
@@ -508,9 +496,9 @@ def adaptive_batch_size(
             )
         placement = _Placement(function, param)
         state = _BatchState(start)
-        name = _qualname(function)
+        name = qualname(function)
         wrapper: Any
-        if _is_coroutine_callable(function):
+        if is_coroutine_callable(function):
             coroutine_function = cast("Callable[..., Coroutine[Any, Any, Any]]", function)
 
             @functools.wraps(function)

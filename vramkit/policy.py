@@ -19,21 +19,21 @@ applies it to a plain inference function:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
+from vramkit._utils import wrap_calls
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import InvalidArgumentError
 from vramkit.memory import MemorySnapshot, snapshot
-from vramkit.oom import _is_coroutine_callable, oom_retry
+from vramkit.oom import oom_retry
 from vramkit.session import GpuSession
 
 __all__ = ["CleanupPolicy", "CleanupReason", "CleanupTracker", "ManagedFunction", "managed"]
@@ -380,34 +380,13 @@ def managed(
         call: Callable[..., Any] = function
         if oom_retries:
             call = oom_retry(oom_retries, device=target)(function)
-        wrapper: Any
-        if _is_coroutine_callable(function):
-            coroutine_function = cast("Callable[..., Coroutine[Any, Any, Any]]", call)
-
-            @functools.wraps(function)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    result = await coroutine_function(*args, **kwargs)
-                except BaseException:
-                    _after_failure(tracker)
-                    raise
-                tracker.after_call()
-                return result
-
-            wrapper = async_wrapper
-        else:
-
-            @functools.wraps(function)
-            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    result = call(*args, **kwargs)
-                except BaseException:
-                    _after_failure(tracker)
-                    raise
-                tracker.after_call()
-                return result
-
-            wrapper = sync_wrapper
+        wrapper: Any = wrap_calls(
+            function,
+            call,
+            start=lambda: None,
+            failed=lambda _, __: _after_failure(tracker),
+            succeeded=lambda _: tracker.after_call(),
+        )
         if session is not None:
             # Outermost, so the leak check sees memory after the policy's cleanup.
             wrapper = session(wrapper)

@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from vramkit import events
-from vramkit._keepalive import KeepAliveScheduler
+from vramkit._keepalive import KeepAliveScheduler, keep_alive_seconds
 from vramkit._units import format_bytes, format_part_of, parse_bytes
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
@@ -48,7 +48,7 @@ from vramkit.errors import (
     OffloadError,
     UnknownModelError,
 )
-from vramkit.model import ManagedModel, ModelState, _keep_alive_seconds
+from vramkit.model import ManagedModel, ModelState
 from vramkit.oom import is_oom_error
 
 __all__ = ["ModelPool", "PoolStatus", "PooledModel", "live_pools"]
@@ -199,7 +199,7 @@ class ModelPool:
         self._device = resolve_device(device)
         self._budget = _parse_budget(budget)
         self._headroom = parse_bytes(headroom, what="headroom")
-        self._keep_alive = _keep_alive_seconds(keep_alive)
+        self._keep_alive = keep_alive_seconds(keep_alive)
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise InvalidArgumentError(f"timeout must be seconds >= 0; got {timeout!r}")
         self._timeout = float(timeout)

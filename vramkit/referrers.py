@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from vramkit._gc import exclusive
+from vramkit._gc import exclusive, tensors_in_heap
 
 __all__ = ["ReferrerChain", "find_referrers"]
 
@@ -143,8 +143,6 @@ class _Search:
     def _heap_tensors(self) -> list[Any]:
         """Every tensor in the heap, for autograd-graph holders: one scan per search."""
         if self.tensors is None:
-            from vramkit.tensors import tensors_in_heap
-
             self.tensors = tensors_in_heap()
             self.keep_alive.append(self.tensors)
             self.internal.add(id(self.tensors))

@@ -32,24 +32,23 @@ How a leak is judged, after PyTorch's ``CudaMemoryLeakCheck``:
 from __future__ import annotations
 
 import contextvars
-import functools
 import inspect
 import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
 from vramkit._units import format_bytes, parse_bytes
+from vramkit._utils import qualname, wrap_calls
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
 from vramkit.devices.cuda import is_initialized as cuda_initialized
 from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError, VramLeakWarning
 from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
-from vramkit.oom import _is_coroutine_callable, _qualname
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
 
 if TYPE_CHECKING:
@@ -478,37 +477,14 @@ class GpuSession:
             raise InvalidArgumentError(
                 f"a session decorates a function or coroutine function; got {function!r}"
             )
-        session, name = self, self.name or _qualname(function)
-        wrapper: Any
-        if _is_coroutine_callable(function):
-            coroutine_function = cast("Callable[..., Coroutine[Any, Any, Any]]", function)
-
-            @functools.wraps(function)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                run = session._start(name)
-                try:
-                    result = await coroutine_function(*args, **kwargs)
-                except BaseException as exc:
-                    session._finish(run, exc)
-                    raise
-                session._finish(run, None)
-                return result
-
-            wrapper = async_wrapper
-        else:
-
-            @functools.wraps(function)
-            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                run = session._start(name)
-                try:
-                    result = function(*args, **kwargs)
-                except BaseException as exc:
-                    session._finish(run, exc)
-                    raise
-                session._finish(run, None)
-                return result
-
-            wrapper = sync_wrapper
+        session, name = self, self.name or qualname(function)
+        wrapper: Any = wrap_calls(
+            function,
+            function,
+            start=lambda: session._start(name),
+            failed=session._finish,
+            succeeded=lambda run: session._finish(run, None),
+        )
         wrapper.session = session
         return cast("SessionDecorated[P, R]", wrapper)
 

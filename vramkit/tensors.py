@@ -17,7 +17,6 @@ milliseconds on a large heap: it is for reports, not for hot paths.
 
 from __future__ import annotations
 
-import gc
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, overload
 
 import torch
 
-from vramkit._gc import exclusive
+from vramkit._gc import tensors_in_heap
 from vramkit._units import format_bytes
 from vramkit.devices import DeviceLike, resolve_device
 
@@ -179,40 +178,6 @@ def live_tensors(device: DeviceLike | None = None) -> TensorCensus:
             continue
         found.setdefault(info.storage_key, info)
     return TensorCensus(list(found.values()))
-
-
-def tensors_in_heap() -> list[torch.Tensor]:
-    """Every tensor the garbage collector tracks, subclasses (``Parameter``) included.
-
-    Found as the referrers of the tensor classes (every instance of a Python
-    class refers to its class), not by walking ``gc.get_objects()``: that list
-    would hold every object in the heap, including tuples other threads are
-    still filling, and a thread resuming while it is held fails with
-    ``SystemError`` (see :mod:`vramkit._gc`). It is also several times faster.
-    """
-    classes = _tensor_classes()
-    with exclusive():
-        holders = gc.get_referrers(*classes)
-        try:
-            # type() and issubclass(), not isinstance(): isinstance reads
-            # obj.__class__, which some proxies answer with a warning.
-            return [h for h in holders if issubclass(type(h), torch.Tensor)]
-        finally:
-            holders.clear()
-
-
-def _tensor_classes() -> list[type]:
-    found: list[type] = []
-    stack: list[type] = [torch.Tensor]
-    seen: set[int] = set()
-    while stack:
-        cls = stack.pop()
-        if id(cls) in seen:
-            continue
-        seen.add(id(cls))
-        found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
 
 
 def _describe(tensor: torch.Tensor) -> TensorInfo | None:

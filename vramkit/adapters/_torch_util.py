@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from vramkit._gc import tensors_in_heap
 from vramkit.errors import ModelStateError
 
 __all__ = [
@@ -117,8 +118,6 @@ def free_storages(survivors: Iterable[torch.Tensor]) -> int:
     Returns:
         Bytes released.
     """
-    from vramkit.tensors import tensors_in_heap
-
     storages: dict[tuple[str, int], Any] = {}
     for tensor in survivors:
         if tensor.is_meta:
