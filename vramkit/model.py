@@ -41,12 +41,19 @@ from vramkit._keepalive import KeepAliveScheduler, default_scheduler, keep_alive
 from vramkit._units import format_bytes, parse_bytes
 from vramkit._utils import callable_name, clear_frames
 from vramkit.adapters import Adapter, GenericAdapter, adapter_for
-from vramkit.adapters.funasr import funasr_side_effects_undone, import_funasr
+from vramkit.adapters._checkpoint import checkpoint_bytes
+from vramkit.adapters.funasr import check_funasr, funasr_loader
+from vramkit.adapters.onnxruntime import (
+    check_onnx_path,
+    default_providers,
+    device_from_providers,
+    onnx_loader,
+)
+from vramkit.adapters.torch import check_torch_factory, torch_loader
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, DeviceMemory, get_backend, resolve_device
 from vramkit.errors import (
     InvalidArgumentError,
-    MissingDependencyError,
     ModelBusyError,
     ModelStateError,
     VramLeakError,
@@ -479,33 +486,11 @@ class ManagedModel(Generic[T]):
         Returns:
             A ``ManagedModel`` whose loaded object is the module.
         """
-        if isinstance(factory, torch.nn.Module):
-            raise InvalidArgumentError(
-                "from_torch needs a factory (a zero-argument callable that builds the module), "
-                "not the module itself, so the module can be rebuilt after unloading; "
-                f"e.g. from_torch(lambda: {type(factory).__name__}(...))"
-            )
-        if not callable(factory):
-            raise InvalidArgumentError(
-                f"factory must be a zero-argument callable returning an nn.Module; got {factory!r}"
-            )
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise InvalidArgumentError(f"dtype must be a torch.dtype; got {dtype!r}")
+        check_torch_factory(factory, dtype)
         target = resolve_device(device)
-        use_eval = eval
-
-        def load_torch() -> torch.nn.Module:
-            module = factory()
-            if not isinstance(module, torch.nn.Module):
-                raise InvalidArgumentError(
-                    f"from_torch factory must return a torch.nn.Module; got {type(module).__name__}"
-                )
-            module = module.to(device=target.torch, dtype=dtype)
-            return module.eval() if use_eval else module
-
-        config = {"factory": getattr(factory, "__qualname__", repr(factory)), "dtype": dtype}
+        loader, config = torch_loader(factory, device=str(target), dtype=dtype, eval=eval)
         return ManagedModel[torch.nn.Module](
-            load_torch,
+            loader,
             name=name or callable_name(factory),
             device=target,
             config=config,
@@ -550,30 +535,19 @@ class ManagedModel(Generic[T]):
                 FunASR model directory.
             MissingDependencyError: funasr is not installed.
         """
-        import importlib.util
-
-        if importlib.util.find_spec("funasr") is None:
-            raise MissingDependencyError("funasr", "funasr", "ManagedModel.from_funasr")
-        for key, value in (("model", model), *automodel_kwargs.items()):
-            if key in {"model", "vad_model", "punc_model", "spk_model"} and value is not None:
-                _check_funasr_path(key, value)
+        check_funasr(model, automodel_kwargs)
         target = resolve_device(device)
-        kwargs = dict(automodel_kwargs)
-        kwargs.setdefault("ncpu", torch.get_num_threads())
-        kwargs["disable_update"] = disable_update
-        kwargs["device"] = str(target)
-        model_ref = os.fspath(model)
-
-        def load_funasr() -> Any:
-            funasr = import_funasr("ManagedModel.from_funasr")
-            with funasr_side_effects_undone():
-                return funasr.AutoModel(model=model_ref, **kwargs)
-
+        loader, config, default_name = funasr_loader(
+            model,
+            device=str(target),
+            disable_update=disable_update,
+            automodel_kwargs=automodel_kwargs,
+        )
         return cls(
-            load_funasr,
-            name=name or Path(model_ref).name or "funasr",
+            loader,
+            name=name or default_name,
             device=target,
-            config={"model": model_ref, **kwargs},
+            config=config,
             **dict(manager_options or {}),
         )
 
@@ -609,50 +583,18 @@ class ManagedModel(Generic[T]):
             InvalidArgumentError: ``path`` is not an existing file.
             MissingDependencyError: onnxruntime is not installed.
         """
-        import importlib.util
-
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise MissingDependencyError("onnxruntime", "onnx", "ManagedModel.from_onnx")
-        if not isinstance(path, str | os.PathLike):
-            raise InvalidArgumentError(f"path must be a path to an .onnx file; got {path!r}")
-        file = Path(path)
-        if not file.is_file():
-            raise InvalidArgumentError(f"ONNX model {str(file)!r} does not exist or is not a file")
-        if device is None:
-            device = _device_from_providers(providers)
-        target = resolve_device(device)
+        file = check_onnx_path(path)
+        target = resolve_device(device_from_providers(providers) if device is None else device)
         if providers is None:
-            providers = (
-                [
-                    ("CUDAExecutionProvider", {"device_id": target.index or 0}),
-                    "CPUExecutionProvider",
-                ]
-                if target.kind == "cuda"
-                else ["CPUExecutionProvider"]
-            )
-        chosen = list(providers)
-
-        def load_onnx() -> Any:
-            from vramkit._optional import require
-
-            ort = require("onnxruntime", "ManagedModel.from_onnx")
-            session_options = sess_options if sess_options is not None else ort.SessionOptions()
-            if not arena:
-                session_options.enable_cpu_mem_arena = False
-            return ort.InferenceSession(
-                str(file),
-                sess_options=session_options,
-                providers=chosen,
-                provider_options=provider_options,
-            )
-
-        return cls(
-            load_onnx,
-            name=name or file.stem,
-            device=target,
-            config={"path": str(file), "providers": chosen, "arena": arena},
-            **options,
+            providers = default_providers(target.kind, target.index)
+        loader, config = onnx_loader(
+            file,
+            providers=providers,
+            sess_options=sess_options,
+            provider_options=provider_options,
+            arena=arena,
         )
+        return cls(loader, name=name or file.stem, device=target, config=config, **options)
 
     # ------------------------------------------------------------------ read-only view
 
@@ -723,7 +665,7 @@ class ManagedModel(Generic[T]):
             return self._stats.size_bytes
         if self._size_hint is not None:
             return self._size_hint
-        return _checkpoint_bytes(self._config)
+        return checkpoint_bytes(self._config)
 
     @property
     def idle_seconds(self) -> float | None:
@@ -1707,29 +1649,6 @@ class _InferenceFunction(Generic[R]):
 # ---------------------------------------------------------------------- helpers
 
 
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".ort", ".ckpt", ".gguf")
-
-
-def _checkpoint_bytes(config: Mapping[str, Any]) -> int | None:
-    """Bytes of weight files under the paths a model's configuration names, if any."""
-    total = 0
-    found = False
-    for key in ("path", "model", "vad_model", "punc_model", "spk_model"):
-        value = config.get(key)
-        if not isinstance(value, str | os.PathLike):
-            continue
-        path = Path(value)
-        try:
-            files = [path] if path.is_file() else list(path.iterdir()) if path.is_dir() else []
-        except OSError:
-            continue
-        for file in files:
-            if file.suffix in _WEIGHT_SUFFIXES and file.is_file():
-                total += file.stat().st_size
-                found = True
-    return total if found else None
-
-
 def _is_oom(exc: BaseException) -> bool:
     from vramkit.oom import is_oom_error
 
@@ -1815,31 +1734,3 @@ def _holders_of(survivors: list[Any]) -> Iterator[ReferrerChain]:
             seen.add(chain.steps)
             roots.add(chain.steps[0])
             yield chain
-
-
-def _check_funasr_path(key: str, value: object) -> None:
-    if not isinstance(value, str | os.PathLike):
-        raise InvalidArgumentError(
-            f"{key} must be a FunASR model directory or hub name (str or path); got {value!r}"
-        )
-    text = os.fspath(value)
-    looks_like_path = (
-        isinstance(value, os.PathLike) or os.sep in text or text.startswith((".", "~"))
-    )
-    path = Path(text).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.yaml").exists():
-            raise InvalidArgumentError(
-                f"{key}={text!r} is not a FunASR model directory: it has no config.yaml"
-            )
-        return
-    if looks_like_path:
-        raise InvalidArgumentError(f"{key}={text!r} does not exist")
-
-
-def _device_from_providers(providers: list[Any] | None) -> DeviceLike | None:
-    for provider in providers or []:
-        name, options = (provider, {}) if isinstance(provider, str) else provider
-        if name == "CUDAExecutionProvider":
-            return f"cuda:{int(options.get('device_id', 0))}"
-    return "cpu" if providers else None

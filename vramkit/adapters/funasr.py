@@ -12,20 +12,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vramkit.adapters._base import AdapterBase, type_path
 from vramkit.adapters._torch_util import modules_in, neutralise_torch, storage_bytes, tensors_in
+from vramkit.errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["SUBMODELS", "FunasrAdapter", "funasr_side_effects_undone", "import_funasr"]
+__all__ = [
+    "PATH_KEYS",
+    "SUBMODELS",
+    "FunasrAdapter",
+    "check_funasr",
+    "funasr_loader",
+    "funasr_side_effects_undone",
+    "import_funasr",
+]
 
 SUBMODELS = ("model", "vad_model", "punc_model", "spk_model", "cb_model")
 """Attributes of an ``AutoModel`` that hold networks."""
+
+PATH_KEYS = ("model", "vad_model", "punc_model", "spk_model")
+"""``AutoModel`` arguments that name a model directory (or a hub name)."""
 
 _KWARGS = ("kwargs", "vad_kwargs", "punc_kwargs", "spk_kwargs", "_base_kwargs_map")
 
@@ -140,3 +154,67 @@ def import_funasr(purpose: str) -> Any:
             with funasr_side_effects_undone():
                 _module = require("funasr", purpose)
         return _module
+
+
+def check_funasr(model: object, automodel_kwargs: Mapping[str, Any]) -> None:
+    """Check, before anything loads, that funasr is there and the model paths are usable.
+
+    Raises:
+        MissingDependencyError: funasr is not installed.
+        InvalidArgumentError: A path (for ``model``, ``vad_model``, ``punc_model``,
+            ``spk_model``) that does not exist or is not a FunASR model directory.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("funasr") is None:
+        raise MissingDependencyError("funasr", "funasr", "ManagedModel.from_funasr")
+    for key, value in (("model", model), *automodel_kwargs.items()):
+        if key in PATH_KEYS and value is not None:
+            _check_path(key, value)
+
+
+def _check_path(key: str, value: object) -> None:
+    if not isinstance(value, str | os.PathLike):
+        raise InvalidArgumentError(
+            f"{key} must be a FunASR model directory or hub name (str or path); got {value!r}"
+        )
+    text = os.fspath(value)
+    looks_like_path = (
+        isinstance(value, os.PathLike) or os.sep in text or text.startswith((".", "~"))
+    )
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.yaml").exists():
+            raise InvalidArgumentError(
+                f"{key}={text!r} is not a FunASR model directory: it has no config.yaml"
+            )
+        return
+    if looks_like_path:
+        raise InvalidArgumentError(f"{key}={text!r} does not exist")
+
+
+def funasr_loader(
+    model: str | os.PathLike[str],
+    *,
+    device: str,
+    disable_update: bool,
+    automodel_kwargs: Mapping[str, Any],
+) -> tuple[Callable[[], Any], dict[str, Any], str]:
+    """The loader ``from_funasr`` manages: an ``AutoModel`` built with the same arguments each time.
+
+    Returns:
+        The loader, the configuration it closes over (``model`` and every
+        ``AutoModel`` argument), and a default name (the directory's name).
+    """
+    kwargs = dict(automodel_kwargs)
+    kwargs.setdefault("ncpu", torch.get_num_threads())
+    kwargs["disable_update"] = disable_update
+    kwargs["device"] = device
+    model_ref = os.fspath(model)
+
+    def load_funasr() -> Any:
+        funasr = import_funasr("ManagedModel.from_funasr")
+        with funasr_side_effects_undone():
+            return funasr.AutoModel(model=model_ref, **kwargs)
+
+    return load_funasr, {"model": model_ref, **kwargs}, Path(model_ref).name or "funasr"

@@ -14,14 +14,27 @@ memory difference across the load.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from vramkit._gc import exclusive
 from vramkit.adapters._base import AdapterBase, type_path
-from vramkit.errors import ModelStateError
+from vramkit.errors import InvalidArgumentError, MissingDependencyError, ModelStateError
 
-__all__ = ["OnnxRuntimeAdapter", "UnloadedSession"]
+__all__ = [
+    "PATH_KEYS",
+    "OnnxRuntimeAdapter",
+    "UnloadedSession",
+    "check_onnx_path",
+    "default_providers",
+    "device_from_providers",
+    "onnx_loader",
+]
+
+PATH_KEYS = ("path",)
+"""The configuration key ``from_onnx`` stores the model file under."""
 
 
 class UnloadedSession:
@@ -88,3 +101,70 @@ def _attribute_holders(target: object) -> list[Any]:
         else:
             holders.append(holder)
     return holders
+
+
+def check_onnx_path(path: object) -> Path:
+    """The model file ``from_onnx`` was given, checked before anything loads.
+
+    Raises:
+        MissingDependencyError: onnxruntime is not installed.
+        InvalidArgumentError: ``path`` is not an existing file.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise MissingDependencyError("onnxruntime", "onnx", "ManagedModel.from_onnx")
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidArgumentError(f"path must be a path to an .onnx file; got {path!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidArgumentError(f"ONNX model {str(file)!r} does not exist or is not a file")
+    return file
+
+
+def device_from_providers(providers: list[Any] | None) -> str | None:
+    """The device execution providers point at: ``cuda:N``, ``cpu``, or ``None`` without any."""
+    for provider in providers or []:
+        name, options = (provider, {}) if isinstance(provider, str) else provider
+        if name == "CUDAExecutionProvider":
+            return f"cuda:{int(options.get('device_id', 0))}"
+    return "cpu" if providers else None
+
+
+def default_providers(kind: str, index: int | None) -> list[Any]:
+    """CUDA (with ``device_id``) then CPU on a ``cuda`` device; CPU alone elsewhere."""
+    if kind == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def onnx_loader(
+    file: Path,
+    *,
+    providers: list[Any],
+    sess_options: Any,
+    provider_options: list[dict[str, Any]] | None,
+    arena: bool,
+) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """The loader ``from_onnx`` manages: a new ``InferenceSession`` with the same options.
+
+    Returns:
+        The loader, and the configuration it closes over (for ``mm.config``).
+    """
+    chosen = list(providers)
+
+    def load_onnx() -> Any:
+        from vramkit._optional import require
+
+        ort = require("onnxruntime", "ManagedModel.from_onnx")
+        session_options = sess_options if sess_options is not None else ort.SessionOptions()
+        if not arena:
+            session_options.enable_cpu_mem_arena = False
+        return ort.InferenceSession(
+            str(file),
+            sess_options=session_options,
+            providers=chosen,
+            provider_options=provider_options,
+        )
+
+    return load_onnx, {"path": str(file), "providers": chosen, "arena": arena}
