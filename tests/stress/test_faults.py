@@ -211,20 +211,20 @@ def test_disk_errors_while_evicting_fall_back_to_unloading(
 def test_out_of_memory_in_the_middle_of_a_wake(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reliability: Record
 ) -> None:
-    from vramkit import offload
+    from vramkit.model import tiers
 
     pool = ModelPool("cpu", budget="8MiB", headroom=0, name="wake")
     mm = pool.register("m", build, offload_dir=tmp_path)
     assert same_model(mm)
     mm.offload("disk")
-    original = offload._assign
+    original = tiers._assign
     calls = [0]
 
     def assign_then_fail(slots: Any, values: Any) -> None:
         calls[0] += 1
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(offload, "_assign", assign_then_fail)
+    monkeypatch.setattr(tiers, "_assign", assign_then_fail)
     with pytest.raises(torch.OutOfMemoryError):
         mm.wake()
     assert calls[0] == 1
@@ -232,7 +232,7 @@ def test_out_of_memory_in_the_middle_of_a_wake(
     assert mm.tier == "disk"
     assert pool.status().charged_bytes == 0
     assert pool._reserved == {}
-    monkeypatch.setattr(offload, "_assign", original)
+    monkeypatch.setattr(tiers, "_assign", original)
     assert same_model(mm)  # the file was intact: the next wake works
     assert mm.stats.loads == 1  # without falling back to the loader
     pool.close()

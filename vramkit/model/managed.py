@@ -17,21 +17,17 @@ names the holder and the memory is freed anyway.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import functools
 import gc
-import inspect
 import itertools
 import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 import torch
@@ -50,7 +46,7 @@ from vramkit.adapters.onnxruntime import (
     onnx_loader,
 )
 from vramkit.adapters.torch import check_torch_factory, torch_loader
-from vramkit.cleaning import CleanupReport, cleanup
+from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceLike, DeviceMemory, get_backend, resolve_device
 from vramkit.errors import (
     InvalidArgumentError,
@@ -58,52 +54,26 @@ from vramkit.errors import (
     ModelStateError,
     VramLeakError,
 )
-from vramkit.referrers import ReferrerChain, find_referrers
+from vramkit.model import tiers
+from vramkit.model._lease import InferenceFunction, Lease
+from vramkit.model._unload import Unload, release_and_prove
+from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
 
 if TYPE_CHECKING:
-    from vramkit.offload import OffloadReport, TierCost, WakeReport
+    from vramkit.model.tiers import OffloadReport, TierCost, WakeReport
     from vramkit.policy import CleanupPolicy, CleanupTracker
 
-__all__ = [
-    "LoadReport",
-    "ManagedModel",
-    "ModelState",
-    "ModelStats",
-    "UnloadReport",
-    "live_models",
-]
+__all__ = ["ManagedModel", "live_models"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
 
+_SETTLED = frozenset({ModelState.UNLOADED, ModelState.READY, ModelState.OFFLOADED})
+
 _lease_ids = itertools.count(1)
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
-
-
-def _inference_guard() -> object:
-    """Enter ``torch.inference_mode()``; leaving happens when the returned guard is dropped.
-
-    The C++ RAII guard costs a third of the context manager, which matters on
-    a path taken once per inference call.
-    """
-    make = getattr(torch._C, "_InferenceMode", None)
-    if make is not None:
-        return make(True)
-    mode = torch.inference_mode()  # pragma: no cover - builds without the private guard
-    mode.__enter__()
-    return _ExitOnDrop(mode)
-
-
-class _ExitOnDrop:  # pragma: no cover - fallback for the above
-    __slots__ = ("_mode",)
-
-    def __init__(self, mode: Any) -> None:
-        self._mode = mode
-
-    def __del__(self) -> None:
-        self._mode.__exit__(None, None, None)
 
 
 def _thread_name(ident: int) -> str:
@@ -122,219 +92,6 @@ def live_models() -> list[ManagedModel[Any]]:
     with _instances_lock:
         models = list(_instances)
     return sorted(models, key=lambda m: m._created)
-
-
-class ModelState(str, Enum):
-    """Where a :class:`ManagedModel` is in its life. Transitional states end in ``-ING``."""
-
-    UNLOADED = "UNLOADED"
-    LOADING = "LOADING"
-    READY = "READY"
-    OFFLOADING = "OFFLOADING"
-    OFFLOADED = "OFFLOADED"
-    WAKING = "WAKING"
-    UNLOADING = "UNLOADING"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_SETTLED = frozenset({ModelState.UNLOADED, ModelState.READY, ModelState.OFFLOADED})
-
-
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """What a load took and cost.
-
-    Attributes:
-        model: The model's name.
-        device: Where it was loaded.
-        seconds: Wall time of the loader (and the adapter's measurement).
-        size_bytes: Bytes the object holds per its adapter, else the memory it
-            added on the device (or in the process, for ``cpu``).
-        memory_before: The device's reading before the load.
-        memory_after: The reading after.
-    """
-
-    model: str
-    device: str
-    seconds: float
-    size_bytes: int | None
-    memory_before: DeviceMemory
-    memory_after: DeviceMemory
-
-    def __str__(self) -> str:
-        size = format_bytes(self.size_bytes)
-        return f"loaded {self.model} on {self.device} in {self.seconds:.3f} s, {size}"
-
-
-@dataclass(frozen=True, slots=True)
-class UnloadReport:
-    """What an unload did, and whether the memory really came back.
-
-    Attributes:
-        model: The model's name.
-        device: The device it was on.
-        state_before: Its state before the unload (``UNLOADED`` when there was nothing to do).
-        state_after: ``UNLOADED``.
-        died: Whether every tracked object (the model, its tensors, native
-            handles) was proven dead by weak references after vramkit dropped
-            its reference. ``False`` when something else still held one.
-        verified: Whether death could be checked at all (objects that cannot be
-            weakly referenced cannot be proven dead).
-        holders: Who held the survivors, as referrer chains (empty when ``died``).
-        survivors: Short descriptions of what survived.
-        neutralised_bytes: Bytes freed anyway in survivors (moved to ``meta``,
-            emptied) so a stale reference pins nothing.
-        expected_bytes: The model's size as measured at load.
-        freed_bytes: Bytes given back per layer: ``allocated``, ``reserved``,
-            ``used`` (device-wide, driver or OS), ``process`` (this process per
-            driver or RSS); ``None`` where the layer cannot be read here.
-        memory_before: The device's reading before unloading.
-        memory_after: The reading after cleanup.
-        cleanup: The cleanup that ran after release.
-        waited_seconds: Time spent waiting for leases to be returned.
-        seconds: Wall time of the whole unload, waiting included.
-        error: The release error, when the adapter's release failed (the model
-            is ``UNLOADED`` regardless).
-    """
-
-    model: str
-    device: str
-    state_before: ModelState
-    state_after: ModelState
-    died: bool
-    verified: bool
-    holders: tuple[ReferrerChain, ...] = ()
-    survivors: tuple[str, ...] = ()
-    neutralised_bytes: int = 0
-    expected_bytes: int | None = None
-    freed_bytes: Mapping[str, int | None] = field(default_factory=dict)
-    memory_before: DeviceMemory | None = None
-    memory_after: DeviceMemory | None = None
-    cleanup: CleanupReport | None = None
-    waited_seconds: float = 0.0
-    seconds: float = 0.0
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the model died and nothing held it."""
-        return self.died and not self.holders and self.error is None
-
-    @property
-    def seen_bytes(self) -> int | None:
-        """Bytes that came back in the most telling layer (allocated, else process)."""
-        for layer in ("allocated", "process", "used"):
-            value = self.freed_bytes.get(layer)
-            if value is not None:
-                return value
-        return None
-
-    def __str__(self) -> str:
-        if self.state_before is ModelState.UNLOADED:
-            return f"{self.model} was not loaded: nothing to unload"
-        verdict = "freed" if self.ok else ("unverified" if not self.verified else "HELD")
-        # Device-wide "used" on the host moves with every other process: not shown for cpu.
-        layers = (
-            ("allocated", "reserved", "process")
-            if self.device == "cpu"
-            else tuple(self.freed_bytes)
-        )
-        came_back = ", ".join(
-            f"{layer} {format_bytes(self.freed_bytes[layer])}"
-            for layer in layers
-            if self.freed_bytes.get(layer) is not None
-        )
-        lines = [
-            f"unloaded {self.model} from {self.device} in {self.seconds:.3f} s: {verdict}; "
-            f"expected {format_bytes(self.expected_bytes)}, came back {came_back or 'n/a'}"
-        ]
-        if self.survivors:
-            lines.append("  still alive: " + "; ".join(self.survivors))
-        lines.extend(f"  held by: {chain}" for chain in self.holders)
-        if self.neutralised_bytes:
-            lines.append(
-                f"  freed anyway: {format_bytes(self.neutralised_bytes)} "
-                "(stale references now fail loudly)"
-            )
-        if self.error:
-            lines.append(f"  release failed: {self.error}")
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelStats:
-    """Counters and measured costs of one model, for people and for pools.
-
-    Attributes:
-        loads: Completed loads.
-        unloads: Completed unloads.
-        offloads: Completed offloads.
-        wakes: Completed wakes.
-        load_seconds: Wall time of the last load (``None`` before the first).
-        size_bytes: Bytes the model holds, measured at its last load.
-        last_used: ``time.monotonic()`` when the last lease ended (or the model loaded).
-        wake_seconds: Wall time of the last wake, per tier.
-        offloaded_bytes: Bytes held per tier by the last offload.
-        offload_seconds: Wall time of the last offload, per tier.
-    """
-
-    loads: int = 0
-    unloads: int = 0
-    offloads: int = 0
-    wakes: int = 0
-    load_seconds: float | None = None
-    size_bytes: int | None = None
-    last_used: float | None = None
-    wake_seconds: Mapping[str, float] = field(default_factory=dict)
-    offloaded_bytes: Mapping[str, int] = field(default_factory=dict)
-    offload_seconds: Mapping[str, float] = field(default_factory=dict)
-
-
-class _Lease(Generic[T]):
-    """One borrowing of the model; a context manager (sync and async)."""
-
-    __slots__ = ("_grad", "_model", "_token")
-
-    def __init__(self, model: ManagedModel[T]) -> None:
-        self._model = model
-        self._token = 0
-        self._grad: Any = None
-
-    def __enter__(self) -> T:
-        obj, self._token = self._model._acquire()
-        if self._model._inference_mode:
-            self._grad = _inference_guard()
-        return obj
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._grad = None  # dropping the guard leaves inference mode
-        self._model._return(self._token)
-
-    async def __aenter__(self) -> T:
-        # A load can take seconds: do it off the event loop. Grad mode is
-        # thread-local and would leak into other tasks across an await, so
-        # async leases do not enter inference mode.
-        model = self._model
-        if model._state is ModelState.READY:
-            obj, self._token = model._acquire()
-        else:
-            obj, self._token = await asyncio.to_thread(model._acquire)
-        return obj
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._model._return(self._token)
 
 
 class ManagedModel(Generic[T]):
@@ -685,7 +442,7 @@ class ManagedModel(Generic[T]):
 
     # ------------------------------------------------------------------ leases
 
-    def use(self) -> _Lease[T]:
+    def use(self) -> Lease[T]:
         """Borrow the model: ``with mm.use() as model:`` (or ``async with``).
 
         Loads (or wakes) the model if needed and holds a lease for the block,
@@ -693,7 +450,7 @@ class ManagedModel(Generic[T]):
         under ``torch.inference_mode()`` unless the model was made with
         ``inference_mode=False``.
         """
-        return _Lease(self)
+        return Lease(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the loaded object under a lease: ``mm(x)`` is ``with mm.use() as m: m(x)``."""
@@ -748,7 +505,7 @@ class ManagedModel(Generic[T]):
                 raise InvalidArgumentError(f"@inference decorates a function; got {function!r}")
             return cast(
                 "Callable[..., R]",
-                _InferenceFunction(self, function, inference_mode, cleanup),
+                InferenceFunction(self, function, inference_mode, cleanup),
             )
 
         return decorate(fn) if fn is not None else decorate
@@ -953,8 +710,6 @@ class ManagedModel(Generic[T]):
 
     def _do_wake(self) -> WakeReport:
         """Bring an offloaded model back. Caller has set state WAKING and ``_busy_thread``."""
-        from vramkit import offload
-
         state = self._offloaded
         tier = self._tier or "cpu"
         owner = self._owner
@@ -967,7 +722,7 @@ class ManagedModel(Generic[T]):
             except BaseException as exc:
                 return self._wake_failed(exc)
         try:
-            report = offload.wake_object(self, state)
+            report, file = tiers.wake_object(self._name, self._device, state)
         except BaseException as exc:
             if owner is not None:
                 owner._after_load(self, ok=False)
@@ -982,6 +737,8 @@ class ManagedModel(Generic[T]):
                 )
                 return self._wake_by_loading(tier, f"{type(exc).__name__}: {exc}", started)
             return self._wake_failed(exc)  # out of memory, interrupted: stay offloaded
+        if file is not None:
+            self._disk_cache = file  # kept for a cheap re-offload while unchanged
         with self._cond:
             self._offloaded = None
             self._tier = None
@@ -1016,20 +773,19 @@ class ManagedModel(Generic[T]):
 
     def _wake_by_loading(self, tier: str, fallback: str | None, started: float) -> WakeReport:
         """Wake by running the loader: the tier cannot restore (rebuild, or a broken file)."""
-        from vramkit import offload
-
         with self._cond:
             box = [self._obj, self._offloaded]
             self._obj = self._offloaded = None
             self._tier = None
             self._state = ModelState.LOADING
-        offload.discard(self, box[1])
+        tiers.discard(box[1], self._disk_cache)
+        self._disk_cache = None
         box.clear()
         gc.collect()
         load = self._do_load()
-        report = offload.WakeReport(
+        report = tiers.WakeReport(
             self._name,
-            offload.check_tier(tier),
+            tiers.check_tier(tier),
             "rebuild" if fallback is None else "file",
             time.perf_counter() - started,
             load.size_bytes or 0,
@@ -1067,7 +823,7 @@ class ManagedModel(Generic[T]):
                 from looks unchanged (see "the disk tier writes once" in the docs).
 
         Returns:
-            An :class:`~vramkit.offload.OffloadReport`.
+            An :class:`~vramkit.model.tiers.OffloadReport`.
 
         Raises:
             ModelBusyError: Leases are out (and not waiting).
@@ -1075,14 +831,12 @@ class ManagedModel(Generic[T]):
             OffloadError: The tier could not be written (disk full, unwritable
                 directory); the model is still ``READY`` and nothing was lost.
         """
-        from vramkit import offload
-
-        chosen = offload.check_tier(tier)
+        chosen = tiers.check_tier(tier)
         if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
             raise InvalidArgumentError(f"timeout must be seconds >= 0 or None; got {timeout!r}")
         with self._cond:
             if self._state is ModelState.OFFLOADED and self._tier == chosen:
-                return offload.OffloadReport(
+                return tiers.OffloadReport(
                     self._name,
                     chosen,
                     self._offloaded.method,
@@ -1105,12 +859,19 @@ class ManagedModel(Generic[T]):
             return self.offload(chosen, wait=wait, timeout=timeout, rewrite=rewrite)
         obj = box[0]
         box.clear()
-        directory = self._offload_dir or offload.default_offload_dir()
+        directory = self._offload_dir or tiers.default_offload_dir()
+        owner = tiers.Owner(self._name, self._device, self.adapter, self.size_bytes, id(self))
         try:
             # From the cpu tier the weights are already in host RAM: they go to
             # disk from there, without a round trip through the device.
-            state, report = offload.offload_object(
-                self, obj, chosen, directory, rewrite=rewrite, previous=previous
+            state, report, self._disk_cache = tiers.offload_object(
+                owner,
+                obj,
+                chosen,
+                directory,
+                rewrite=rewrite,
+                previous=previous,
+                file=self._disk_cache,
             )
         except BaseException:
             with self._cond:  # nothing changed: the model is as it was
@@ -1123,7 +884,7 @@ class ManagedModel(Generic[T]):
         if state.method == "rebuild":
             obj = None  # dropped: the loader rebuilds it (the cleanup below collects)
         if previous is not None:
-            offload.release_host_copies(previous)
+            tiers.release_host_copies(previous)
             previous = None
         with self._cond:
             self._obj = obj
@@ -1158,7 +919,7 @@ class ManagedModel(Generic[T]):
         """Bring an offloaded model back now (a lease would do it too).
 
         Returns:
-            The :class:`~vramkit.offload.WakeReport`, or ``None`` if the model
+            The :class:`~vramkit.model.tiers.WakeReport`, or ``None`` if the model
             was not offloaded (already ready, or it loads on first use).
         """
         me = threading.get_ident()
@@ -1178,51 +939,13 @@ class ManagedModel(Generic[T]):
         """What each way of freeing the device would cost, from this model's measurements.
 
         Returns:
-            ``{"cpu": ..., "disk": ..., "unload": ...}`` :class:`~vramkit.offload.TierCost`
+            ``{"cpu": ..., "disk": ..., "unload": ...}`` :class:`~vramkit.model.tiers.TierCost`
             entries; wake times are measured where this model has woken from
             that tier before, else estimated from its size.
         """
-        from vramkit.offload import TierCost
-
-        size = self._stats.size_bytes or 0
-        on_host = self._device.kind == "cpu"
-        measured = self._stats.wake_seconds
-        written = self._stats.offload_seconds
-        load = self._stats.load_seconds
-        # Estimates before a measurement: ~8 GB/s host<->device, ~1.5 GB/s reading
-        # page cache or disk, ~0.5 GB/s writing a file and syncing it.
-        cpu_estimate = 0.0 if on_host else size / 8e9
-        disk_estimate = size / 1.5e9 + (0.0 if on_host else size / 8e9)
-        reusable = self._disk_cache is not None and self._disk_cache.path.exists()
-        disk_write = 0.0 if reusable else written.get("disk", size / 0.5e9)
-        return {
-            "cpu": TierCost(
-                "cpu",
-                0 if on_host else size,
-                size,
-                0,
-                measured.get("cpu", cpu_estimate),
-                "cpu" in measured,
-                written.get("cpu", cpu_estimate),
-            ),
-            "disk": TierCost(
-                "disk",
-                size,
-                0,
-                size,
-                measured.get("disk", disk_estimate),
-                "disk" in measured,
-                disk_write,
-            ),
-            "unload": TierCost(
-                "unload",
-                size,
-                0,
-                0,
-                load if load is not None else disk_estimate * 10,
-                load is not None,
-            ),
-        }
+        return tiers.tier_costs(
+            self._stats, on_host=self._device.kind == "cpu", file=self._disk_cache
+        )
 
     def choose_tier(self, *, host_free_bytes: int | None = None) -> str:
         """The cheapest way to free this model's device memory: cpu, disk, or unload.
@@ -1242,18 +965,9 @@ class ManagedModel(Generic[T]):
         Args:
             host_free_bytes: Host RAM available for the cpu tier (default: read now).
         """
-        from vramkit.offload import _HOST_HEADROOM
-
-        costs = self.tier_costs()
-        size = self._stats.size_bytes or 0
         if host_free_bytes is None:
             host_free_bytes = get_backend("cpu").read(0).free_bytes or 0
-        cpu = costs["cpu"]
-        if cpu.frees_device_bytes and size + _HOST_HEADROOM <= host_free_bytes:
-            return "cpu"
-        if costs["disk"].wake_seconds < costs["unload"].wake_seconds:
-            return "disk"
-        return "unload"
+        return tiers.choose_tier(self.tier_costs(), self._stats.size_bytes or 0, host_free_bytes)
 
     # ------------------------------------------------------------------ unload
 
@@ -1406,106 +1120,33 @@ class ManagedModel(Generic[T]):
         backend = get_backend(self._device.kind)
         index = self._device.index or 0
         before = backend.read(index)
-        obj, offloaded = box
-        box.clear()
-        adapter = self._adapter_override or self._adapter or adapter_for(obj)
-        error: str | None = None
-        from vramkit.offload import discard
-
-        discard(self, offloaded)  # host copies, pinned memory, cache files
-        offloaded = None
-        interrupted: BaseException | None = None
-        try:
-            if obj is not None:
-                adapter.release(obj)
-        except Exception as exc:  # recorded and raised after the unload completes
-            error = f"{type(exc).__name__}: {exc}"
-            clear_frames(exc.__traceback__)  # the release's frames hold the model
-        except BaseException as exc:  # KeyboardInterrupt: finish dropping, then re-raise
-            error = f"{type(exc).__name__} during release"
-            clear_frames(exc.__traceback__)
-            interrupted = exc
-        refs, verified, labels = _track(obj, adapter)
+        adapter = self._adapter_override or self._adapter or adapter_for(box[0])
+        tiers.discard(box.pop(), self._disk_cache)  # host copies, pinned memory, cache files
+        self._disk_cache = None
         expected = self._stats.size_bytes
         if state_before is ModelState.OFFLOADED and (
             self._tier == "disk" or self._device.kind != "cpu"
         ):
             expected = 0  # the weights already left the device when it was offloaded
-        obj = None  # the only strong reference vramkit had
-        gc.collect()
-        survivors = [ref() for ref in refs]
-        survivors = [s for s in survivors if s is not None]
-        holders: tuple[ReferrerChain, ...] = ()
-        described: tuple[str, ...] = ()
-        neutralised = 0
-        if survivors:
-            # Collected into lists first: a tuple filled from a generator must not be
-            # seen by a heap walk before it is complete (see vramkit._gc).
-            found = list(_holders_of(survivors))
-            holders = tuple(found)
-            described = tuple(list(_describe_survivors(survivors, labels)))  # noqa: C414
-            if self._free_survivors:
-                message = (
-                    f"{self._name} was unloaded by vramkit and its memory freed, but this "
-                    f"reference outlived it (held by: {holders[0] if holders else 'unknown'}); "
-                    f"borrow the model with `{self._name}.use()` instead of keeping it"
-                )
-                neutralised = adapter.neutralise(survivors, message)
-            survivors.clear()
-            del survivors
-            gc.collect()
-        if interrupted is not None:
-            # Stop promptly, but only after our reference is gone: the model is
-            # UNLOADED (the caller's finally says so) and pins nothing of ours.
-            cleanup(self._device, gc_collect=False)
-            raise interrupted.with_traceback(None)
-        report_cleanup = cleanup(self._device, gc_collect=False)  # collected just above
-        cleaned = report_cleanup.after.readings[0]
-        after = self._await_driver(backend, index, before, cleaned, expected)
-        freed = _freed(before, after)
+        report = release_and_prove(
+            box,
+            adapter,
+            Unload(
+                name=self._name,
+                device=self._device,
+                backend=backend,
+                before=before,
+                expected=expected,
+                free_survivors=self._free_survivors,
+                driver_wait=self._driver_wait,
+                state_before=state_before,
+                started=started,
+                waited=waited,
+            ),
+        )
         with self._cond:
             self._stats = replace(self._stats, unloads=self._stats.unloads + 1)
-        return UnloadReport(
-            model=self._name,
-            device=str(self._device),
-            state_before=state_before,
-            state_after=ModelState.UNLOADED,
-            died=not described,
-            verified=verified,
-            holders=holders,
-            survivors=described,
-            neutralised_bytes=neutralised,
-            expected_bytes=expected,
-            freed_bytes=freed,
-            memory_before=before,
-            memory_after=after,
-            cleanup=report_cleanup,
-            waited_seconds=waited,
-            seconds=time.perf_counter() - started,
-            error=error,
-        )
-
-    def _await_driver(
-        self,
-        backend: Any,
-        index: int,
-        before: DeviceMemory,
-        after: DeviceMemory,
-        expected: int | None,
-    ) -> DeviceMemory:
-        """On drivers that free asynchronously, wait (bounded) until 75% of ``expected`` shows.
-
-        ``after`` is the reading taken right after cleanup; returns the last reading.
-        """
-        if self._device.kind == "cpu" or not expected or before.used_bytes is None:
-            return after
-        deadline = time.monotonic() + self._driver_wait
-        while time.monotonic() < deadline:
-            if after.used_bytes is None or before.used_bytes - after.used_bytes >= 0.75 * expected:
-                break
-            time.sleep(0.25)
-            after = backend.read(index)
-        return after
+        return report
 
     # ------------------------------------------------------------------ keep-alive
 
@@ -1567,85 +1208,6 @@ class ManagedModel(Generic[T]):
         self.close()
 
 
-class _InferenceFunction(Generic[R]):
-    """What ``@mm.inference`` returns: a callable (and descriptor, for methods) taking a lease."""
-
-    def __init__(
-        self,
-        model: ManagedModel[Any],
-        function: Callable[..., R],
-        inference_mode: bool | None,
-        cleanup_policy: CleanupPolicy | None,
-    ) -> None:
-        self._model = model
-        self._function = function
-        self._mode = model._inference_mode if inference_mode is None else bool(inference_mode)
-        self._tracker = cleanup_policy.tracker(model.device) if cleanup_policy is not None else None
-        self._is_async = inspect.iscoroutinefunction(function)
-        functools.update_wrapper(self, function)
-
-    @property
-    def model(self) -> ManagedModel[Any]:
-        """The model each call borrows."""
-        return self._model
-
-    def _after(self) -> None:
-        tracker = self._tracker or self._model._cleanup_tracker()
-        if tracker is not None:
-            tracker.after_call()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._is_async:
-            return self._call_async(None, args, kwargs)
-        return self._call(None, args, kwargs)
-
-    def _call(self, instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
-        model = self._model
-        obj, token = model._acquire()
-        try:
-            guard = _inference_guard() if self._mode else None
-            try:
-                result = self._invoke(instance, obj, args, kwargs)
-            finally:
-                del guard  # leaves inference mode
-        finally:
-            obj = None
-            model._return(token)
-        self._after()
-        return cast("R", result)
-
-    async def _call_async(
-        self, instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        async with self._model.use() as obj:
-            result = await cast("Awaitable[Any]", self._invoke(instance, obj, args, kwargs))
-        self._after()
-        return result
-
-    def _invoke(
-        self, instance: object, obj: object, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if instance is None:
-            return self._function(obj, *args, **kwargs)
-        return self._function(instance, obj, *args, **kwargs)
-
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        if self._is_async:
-            return functools.partial(self._call_async_bound, instance)
-        return functools.partial(self._call_bound, instance)
-
-    def _call_bound(self, instance: object, *args: Any, **kwargs: Any) -> R:
-        return self._call(instance, args, kwargs)
-
-    def _call_async_bound(self, instance: object, *args: Any, **kwargs: Any) -> Any:
-        return self._call_async(instance, args, kwargs)
-
-    def __repr__(self) -> str:
-        return f"<inference function {self._function.__qualname__} on {self._model.name!r}>"
-
-
 # ---------------------------------------------------------------------- helpers
 
 
@@ -1662,75 +1224,3 @@ def _grew_by(before: DeviceMemory, after: DeviceMemory) -> int | None:
         if a is not None and b is not None and (layer != "allocated_bytes" or a != b):
             return max(int(a) - int(b), 0)
     return None
-
-
-def _freed(before: DeviceMemory, after: DeviceMemory) -> dict[str, int | None]:
-    result: dict[str, int | None] = {}
-    for label, layer in (
-        ("allocated", "allocated_bytes"),
-        ("reserved", "reserved_bytes"),
-        ("process", "process_used_bytes"),
-        ("used", "used_bytes"),
-    ):
-        a, b = getattr(after, layer), getattr(before, layer)
-        result[label] = None if a is None or b is None else b - a
-    return result
-
-
-def _weak(obj: object) -> weakref.ref[Any] | None:
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return None
-
-
-def _track(obj: object, adapter: Adapter) -> tuple[list[weakref.ref[Any]], bool, dict[int, str]]:
-    """Weak references to ``obj``, its native handles and its tensors, with labels."""
-    if obj is None:
-        return [], True, {}
-    refs: list[weakref.ref[Any]] = []
-    labels: dict[int, str] = {}
-    verified = True
-    candidates: list[tuple[object, str]] = [(obj, type(obj).__name__)]
-    candidates += [(h, f"native {type(h).__name__}") for h in adapter.handles(obj)]
-    candidates += [(t, "tensor") for t in adapter.tensors(obj)]
-    for candidate, label in candidates:
-        ref = _weak(candidate)
-        if ref is None:
-            verified = verified and candidate is not obj
-            continue
-        refs.append(ref)
-        labels[id(candidate)] = label
-    return refs, verified, labels
-
-
-def _describe_survivors(survivors: list[Any], labels: dict[int, str]) -> Iterator[str]:
-    tensors = [s for s in survivors if isinstance(s, torch.Tensor)]
-    for survivor in survivors:
-        if not isinstance(survivor, torch.Tensor):
-            yield labels.get(id(survivor), type(survivor).__name__)
-    if tensors:
-        from vramkit.adapters._torch_util import storage_bytes
-
-        yield f"{len(tensors)} tensors, {format_bytes(storage_bytes(tensors))}"
-
-
-def _holders_of(survivors: list[Any]) -> Iterator[ReferrerChain]:
-    """Referrer chains of the most telling survivors: an object first, then the largest tensor."""
-    objects = [s for s in survivors if not isinstance(s, torch.Tensor)]
-    tensors = sorted(
-        (s for s in survivors if isinstance(s, torch.Tensor) and not s.is_meta),
-        key=lambda t: t.untyped_storage().nbytes(),
-        reverse=True,
-    )
-    targets = objects[:1] + tensors[:1] if objects else tensors[:2]
-    seen: set[tuple[str, ...]] = set()
-    roots: set[str] = set()
-    for target in targets:
-        for chain in find_referrers(target, ignore=[survivors, targets], max_chains=3):
-            # A tensor held through the surviving module itself adds nothing new.
-            if chain.steps in seen or (target is not targets[0] and chain.steps[0] in roots):
-                continue
-            seen.add(chain.steps)
-            roots.add(chain.steps[0])
-            yield chain

@@ -22,39 +22,44 @@ Parameter under several names wakes as one Parameter).
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import os
-import re
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import torch
 
 from vramkit._units import format_bytes
-from vramkit._utils import user_cache_dir
+from vramkit.adapters import Adapter
 from vramkit.devices import Device, DeviceMemory, get_backend
 from vramkit.errors import InvalidArgumentError, OffloadError
-
-if TYPE_CHECKING:
-    from vramkit.model import ManagedModel
+from vramkit.model._tierfile import default_offload_dir, forget, read_file, write_file
+from vramkit.model.reports import ModelStats
 
 __all__ = [
+    "HOST_HEADROOM",
     "OffloadReport",
+    "Owner",
     "Tier",
     "TierCost",
     "WakeReport",
+    "check_tier",
+    "choose_tier",
     "default_offload_dir",
+    "discard",
+    "modules_of",
+    "offload_object",
+    "release_host_copies",
+    "tier_costs",
+    "wake_object",
 ]
 
 Tier = Literal["cpu", "disk"]
 
-_HOST_HEADROOM = 512 * 1024**2  # leave this much host RAM free for a cpu-tier copy
+HOST_HEADROOM = 512 * 1024**2
+"""Host RAM left free when a cpu-tier copy is made (or chosen), in bytes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,79 +235,6 @@ class _DiskCache:
     stamps: dict[str, _Stamp]
 
 
-# ---------------------------------------------------------------------- cache directory
-
-_files_lock = threading.Lock()
-_files: set[Path] = set()
-
-
-def default_offload_dir() -> Path:
-    """Where disk-tier files go: ``$VRAMKIT_CACHE_DIR``, else the user cache dir + ``vramkit``."""
-    override = os.environ.get("VRAMKIT_CACHE_DIR")
-    return Path(override).expanduser() if override else user_cache_dir() / "offload"
-
-
-def _remember(path: Path) -> None:
-    with _files_lock:
-        _files.add(path)
-
-
-def _forget(path: Path | None) -> None:
-    if path is None:
-        return
-    with _files_lock:
-        _files.discard(path)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-_swept: set[Path] = set()
-_LEFTOVER = re.compile(r"-(\d+)-[0-9a-f]+\.(safetensors|partial)$")
-
-
-def _sweep_once(directory: Path) -> None:
-    """Remove files left in ``directory`` by processes that died without cleaning up.
-
-    Exit handlers remove a process's files, but a process killed by a signal
-    never runs them. A file is only removed when the process id in its name is
-    no longer running, once per directory per process.
-    """
-    with _files_lock:
-        if directory in _swept:
-            return
-        _swept.add(directory)
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        match = _LEFTOVER.search(entry.name)
-        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            entry.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-@atexit.register
-def _remove_leftover_files() -> None:
-    with _files_lock:
-        leftovers = list(_files)
-        _files.clear()
-    for path in leftovers:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
 # ---------------------------------------------------------------------- collecting tensors
 
 
@@ -367,16 +299,30 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return storage_bytes(tensors)
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80] or "model"
-
-
 # ---------------------------------------------------------------------- the tiers
 
 
-def modules_of(model: ManagedModel[Any], obj: object) -> dict[str, torch.nn.Module]:
-    """The torch modules the model's adapter can offload (empty: drop and rebuild)."""
-    adapter = model.adapter
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """What the tiers know of the model whose weights they move: data, not the model itself.
+
+    Attributes:
+        name: The model's name, for reports, errors and the file name.
+        device: Where the weights live when the model is ready.
+        adapter: The model's adapter (its ``modules()`` are what can be offloaded).
+        size_bytes: The model's measured size, for a tier that drops the object.
+        token: Tells the files of two models with the same name apart.
+    """
+
+    name: str
+    device: Device
+    adapter: Adapter | None
+    size_bytes: int | None
+    token: int
+
+
+def modules_of(adapter: Adapter | None, obj: object) -> dict[str, torch.nn.Module]:
+    """The torch modules ``adapter`` can offload from ``obj`` (empty: drop and rebuild)."""
     if adapter is None:
         return {}
     modules = getattr(adapter, "modules", None)
@@ -384,54 +330,66 @@ def modules_of(model: ManagedModel[Any], obj: object) -> dict[str, torch.nn.Modu
 
 
 def offload_object(
-    model: ManagedModel[Any],
+    owner: Owner,
     obj: object,
     tier: Tier,
     directory: Path,
     *,
     rewrite: bool = False,
     previous: _Offloaded | None = None,
-) -> tuple[_Offloaded, OffloadReport]:
+    file: _DiskCache | None = None,
+) -> tuple[_Offloaded, OffloadReport, _DiskCache | None]:
     """Move ``obj``'s weights to ``tier``. On failure the object is left exactly as it was.
 
     ``previous`` is the cpu tier's state when a model offloaded to host RAM
     moves on to disk: its weights are written from host RAM, and the devices
-    they wake to are still the ones they originally left.
+    they wake to are still the ones they originally left. ``file`` is the file
+    the model last woke from, reused when its weights are unchanged.
+
+    Returns:
+        The offloaded state, the report, and the file still worth reusing
+        (``file``, or ``None`` once a new one was written).
     """
     started = time.perf_counter()
-    backend = get_backend(model.device.kind)
-    index = model.device.index or 0
+    backend = get_backend(owner.device.kind)
+    index = owner.device.index or 0
     before = backend.read(index)
-    modules = modules_of(model, obj)
+    modules = modules_of(owner.adapter, obj)
     if not modules:
-        state = _Offloaded(tier, "rebuild", weight_bytes=model.size_bytes or 0)
+        state = _Offloaded(tier, "rebuild", weight_bytes=owner.size_bytes or 0)
         note = (
             f"{type(obj).__name__} cannot be offloaded live; it was dropped and the loader "
             "rebuilds it on wake"
         )
-        return state, OffloadReport(
-            model.name,
-            tier,
-            "rebuild",
-            time.perf_counter() - started,
-            state.weight_bytes,
-            memory_before=before,
-            note=note,
+        return (
+            state,
+            OffloadReport(
+                owner.name,
+                tier,
+                "rebuild",
+                time.perf_counter() - started,
+                state.weight_bytes,
+                memory_before=before,
+                note=note,
+            ),
+            file,
         )
     slots, tensors = _slots(modules)
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
-        raise OffloadError(f"{model.name}: tensors already on meta, cannot offload: {meta[:3]}")
+        raise OffloadError(f"{owner.name}: tensors already on meta, cannot offload: {meta[:3]}")
     weight_bytes = _nbytes(tensors.values())
     if tier == "cpu":
-        state, note = _to_host(model, slots, tensors, weight_bytes)
+        state, note = _to_host(owner, slots, tensors, weight_bytes)
     else:
-        state, note = _to_disk(model, slots, tensors, weight_bytes, directory, rewrite=rewrite)
+        state, note, file = _to_disk(
+            owner, slots, tensors, weight_bytes, directory, rewrite=rewrite, file=file
+        )
     state.weight_bytes = weight_bytes
     if previous is not None:
         state.devices = dict(previous.devices)
     report = OffloadReport(
-        model.name,
+        owner.name,
         tier,
         state.method,
         time.perf_counter() - started,
@@ -442,11 +400,11 @@ def offload_object(
         memory_before=before,  # memory_after: read by the caller once it has cleaned up
         note="" if note == "reused" else note,
     )
-    return state, report
+    return state, report, file
 
 
 def _to_host(
-    model: ManagedModel[Any],
+    owner: Owner,
     slots: list[_Slot],
     tensors: dict[str, torch.Tensor],
     weight_bytes: int,
@@ -458,41 +416,41 @@ def _to_host(
             _Offloaded("cpu", "move", slots, dict(tensors), devices),
             "already in host RAM: the cpu tier frees nothing on this device",
         )
-    pin = model.device.kind == "cuda" and _host_has_room(weight_bytes)
+    pin = owner.device.kind == "cuda" and _host_has_room(weight_bytes)
     host: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         copy = tensor.detach().to("cpu")
         host[key] = copy.pin_memory() if pin else copy
     _assign(slots, host)
-    note = "" if pin or model.device.kind != "cuda" else "host RAM too tight to pin: pageable"
+    note = "" if pin or owner.device.kind != "cuda" else "host RAM too tight to pin: pageable"
     return _Offloaded("cpu", "move", slots, host, devices, pinned=pin), note
 
 
 def _host_has_room(nbytes: int) -> bool:
     free = get_backend("cpu").read(0).free_bytes
-    return free is not None and free - nbytes > _HOST_HEADROOM
+    return free is not None and free - nbytes > HOST_HEADROOM
 
 
 def _to_disk(
-    model: ManagedModel[Any],
+    owner: Owner,
     slots: list[_Slot],
     tensors: dict[str, torch.Tensor],
     weight_bytes: int,
     directory: Path,
     *,
     rewrite: bool,
-) -> tuple[_Offloaded, str]:
+    file: _DiskCache | None,
+) -> tuple[_Offloaded, str, _DiskCache | None]:
     devices = {k: t.device for k, t in tensors.items()}
-    cache: _DiskCache | None = model._disk_cache
     note = ""
-    if not rewrite and cache is not None and _unchanged(cache, tensors) and cache.path.exists():
-        path, note = cache.path, "reused"
+    if not rewrite and file is not None and _unchanged(file, tensors) and file.path.exists():
+        path, note = file.path, "reused"
     else:
-        path = _write(model, tensors, weight_bytes, directory)
-        model._disk_cache = None
+        path = write_file(owner.name, owner.token, tensors, weight_bytes, directory)
+        file = None
     skeleton = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
     _assign(slots, skeleton)
-    return _Offloaded("disk", "file", slots, {}, devices, path=path), note
+    return _Offloaded("disk", "file", slots, {}, devices, path=path), note, file
 
 
 def _unchanged(cache: _DiskCache, tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -508,126 +466,15 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
-def _write(
-    model: ManagedModel[Any], tensors: dict[str, torch.Tensor], weight_bytes: int, directory: Path
-) -> Path:
-    final = directory / f"{_safe_name(model.name)}-{os.getpid()}-{id(model):x}.safetensors"
-    partial = final.with_suffix(".partial")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        _sweep_once(directory)
-        if (free := _disk_free(directory)) is not None and free < weight_bytes:
-            raise OSError(
-                28, f"{format_bytes(free)} free in {directory}, {format_bytes(weight_bytes)} needed"
-            )
-        write_aligned_safetensors(partial, tensors, metadata={"vramkit_model": model.name})
-        if partial.stat().st_size < weight_bytes:
-            raise OSError(5, f"short write: {partial.stat().st_size} bytes of {weight_bytes}")
-        os.replace(partial, final)
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise OffloadError(
-            f"{model.name}: could not write the disk tier to {directory} ({exc}); "
-            "the model is still loaded and nothing was lost"
-        ) from exc
-    _remember(final)
-    return final
-
-
-ALIGNMENT = 64
-"""Byte alignment of every tensor in the disk tier's file (and so in its mapping)."""
-
-_PAD_PREFIX = "__vramkit_pad_"
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    **{
-        getattr(torch, name): code
-        for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"))
-        if hasattr(torch, name)
-    },
-}
-
-
-def write_aligned_safetensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]
-) -> None:
-    """Write a safetensors file whose every tensor starts on a 64-byte boundary.
-
-    A mapped tensor's address decides which BLAS kernel runs, and kernels for
-    differently aligned data add in a different order: weights woken from an
-    8-byte-aligned file can give outputs that differ in the last bits. Gaps are
-    filled with small ``U8`` padding entries (skipped on load), so the file
-    stays a valid safetensors file any reader accepts. Tensors are copied to
-    host one at a time, so a GPU model never needs its whole size in host RAM.
-
-    Raises:
-        OSError: The file could not be written.
-        TypeError: A dtype safetensors cannot store (complex numbers).
-    """
-    import json
-
-    layout: dict[str, Any] = {"__metadata__": dict(metadata)}
-    order: list[tuple[str, torch.Tensor | int]] = []
-    offset = 0
-    for index, (key, tensor) in enumerate(tensors.items()):
-        code = _SAFETENSORS_DTYPES.get(tensor.dtype)
-        if code is None:
-            raise TypeError(f"{key}: safetensors cannot store {tensor.dtype}")
-        if offset % ALIGNMENT:
-            pad = ALIGNMENT - offset % ALIGNMENT
-            layout[f"{_PAD_PREFIX}{index}"] = {
-                "dtype": "U8",
-                "shape": [pad],
-                "data_offsets": [offset, offset + pad],
-            }
-            order.append((f"{_PAD_PREFIX}{index}", pad))
-            offset += pad
-        size = tensor.numel() * tensor.element_size()
-        layout[key] = {
-            "dtype": code,
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        order.append((key, tensor))
-        offset += size
-    header = json.dumps(layout, separators=(",", ":")).encode("utf-8")
-    # The data starts right after the 8-byte length and the header: pad the
-    # header with spaces (allowed by the format) so that start is aligned too.
-    header += b" " * (-(8 + len(header)) % ALIGNMENT)
-    with open(path, "wb") as fh:
-        fh.write(len(header).to_bytes(8, "little"))
-        fh.write(header)
-        for _, item in order:
-            if isinstance(item, int):
-                fh.write(b"\0" * item)
-                continue
-            host = item.detach().to("cpu").contiguous()
-            fh.write(host.reshape(-1).view(torch.uint8).numpy().data)
-            del host
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _disk_free(directory: Path) -> int | None:
-    try:
-        stats = os.statvfs(directory)
-    except (OSError, AttributeError):
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
-def wake_object(model: ManagedModel[Any], state: _Offloaded) -> WakeReport:
+def wake_object(
+    name: str, device: Device, state: _Offloaded
+) -> tuple[WakeReport, _DiskCache | None]:
     """Bring the weights back into the model's object. On failure the state is unchanged.
+
+    Returns:
+        The report, and for the disk tier the file the model woke from (kept
+        for a cheap re-offload while the weights stay unchanged); ``None``
+        for the cpu tier.
 
     Raises:
         FileNotFoundError, OSError, RuntimeError: The cache file is missing or
@@ -635,14 +482,15 @@ def wake_object(model: ManagedModel[Any], state: _Offloaded) -> WakeReport:
             out of memory (the model stays offloaded).
     """
     started = time.perf_counter()
-    target = model.device
+    file = None
     if state.method == "move":
-        _from_host(state, target)
+        _from_host(state, device)
     else:
-        _from_disk(model, state, target)
-    return WakeReport(
-        model.name, state.tier, state.method, time.perf_counter() - started, state.weight_bytes
+        file = _from_disk(state, device)
+    report = WakeReport(
+        name, state.tier, state.method, time.perf_counter() - started, state.weight_bytes
     )
+    return report, file
 
 
 def _device_for(state: _Offloaded, key: str, target: Device) -> torch.device:
@@ -668,26 +516,17 @@ def _from_host(state: _Offloaded, target: Device) -> None:
     _assign(state.slots, moved)
 
 
-def _from_disk(model: ManagedModel[Any], state: _Offloaded, target: Device) -> None:
-    from vramkit._optional import require
-
+def _from_disk(state: _Offloaded, target: Device) -> _DiskCache:
     assert state.path is not None
-    safetensors_torch = require("safetensors.torch", "wake from the disk tier")
-    if not state.path.exists():
-        raise FileNotFoundError(f"cache file {state.path} was deleted")
+    loaded = read_file(state.path)
     on_host = all(d.type == "cpu" for d in state.devices.values())
-    loaded = safetensors_torch.load_file(str(state.path), device="cpu")
-    for key in [k for k in loaded if k.startswith(_PAD_PREFIX)]:
-        del loaded[key]
     missing = {s.key for s in state.slots} - set(loaded)
     if missing:
         raise OSError(f"cache file {state.path} lacks {sorted(missing)[:3]}")
     if not on_host:
         loaded = {k: t.to(_device_for(state, k, target)) for k, t in loaded.items()}
     _assign(state.slots, loaded)
-    model._disk_cache = _DiskCache(
-        state.path, {k: _Stamp.of(t) for k, t in _current(state.slots).items()}
-    )
+    return _DiskCache(state.path, {k: _Stamp.of(t) for k, t in _current(state.slots).items()})
 
 
 def _current(slots: Iterable[_Slot]) -> dict[str, torch.Tensor]:
@@ -713,20 +552,19 @@ def release_host_copies(state: _Offloaded) -> None:
     state.slots.clear()
 
 
-def discard(model: ManagedModel[Any], state: _Offloaded | None) -> None:
+def discard(state: _Offloaded | None, file: _DiskCache | None) -> None:
     """Free what an offloaded state holds (host copies, pinned memory); keep no file.
 
     A model woken from disk keeps its file for a cheap re-offload while it is
-    ``READY`` (``state`` is then ``None``): that file goes too.
+    ``READY`` (``state`` is then ``None``): ``file`` is that one, and it goes
+    too. The caller forgets ``file`` afterwards.
     """
     if state is not None:
         release_host_copies(state)
         if state.path is not None:
-            _forget(state.path)
-    cache = model._disk_cache
-    if cache is not None:
-        _forget(cache.path)
-        model._disk_cache = None
+            forget(state.path)
+    if file is not None:
+        forget(file.path)
 
 
 def check_tier(tier: object) -> Tier:
@@ -734,3 +572,74 @@ def check_tier(tier: object) -> Tier:
     if tier == "cpu" or tier == "disk":
         return tier
     raise InvalidArgumentError(f"tier must be 'cpu' or 'disk'; got {tier!r}")
+
+
+# ---------------------------------------------------------------------- choosing a tier
+
+
+def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> dict[str, TierCost]:
+    """What each way of freeing the device would cost, from a model's measurements.
+
+    Args:
+        stats: The model's counters and measured costs.
+        on_host: Whether the model lives in host RAM (a ``cpu`` device).
+        file: The disk tier file the model woke from, if any: reused when unchanged.
+
+    Returns:
+        ``{"cpu": ..., "disk": ..., "unload": ...}``; wake times are measured
+        where the model has woken from that tier before, else estimated from
+        its size.
+    """
+    size = stats.size_bytes or 0
+    measured = stats.wake_seconds
+    written = stats.offload_seconds
+    load = stats.load_seconds
+    # Estimates before a measurement: ~8 GB/s host<->device, ~1.5 GB/s reading
+    # page cache or disk, ~0.5 GB/s writing a file and syncing it.
+    cpu_estimate = 0.0 if on_host else size / 8e9
+    disk_estimate = size / 1.5e9 + (0.0 if on_host else size / 8e9)
+    reusable = file is not None and file.path.exists()
+    disk_write = 0.0 if reusable else written.get("disk", size / 0.5e9)
+    return {
+        "cpu": TierCost(
+            "cpu",
+            0 if on_host else size,
+            size,
+            0,
+            measured.get("cpu", cpu_estimate),
+            "cpu" in measured,
+            written.get("cpu", cpu_estimate),
+        ),
+        "disk": TierCost(
+            "disk",
+            size,
+            0,
+            size,
+            measured.get("disk", disk_estimate),
+            "disk" in measured,
+            disk_write,
+        ),
+        "unload": TierCost(
+            "unload",
+            size,
+            0,
+            0,
+            load if load is not None else disk_estimate * 10,
+            load is not None,
+        ),
+    }
+
+
+def choose_tier(costs: Mapping[str, TierCost], size_bytes: int, host_free_bytes: int) -> str:
+    """The cheapest way to free a model's device memory, given :func:`tier_costs`.
+
+    ``cpu`` when host RAM holds the weights with :data:`HOST_HEADROOM` to spare
+    and the tier frees anything; then ``disk`` when waking from it beats a
+    reload; else ``unload``.
+    """
+    cpu = costs["cpu"]
+    if cpu.frees_device_bytes and size_bytes + HOST_HEADROOM <= host_free_bytes:
+        return "cpu"
+    if costs["disk"].wake_seconds < costs["unload"].wake_seconds:
+        return "disk"
+    return "unload"

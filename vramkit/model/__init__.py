@@ -1,0 +1,33 @@
+r"""``ManagedModel``: the life of one model, from lazy load to a proven unload.
+
+::
+
+    UNLOADED --load--> LOADING --> READY <--lease/return--> (in use: leases > 0)
+       ^                             |  \\--offload--> OFFLOADED (cpu / disk tier)
+       |                             |                    |--wake--> READY
+       +------ unload (no leases) ---+--------------------+
+
+The package, room by room:
+
+- :mod:`~vramkit.model.managed`: :class:`ManagedModel` itself, the life of one model;
+- :mod:`~vramkit.model.reports`: its state and what each load and unload reports;
+- ``_lease``: leases, the inference-mode guard, ``@mm.inference`` functions;
+- ``_unload``: release and prove: weak references, survivors, holders, the driver wait;
+- :mod:`~vramkit.model.tiers`: offload and wake of the weights (cpu and disk tiers),
+  their reports, and what each tier would cost;
+- ``_tierfile``: the disk tier's file format, folder and clean-up.
+"""
+
+from __future__ import annotations
+
+from vramkit.model.managed import ManagedModel, live_models
+from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
+
+__all__ = [
+    "LoadReport",
+    "ManagedModel",
+    "ModelState",
+    "ModelStats",
+    "UnloadReport",
+    "live_models",
+]

@@ -1,0 +1,179 @@
+"""What a managed model reports: its state, and what each load and unload did and cost."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from vramkit._units import format_bytes
+from vramkit.cleaning import CleanupReport
+from vramkit.devices import DeviceMemory
+from vramkit.referrers import ReferrerChain
+
+__all__ = ["LoadReport", "ModelState", "ModelStats", "UnloadReport"]
+
+
+class ModelState(str, Enum):
+    """Where a :class:`ManagedModel` is in its life. Transitional states end in ``-ING``."""
+
+    UNLOADED = "UNLOADED"
+    LOADING = "LOADING"
+    READY = "READY"
+    OFFLOADING = "OFFLOADING"
+    OFFLOADED = "OFFLOADED"
+    WAKING = "WAKING"
+    UNLOADING = "UNLOADING"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What a load took and cost.
+
+    Attributes:
+        model: The model's name.
+        device: Where it was loaded.
+        seconds: Wall time of the loader (and the adapter's measurement).
+        size_bytes: Bytes the object holds per its adapter, else the memory it
+            added on the device (or in the process, for ``cpu``).
+        memory_before: The device's reading before the load.
+        memory_after: The reading after.
+    """
+
+    model: str
+    device: str
+    seconds: float
+    size_bytes: int | None
+    memory_before: DeviceMemory
+    memory_after: DeviceMemory
+
+    def __str__(self) -> str:
+        size = format_bytes(self.size_bytes)
+        return f"loaded {self.model} on {self.device} in {self.seconds:.3f} s, {size}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadReport:
+    """What an unload did, and whether the memory really came back.
+
+    Attributes:
+        model: The model's name.
+        device: The device it was on.
+        state_before: Its state before the unload (``UNLOADED`` when there was nothing to do).
+        state_after: ``UNLOADED``.
+        died: Whether every tracked object (the model, its tensors, native
+            handles) was proven dead by weak references after vramkit dropped
+            its reference. ``False`` when something else still held one.
+        verified: Whether death could be checked at all (objects that cannot be
+            weakly referenced cannot be proven dead).
+        holders: Who held the survivors, as referrer chains (empty when ``died``).
+        survivors: Short descriptions of what survived.
+        neutralised_bytes: Bytes freed anyway in survivors (moved to ``meta``,
+            emptied) so a stale reference pins nothing.
+        expected_bytes: The model's size as measured at load.
+        freed_bytes: Bytes given back per layer: ``allocated``, ``reserved``,
+            ``used`` (device-wide, driver or OS), ``process`` (this process per
+            driver or RSS); ``None`` where the layer cannot be read here.
+        memory_before: The device's reading before unloading.
+        memory_after: The reading after cleanup.
+        cleanup: The cleanup that ran after release.
+        waited_seconds: Time spent waiting for leases to be returned.
+        seconds: Wall time of the whole unload, waiting included.
+        error: The release error, when the adapter's release failed (the model
+            is ``UNLOADED`` regardless).
+    """
+
+    model: str
+    device: str
+    state_before: ModelState
+    state_after: ModelState
+    died: bool
+    verified: bool
+    holders: tuple[ReferrerChain, ...] = ()
+    survivors: tuple[str, ...] = ()
+    neutralised_bytes: int = 0
+    expected_bytes: int | None = None
+    freed_bytes: Mapping[str, int | None] = field(default_factory=dict)
+    memory_before: DeviceMemory | None = None
+    memory_after: DeviceMemory | None = None
+    cleanup: CleanupReport | None = None
+    waited_seconds: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the model died and nothing held it."""
+        return self.died and not self.holders and self.error is None
+
+    @property
+    def seen_bytes(self) -> int | None:
+        """Bytes that came back in the most telling layer (allocated, else process)."""
+        for layer in ("allocated", "process", "used"):
+            value = self.freed_bytes.get(layer)
+            if value is not None:
+                return value
+        return None
+
+    def __str__(self) -> str:
+        if self.state_before is ModelState.UNLOADED:
+            return f"{self.model} was not loaded: nothing to unload"
+        verdict = "freed" if self.ok else ("unverified" if not self.verified else "HELD")
+        # Device-wide "used" on the host moves with every other process: not shown for cpu.
+        layers = (
+            ("allocated", "reserved", "process")
+            if self.device == "cpu"
+            else tuple(self.freed_bytes)
+        )
+        came_back = ", ".join(
+            f"{layer} {format_bytes(self.freed_bytes[layer])}"
+            for layer in layers
+            if self.freed_bytes.get(layer) is not None
+        )
+        lines = [
+            f"unloaded {self.model} from {self.device} in {self.seconds:.3f} s: {verdict}; "
+            f"expected {format_bytes(self.expected_bytes)}, came back {came_back or 'n/a'}"
+        ]
+        if self.survivors:
+            lines.append("  still alive: " + "; ".join(self.survivors))
+        lines.extend(f"  held by: {chain}" for chain in self.holders)
+        if self.neutralised_bytes:
+            lines.append(
+                f"  freed anyway: {format_bytes(self.neutralised_bytes)} "
+                "(stale references now fail loudly)"
+            )
+        if self.error:
+            lines.append(f"  release failed: {self.error}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """Counters and measured costs of one model, for people and for pools.
+
+    Attributes:
+        loads: Completed loads.
+        unloads: Completed unloads.
+        offloads: Completed offloads.
+        wakes: Completed wakes.
+        load_seconds: Wall time of the last load (``None`` before the first).
+        size_bytes: Bytes the model holds, measured at its last load.
+        last_used: ``time.monotonic()`` when the last lease ended (or the model loaded).
+        wake_seconds: Wall time of the last wake, per tier.
+        offloaded_bytes: Bytes held per tier by the last offload.
+        offload_seconds: Wall time of the last offload, per tier.
+    """
+
+    loads: int = 0
+    unloads: int = 0
+    offloads: int = 0
+    wakes: int = 0
+    load_seconds: float | None = None
+    size_bytes: int | None = None
+    last_used: float | None = None
+    wake_seconds: Mapping[str, float] = field(default_factory=dict)
+    offloaded_bytes: Mapping[str, int] = field(default_factory=dict)
+    offload_seconds: Mapping[str, float] = field(default_factory=dict)
