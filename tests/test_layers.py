@@ -36,6 +36,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "vramkit.events": (0, "base"),
     "vramkit._optional": (0, "base"),
     "vramkit._keepalive": (0, "base"),
+    "vramkit._version": (0, "base"),
     "vramkit.devices": (1, "devices"),
     "vramkit.adapters": (1, "adapters"),
     "vramkit.memory": (2, "readings"),
@@ -62,7 +63,6 @@ LAYERS: dict[str, tuple[int, str]] = {
 
 # Imports that break the layer rule today, as "importer -> imported".
 KNOWN_VIOLATIONS = {
-    "vramkit -> vramkit.cli",  # status() lives in the command line
     "vramkit.events -> vramkit.devices",  # DeviceMemory, as an annotation
     "vramkit.model._lease -> vramkit.policy",  # CleanupPolicy, as an annotation
     "vramkit.model.managed -> vramkit.oom",  # is_oom_error, for a wake that failed
@@ -71,7 +71,6 @@ KNOWN_VIOLATIONS = {
 
 # Groups of modules that import each other, directly or around a loop.
 KNOWN_CIRCLES = {
-    ("vramkit", "vramkit.cli", "vramkit.demo"),  # through status() in the command line
     ("vramkit.model._lease", "vramkit.model.managed"),  # ManagedModel, as an annotation
 }
 
@@ -198,7 +197,7 @@ def test_no_private_names_cross_module_borders_beyond_the_known_ones() -> None:
         f"{module} -> {source}.{name}"
         for module in MODULES
         for source, name in _imports(module)
-        if name.startswith("_") and area(source) != area(module)
+        if name.startswith("_") and not name.endswith("__") and area(source) != area(module)
     }
     assert found - KNOWN_PRIVATE_IMPORTS == set(), "new private imports: give them a shared home"
     assert KNOWN_PRIVATE_IMPORTS - found == set(), "gone: remove these from KNOWN_PRIVATE_IMPORTS"

@@ -19,6 +19,7 @@ import torch
 
 from vramkit.errors import InvalidArgumentError
 from vramkit.testing import models as M
+from vramkit.testing.models import funasr_dirs as funasr_dirs_module
 
 FUNASR_BUILDERS: dict[str, Callable[..., Path]] = {
     "vad": M.build_funasr_vad,
@@ -93,7 +94,7 @@ def test_all_is_the_public_api() -> None:
         name
         for name, value in vars(M).items()
         if not name.startswith("_")
-        and getattr(value, "__module__", None) == M.__name__
+        and str(getattr(value, "__module__", "")).startswith(f"{M.__name__}.")
         and callable(value)
     }
     assert set(M.__all__) == public
@@ -241,7 +242,7 @@ def test_pipeline_reuses_complete_builds_and_replaces_broken_ones(
     assert stamps() == before  # nothing rebuilt
 
     # a directory without a finished build (crash, or someone else's files)
-    (dirs.punc / M._MANIFEST).unlink()
+    (dirs.punc / funasr_dirs_module._MANIFEST).unlink()
     assert not M.funasr_dir_is_complete(dirs.punc)
     M.build_funasr_pipeline(tmp_path)
     after = stamps()

@@ -13,13 +13,13 @@ cpu     10.2 / 23.5 GiB used (43%) · process 412.3 MiB
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 # Cheap, torch-free names load eagerly; the rest on first use (PEP 562), so
 # `import vramkit` - and every pytest run, through the plugin's entry point -
 # does not pay for importing torch until something needs it.
 from vramkit._units import format_bytes, parse_bytes
+from vramkit._version import __version__
 from vramkit.errors import (
     BudgetExceededError,
     DeviceUnavailableError,
@@ -37,8 +37,8 @@ from vramkit.errors import (
 
 if TYPE_CHECKING:
     from vramkit import events
+    from vramkit._status import status
     from vramkit.cleaning import CleanupReport, cleanup
-    from vramkit.cli import status
     from vramkit.devices import Device, DeviceMemory, resolve_device
     from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
     from vramkit.model import LoadReport, ManagedModel, ModelState, ModelStats, UnloadReport
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "events": "vramkit.events",
     **dict.fromkeys(("CleanupReport", "cleanup"), "vramkit.cleaning"),
-    "status": "vramkit.cli",
+    "status": "vramkit._status",
     **dict.fromkeys(("Device", "DeviceMemory", "resolve_device"), "vramkit.devices"),
     **dict.fromkeys(
         ("DeviceMemoryDelta", "MemoryDelta", "MemorySnapshot", "snapshot"), "vramkit.memory"
@@ -83,11 +83,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-try:
-    __version__ = version("vramkit")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "BudgetExceededError",
