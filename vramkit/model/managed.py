@@ -206,6 +206,10 @@ class ManagedModel(Generic[T]):
         self._stats = ModelStats()
         self._scheduler: KeepAliveScheduler | None = None
         self._owner: Any = None  # the ModelPool this model belongs to, if any
+        # TODO(one owner of the tier state): _tier repeats _offloaded.tier, but _claim
+        # takes _offloaded out while the pool still reads .tier mid-unload (its
+        # _resident); one "parked" record that stays on the model through a claim
+        # would end the duplicate.
         self._tier: str | None = None
         self._offloaded: Any = None  # tier-specific state while OFFLOADED
         self._disk_cache: Any = None  # the file a disk wake came from, reusable if unchanged
