@@ -546,6 +546,26 @@ def test_events_and_logs_record_every_transition(caplog: pytest.LogCaptureFixtur
     assert seen[0].to_dict()["kind"] == "load"
 
 
+kept_by_test: list[Any] = []
+
+
+def test_the_unload_event_names_who_kept_the_model() -> None:
+    seen: list[events.Event] = []
+    mm = small("kept")
+    with mm.use() as model:
+        kept_by_test.append(model.layers[0])
+    unsubscribe = events.subscribe(seen.append)
+    try:
+        mm.unload()
+    finally:
+        unsubscribe()
+        kept_by_test.clear()
+    (unload,) = [e for e in seen if e.kind == "unload"]
+    assert unload.detail["died"] is False
+    assert any("kept_by_test[0]" in chain for chain in unload.detail["held_by"])
+    assert unload.detail["neutralised_bytes"] >= 512 * 512 * 4
+
+
 def test_a_failing_subscriber_does_not_break_loading(caplog: pytest.LogCaptureFixture) -> None:
     def broken(event: events.Event) -> None:
         raise RuntimeError("subscriber bug")

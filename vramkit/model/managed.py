@@ -1043,7 +1043,14 @@ class ManagedModel(Generic[T]):
             memory_before=report.memory_before,
             memory_after=report.memory_after,
             bytes=report.seen_bytes,
-            detail={"died": report.died, "holders": len(report.holders)},
+            # The chains themselves, not just a count: a subscriber that only sees events
+            # (a serving framework's log) must be able to say who kept the model alive.
+            detail={
+                "died": report.died,
+                "holders": len(report.holders),
+                "held_by": tuple(str(chain) for chain in report.holders),
+                "neutralised_bytes": report.neutralised_bytes,
+            },
         )
         if report.error is not None:
             error = ModelStateError(
