@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import threading
@@ -564,6 +565,27 @@ def test_the_unload_event_names_who_kept_the_model() -> None:
     assert unload.detail["died"] is False
     assert any("kept_by_test[0]" in chain for chain in unload.detail["held_by"])
     assert unload.detail["neutralised_bytes"] >= 512 * 512 * 4
+
+
+def test_a_holder_held_only_by_native_code_is_still_named() -> None:
+    # Ray keeps a deployment instance alive from C++ only: no Python root above it.
+    class Deployment:
+        def __init__(self) -> None:
+            self.kept: list[Any] = []
+
+    deployment = Deployment()
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(deployment))
+    alive = weakref.ref(deployment)  # weak references are not referrers
+    mm = small("native")
+    with mm.use() as model:
+        deployment.kept.append(model)
+    del deployment, model
+    try:
+        report = mm.unload()
+    finally:
+        ctypes.pythonapi.Py_DecRef(ctypes.py_object(alive()))
+    assert not report.died
+    assert [str(chain) for chain in report.holders] == ["... -> Deployment.kept[0]"]
 
 
 def test_a_failing_subscriber_does_not_break_loading(caplog: pytest.LogCaptureFixture) -> None:

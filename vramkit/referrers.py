@@ -34,6 +34,7 @@ from vramkit._gc import exclusive, tensors_in_heap
 __all__ = ["ReferrerChain", "find_referrers"]
 
 _SKIP_MODULE_PREFIX = "vramkit."
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 _MODULE_INTERNALS = {"_parameters": "", "_buffers": "", "_modules": ""}
 
 
@@ -164,6 +165,12 @@ class _Search:
         frontier: dict[int, tuple[tuple[str, ...], bool]] = {id(target): ((), False)}
         seen: set[int] = {id(target)}
         chains: list[ReferrerChain] = []
+        # Paths whose top object nothing in Python refers to: it is held from native
+        # code (an actor runtime, a C extension). No root, but the path still names
+        # the holder a person can fix ("... -> Deployment.kept[0]"). A bare container
+        # nobody refers to is a running function's local (invisible to the gc since
+        # Python 3.11), most often the search's own caller's: not a holder to report.
+        native: dict[int, tuple[tuple[str, ...], bool]] = {}
         tensor_type = _tensor_type()
         for _ in range(max_depth):
             level = self._level_edges([self.held[i] for i in frontier])
@@ -173,6 +180,8 @@ class _Search:
                 edges = level.get(oid, []) + _running_frame_edges(obj, self.running)
                 if issubclass(type(obj), tensor_type) and obj.requires_grad:
                     edges += _autograd_holders(obj, self._heap_tensors())
+                if not edges and not isinstance(obj, _CONTAINERS):
+                    native[oid] = (path, attach_next)
                 for edge in edges:
                     new_path = _prepend(edge, path, attach_next)
                     if edge.root is not None:
@@ -186,11 +195,11 @@ class _Search:
                     self.held[id(edge.holder)] = edge.holder
                     next_frontier[id(edge.holder)] = (new_path, edge.attach)
             if len(seen) > max_objects or time.perf_counter() > deadline:
-                return _tidy(chains or _unknown(next_frontier))
+                return _tidy(chains or _unknown({**native, **next_frontier}))
             if not next_frontier:
-                return _tidy(chains)
+                return _tidy(chains or _unknown(native))
             frontier = next_frontier
-        return _tidy(chains or _unknown(frontier))
+        return _tidy(chains or _unknown({**native, **frontier}))
 
     def _level_edges(self, objects: list[Any]) -> dict[int, list[_Edge]]:
         """Edges from every holder of any of ``objects``, keyed by the held object's id."""
@@ -204,6 +213,8 @@ class _Search:
                 continue  # a module refers to its dict, which is handled as the root
             if isinstance(holder, types.FrameType) and _is_vramkit(holder):
                 continue  # vramkit's own frames (the unload in progress)
+            if isinstance(holder, types.GeneratorType) and _is_vramkit_generator(holder):
+                continue  # the same, suspended in or running a vramkit generator
             executing = (
                 self.executing.get(id(holder)) if isinstance(holder, types.FrameType) else None
             )
@@ -309,6 +320,11 @@ class _Search:
 
 def _is_vramkit(frame: types.FrameType) -> bool:
     return str(frame.f_globals.get("__name__", "")).startswith(_SKIP_MODULE_PREFIX)
+
+
+def _is_vramkit_generator(generator: types.GeneratorType[Any, Any, Any]) -> bool:
+    frame = generator.gi_frame
+    return frame is not None and _is_vramkit(frame)
 
 
 def _instance_dict(holder: object) -> dict[str, Any] | None:
