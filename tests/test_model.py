@@ -588,6 +588,25 @@ def test_a_holder_held_only_by_native_code_is_still_named() -> None:
     assert [str(chain) for chain in report.holders] == ["... -> Deployment.kept[0]"]
 
 
+def test_a_holder_frozen_by_gc_freeze_is_still_named() -> None:
+    # Servers freeze the gc after startup (Ray Serve replicas do): what a deployment
+    # made in __init__ is then invisible to gc.get_referrers.
+    kept: dict[str, Any] = {"cache": []}
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        mm = small("frozen")
+        with mm.use() as model:
+            kept["cache"].append(model)
+        del model
+        report = mm.unload()
+        assert gc.get_freeze_count() > frozen_before  # the server's freeze is back in place
+    finally:
+        gc.unfreeze()
+    assert not report.died
+    assert any("kept['cache'][0]" in str(chain) for chain in report.holders), report
+
+
 def test_a_failing_subscriber_does_not_break_loading(caplog: pytest.LogCaptureFixture) -> None:
     def broken(event: events.Event) -> None:
         raise RuntimeError("subscriber bug")

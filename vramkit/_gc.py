@@ -31,6 +31,7 @@ _lock = threading.Lock()
 _walkers = 0
 _saved_interval = 0.005
 _gc_was_enabled = True
+_refreeze = False
 
 
 @contextlib.contextmanager
@@ -43,13 +44,21 @@ def exclusive() -> Iterator[None]:
     lock and let another thread run while the walk holds its objects. The
     walk itself must not take locks or do I/O.
     """
-    global _walkers, _saved_interval, _gc_was_enabled
+    global _walkers, _saved_interval, _gc_was_enabled, _refreeze
     with _lock:
         if _walkers == 0:
             _saved_interval = sys.getswitchinterval()
             sys.setswitchinterval(max(_saved_interval, 10.0))
             _gc_was_enabled = gc.isenabled()
             gc.disable()
+            # Frozen objects are invisible to gc.get_referrers and gc.get_objects, and
+            # servers freeze after startup (every Ray Serve 2.60 replica does): the
+            # deployment holding a stray model reference would hide. Thaw for the walk.
+            # Freezing again also takes in what was allocated since: those objects are
+            # still freed by reference counting, only cycles among them never collected.
+            _refreeze = gc.get_freeze_count() > 0
+            if _refreeze:
+                gc.unfreeze()
         _walkers += 1
     try:
         yield
@@ -57,6 +66,8 @@ def exclusive() -> Iterator[None]:
         with _lock:
             _walkers -= 1
             if _walkers == 0:
+                if _refreeze:
+                    gc.freeze()
                 if _gc_was_enabled:
                     gc.enable()
                 sys.setswitchinterval(_saved_interval)
