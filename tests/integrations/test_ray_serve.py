@@ -23,7 +23,13 @@ import torch
 pytest.importorskip("ray.serve")
 
 import vramkit
-from vramkit import BudgetExceededError, InvalidArgumentError, ModelState, UnknownModelError
+from vramkit import (
+    BudgetExceededError,
+    InvalidArgumentError,
+    ModelState,
+    ModelStateError,
+    UnknownModelError,
+)
 from vramkit.integrations import ray_serve
 from vramkit.integrations.ray_serve import (
     FREE_BYTES_STAT,
@@ -494,8 +500,31 @@ def test_serve_finds_the_models_to_shut_down_with_the_replica(tmp_path: Path) ->
         await getattr(instance, "__serve_multiplex_wrapper").shutdown()
         assert instance.get_model.pool["a"].state is ModelState.UNLOADED
         assert instance.get_model.pool.closed
+        with pytest.raises(ModelStateError, match="shut down"):
+            await request(instance, "a")
 
     run(instance, main)  # and a second shutdown is harmless
+
+
+def test_the_example_deployment_answers_from_its_model_store(tmp_path: Path) -> None:
+    from examples.ray_serve_multiplex import app
+
+    store = app.write_store(tmp_path / "store", ["tiny", "small"])
+    expected = {}
+    for model_id in ("tiny", "small"):
+        model = app.load(store, model_id)
+        with torch.inference_mode():
+            expected[model_id] = float(model(torch.ones(1, model.dim)).sum())
+    replica = app.Models.func_or_class(str(store))
+    order = ["tiny", "small", "tiny"]
+
+    async def main() -> list[dict[str, Any]]:
+        return [await asyncio.create_task(replica.answer(m)) for m in order]
+
+    answers = run(replica, main)
+    assert [(a["model_id"], a["checksum"]) for a in answers] == [(m, expected[m]) for m in order]
+    assert answers[-1]["loads"] == 2
+    assert answers[-1]["pool"]["budget_bytes"] == app.BUDGET
 
 
 def test_a_function_deployment_has_its_models_too(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ from vramkit import (
     MissingDependencyError,
     ModelPool,
     ModelState,
+    ModelStateError,
     PoolStatus,
     UnloadReport,
     events,
@@ -516,6 +517,8 @@ class MultiplexedModels(Generic[T]):
     async def _borrow(self, model_id: str) -> _Borrowed:
         if not isinstance(model_id, str) or not model_id:
             raise InvalidArgumentError(f"the model id must be a non-empty string; got {model_id!r}")
+        if self._closed:
+            raise ModelStateError(f"the models of {self._pool.name} are shut down")
         self._start_reporting()
         if self._metrics is not None:
             self._metrics.requests.inc()
@@ -577,7 +580,7 @@ class MultiplexedModels(Generic[T]):
         """The ManagedModel loader: run the user's coroutine to completion in this thread."""
         function = self._function
         if function is None:
-            raise vramkit.ModelStateError(f"the models of {self._pool.name} are shut down")
+            raise ModelStateError(f"the models of {self._pool.name} are shut down")
         try:
             asyncio.get_running_loop()
         except RuntimeError:
