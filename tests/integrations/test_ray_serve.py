@@ -420,24 +420,16 @@ class _FakeReplicaContext:
     replica_tag: str = "r1"
 
 
-class _NoMetrics:
-    def __init__(self) -> None:
-        self.requests = self
-
-    def inc(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def record(self, *args: Any) -> None: ...
-
-    def report(self, *args: Any) -> None: ...
-
-
 @pytest.fixture
 def in_a_replica(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, list[str]]]:
-    """Pretend to be a Serve replica; collect what would be reported to the controller."""
+    """Pretend to be a Serve replica; collect what would be reported to the controller.
+
+    Serve's metrics are real: outside a cluster they record nothing, but they
+    still check every call's tags.
+    """
     pushed: list[tuple[Any, list[str]]] = []
     replica = _FakeReplicaId("r1")
     monkeypatch.setattr(ray_serve, "_replica_context", lambda: _FakeReplicaContext(replica))
-    monkeypatch.setattr(ray_serve, "_Metrics", _NoMetrics)
     monkeypatch.setattr(ray_serve, "_report_to_serve", lambda r, ids: pushed.append((r, ids)))
     return pushed
 
@@ -472,6 +464,44 @@ def test_the_held_model_ids_are_reported_to_serve_when_they_change(
     assert [ids for _, ids in in_a_replica] == [["d"], ["c", "d"], ["c"]]
     assert {replica.unique_id for replica, _ in in_a_replica} == {"r1"}
     assert instance.get_model.pool.name == "Models#r1"
+
+
+def test_metrics_take_every_kind_of_event_in_a_replica(
+    tmp_path: Path, in_a_replica: list[tuple[Any, list[str]]]
+) -> None:
+    instance = deployment(tmp_path)
+
+    async def careless() -> None:
+        instance.kept.append(await instance.get_model("a"))
+
+    async def main() -> None:
+        for model_id in "dcd":  # loads, an eviction to disk, a wake
+            await request(instance, model_id)
+        await asyncio.create_task(careless())
+        await instance.get_model.unload("a")  # a survivor
+        await asyncio.sleep(0.3)  # a few report rounds: gauges per model id
+
+    run(instance, main)
+    status = instance.get_model.status()
+    assert (status.loads, status.wakes, status.survivors) == (3, 1, 1)
+    assert instance.get_model._reporter is None  # stopped at shutdown
+
+
+def test_idle_models_unload_after_keep_alive(tmp_path: Path) -> None:
+    instance = deployment(tmp_path, keep_alive=0)
+
+    async def main() -> None:
+        await request(instance, "a")
+        model = instance.get_model.pool["a"]
+        deadline = time.monotonic() + 30
+        while model.state is not ModelState.UNLOADED:
+            assert time.monotonic() < deadline, model
+            await asyncio.sleep(0.02)
+        assert instance.get_model.model_ids() == []
+        assert await request(instance, "a") == 256.0  # and it loads again when asked
+
+    run(instance, main)
+    assert instance.get_model.status().loads == 2
 
 
 def test_the_deployment_class_gets_record_routing_stats_unless_it_has_one(
