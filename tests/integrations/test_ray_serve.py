@@ -290,6 +290,21 @@ def test_a_slow_load_does_not_block_the_event_loop(tmp_path: Path) -> None:
     assert run(instance, main) == 256.0
 
 
+def test_the_pool_used_directly_from_a_coroutine_still_loads(tmp_path: Path) -> None:
+    instance = deployment(tmp_path)
+
+    async def main() -> None:
+        await request(instance, "a")
+        await asyncio.sleep(0)  # the request's borrow ends in a callback, after its awaiters
+        model = instance.get_model.pool["a"]
+        model.unload()
+        model.load()  # on the event loop's own thread: the loader cannot wait for this loop
+        assert model.state is ModelState.READY
+
+    run(instance, main)
+    assert instance.get_model.status().loads == 2
+
+
 # ------------------------------------------------------------------ failures
 
 

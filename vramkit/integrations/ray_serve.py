@@ -493,6 +493,9 @@ class MultiplexedModels(Generic[T]):
     async def __call__(self, model_id: str) -> T:
         """Load (or wake) ``model_id`` if needed and return it, borrowed until this task ends.
 
+        The borrow ends in the task's done callback: for whoever awaits the
+        task, one event-loop iteration after the await returns.
+
         Raises:
             InvalidArgumentError: ``model_id`` is not a non-empty string.
             BudgetExceededError: No room could be made within ``timeout``.
@@ -522,17 +525,17 @@ class MultiplexedModels(Generic[T]):
         self._start_reporting()
         if self._metrics is not None:
             self._metrics.requests.inc()
-        model = self._register(model_id)
+        self._register(model_id)
         loop = asyncio.get_running_loop()
         try:
             for attempt in (1, 2):
                 lease = self._pool.use(model_id)
+                # Always off the event loop, even for a loaded model: one evicted between
+                # a check here and the lease would load or wait for room on the loop,
+                # and room comes back through leases returned on that same loop.
+                enter = functools.partial(contextvars.copy_context().run, lease.__enter__)
                 try:
-                    if model.state is ModelState.READY:
-                        obj = lease.__enter__()  # no thread hop for a loaded model
-                    else:
-                        enter = functools.partial(contextvars.copy_context().run, lease.__enter__)
-                        obj = await loop.run_in_executor(self._executor, enter)
+                    obj = await loop.run_in_executor(self._executor, enter)
                 except BaseException as exc:
                     if attempt == 2 or not vramkit.is_oom_error(exc):
                         raise
@@ -545,14 +548,15 @@ class MultiplexedModels(Generic[T]):
         finally:
             self._done_waiting(model_id)
 
-    def _register(self, model_id: str) -> ManagedModel[Any]:
+    def _register(self, model_id: str) -> None:
+        """Count a request waiting for ``model_id``, giving the id a model on first sight."""
         with self._lock:
             self._waiting[model_id] += 1
             if model_id in self._pool:
-                return self._pool[model_id]
+                return
             hint = self._settings.size_hint(model_id) if self._settings.size_hint else None
             try:
-                return self._pool.register(
+                self._pool.register(
                     model_id,
                     functools.partial(self._run_loader, model_id),
                     size_hint=hint,
@@ -585,8 +589,8 @@ class MultiplexedModels(Generic[T]):
             asyncio.get_running_loop()
         except RuntimeError:
             return asyncio.run(_awaited(function(model_id)))
-        # On an event loop's own thread (a lease that raced an eviction): a loop
-        # cannot wait for itself, so the coroutine gets a thread of its own.
+        # On an event loop's own thread (the pool used directly from a coroutine):
+        # a loop cannot wait for itself, so the coroutine gets a thread of its own.
         with concurrent.futures.ThreadPoolExecutor(1) as one:
             return one.submit(asyncio.run, _awaited(function(model_id))).result()
 
