@@ -51,9 +51,9 @@ def build(model_id: str) -> torch.nn.Linear:
     return layer
 
 
-def answer(model: torch.nn.Module) -> float:
+def answer(model: torch.nn.Linear) -> float:
     with torch.inference_mode():
-        return float(model(torch.ones(1, 256))[0, 0])
+        return float(model(torch.ones(1, 256, device=model.weight.device))[0, 0])
 
 
 def size_of(model_id: str) -> int:
@@ -227,6 +227,29 @@ def test_use_borrows_a_model_for_a_block_only(tmp_path: Path) -> None:
         assert instance.get_model.pool["a"].leases == 0
 
     run(instance, main)
+
+
+@pytest.mark.cuda
+def test_on_cuda_evicted_models_wait_in_host_ram_and_the_budget_holds(tmp_path: Path) -> None:
+    def on_gpu(model_id: str) -> torch.nn.Linear:
+        return build(model_id).to("cuda")
+
+    instance = deployment(tmp_path, on_gpu, device="cuda", evict_to="auto")
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    order = list("abcdabcd")
+
+    async def main() -> list[float]:
+        return [await request(instance, m) for m in order]
+
+    assert run(instance, main) == [SIZES[m] * 256.0 for m in order]
+    status = instance.get_model.status()
+    assert status.loads == 4
+    assert status.wakes > 0
+    assert set(status.evictions) == {"cpu"}  # pinned host RAM wakes fastest
+    # Weights never above the 6 MiB budget on the device; 1 MiB for inputs and outputs.
+    assert torch.cuda.max_memory_allocated() - baseline <= 7 * MiB
 
 
 # ------------------------------------------------------------------ concurrency
