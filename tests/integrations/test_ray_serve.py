@@ -112,6 +112,7 @@ async def request(instance: Any, model_id: str) -> float:
         ({"budget": "-1GiB"}, "budget"),
         ({"budget": True}, "budget"),
         ({"budget": [1]}, "budget"),
+        ({"budget": 1.5}, "fraction"),
         ({"headroom": "lots"}, "headroom"),
         ({"device": 3.5}, "device"),
         ({"evict_to": "tape"}, "evict_to"),

@@ -260,6 +260,10 @@ def _settings(
         )
     if isinstance(budget, int | str):
         vramkit.parse_bytes(budget, what="budget")
+    elif isinstance(budget, float) and not 0 < budget <= 1:
+        raise InvalidArgumentError(
+            f"budget as a fraction of the device must be in (0, 1]; got {budget!r}"
+        )
     if not isinstance(headroom, int | str) or isinstance(headroom, bool):
         raise InvalidArgumentError(
             f"headroom must be bytes or a string like '512MiB'; got {headroom!r}"
