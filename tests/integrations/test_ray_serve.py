@@ -329,6 +329,41 @@ def test_the_pool_used_directly_from_a_coroutine_still_loads(tmp_path: Path) -> 
     assert instance.get_model.status().loads == 2
 
 
+def test_a_request_cancelled_while_its_model_loads_leaves_no_lease_behind(
+    tmp_path: Path,
+) -> None:
+    loading = threading.Event()
+    finish = threading.Event()
+
+    def blocking(model_id: str) -> torch.nn.Linear:
+        loading.set()
+        assert finish.wait(timeout=30)
+        return build(model_id)
+
+    instance = deployment(tmp_path, blocking)
+
+    async def main() -> None:
+        pending = asyncio.create_task(request(instance, "a"))
+        while not loading.is_set():
+            await asyncio.sleep(0.01)
+        pending.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        finish.set()
+        model = instance.get_model.pool["a"]
+        deadline = time.monotonic() + 30
+        while model.state is not ModelState.READY or model.leases:
+            assert time.monotonic() < deadline, model
+            await asyncio.sleep(0.01)
+        model.unload()  # nobody holds it: no ModelBusyError
+
+    try:
+        asyncio.run(main())
+    finally:
+        if not instance.get_model.pool["a"].leases:  # a leaked lease would block close()
+            instance.get_model.close()
+
+
 # ------------------------------------------------------------------ failures
 
 

@@ -398,8 +398,8 @@ class MultiplexStatus:
     Attributes:
         replica: Serve's replica id (``None`` outside a Serve replica).
         pool: The pool's accounting: budget, charged and peak bytes, each model.
-        model_ids: The ids the replica reports to Serve's routers (loaded,
-            loading, or offloaded to a tier they wake from faster than a load).
+        model_ids: The ids the replica reports to Serve's routers: loaded,
+            loading, or offloaded to a tier.
         loads: Loads run by the loader.
         wakes: Models brought back from a tier instead of loaded.
         load_seconds: Wall time of all loads.
@@ -537,9 +537,15 @@ class MultiplexedModels(Generic[T]):
                 # Always off the event loop, even for a loaded model: one evicted between
                 # a check here and the lease would load or wait for room on the loop,
                 # and room comes back through leases returned on that same loop.
-                enter = functools.partial(contextvars.copy_context().run, lease.__enter__)
+                taking = self._executor.submit(contextvars.copy_context().run, lease.__enter__)
                 try:
-                    obj = await loop.run_in_executor(self._executor, enter)
+                    obj = await asyncio.wrap_future(taking)
+                except asyncio.CancelledError:
+                    # The request was cancelled (its client went away) while the worker
+                    # thread loads or waits: the lease it still takes must come back.
+                    if not taking.cancel():
+                        taking.add_done_callback(functools.partial(_return_if_taken, lease))
+                    raise
                 except BaseException as exc:
                     if attempt == 2 or not vramkit.is_oom_error(exc):
                         raise
@@ -755,6 +761,11 @@ class MultiplexedModels(Generic[T]):
             self._reported = ids
         if self._metrics is not None:
             self._metrics.report(self._pool.status(), ids, last or ())
+
+
+def _return_if_taken(lease: Any, taking: concurrent.futures.Future[Any]) -> None:
+    if not taking.cancelled() and taking.exception() is None:
+        lease.__exit__(None, None, None)
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
