@@ -49,7 +49,7 @@ def load(store: Path, model_id: str) -> torch.nn.Module:
     ray_actor_options={"num_cpus": 0},
     request_router_config=RequestRouterConfig(
         request_router_class=MemoryAwareRequestRouter,
-        request_routing_stats_period_s=1,
+        request_routing_stats_period_s=0.25,  # how stale the replicas' free bytes may be
     ),
 )
 class Models:
