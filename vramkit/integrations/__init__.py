@@ -1,6 +1,9 @@
 """Thin adapters to other people's frameworks, each behind its own extra.
 
-Nothing inside vramkit imports these modules; each uses vramkit's public API
-only and is imported by the application that wants it, for example
-``from vramkit.integrations.ray_serve import vramkit_multiplexed``.
+Nothing in vramkit imports these modules, and they use vramkit's public API
+only, so each can be installed, imported and tested on its own:
+
+- :mod:`vramkit.integrations.ray_serve` (extra ``ray``): a byte-budgeted
+  replacement for Ray Serve's ``@serve.multiplexed``, one
+  :class:`vramkit.ModelPool` per replica.
 """
