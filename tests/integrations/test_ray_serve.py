@@ -8,6 +8,7 @@ here against a recording stand-in and for real in test_ray_serve_cluster.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -216,6 +217,36 @@ def test_a_borrowed_model_is_not_evicted_before_its_request_ends(tmp_path: Path)
         assert await request(instance, "c") == 768.0  # room once the request ended
 
     run(instance, main)
+
+
+def test_unload_waits_for_a_request_that_still_borrows_the_model(tmp_path: Path) -> None:
+    instance = deployment(tmp_path)
+    # One worker thread, so the thread that took the request's lease is surely
+    # free again when the unload starts (with more, it usually is).
+    instance.get_model._executor.shutdown()
+    instance.get_model._executor = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def main() -> vramkit.UnloadReport:
+        release = asyncio.Event()
+
+        async def long_request() -> None:
+            await instance.get_model("a")
+            await release.wait()
+
+        holder = asyncio.create_task(long_request())
+        pool = instance.get_model.pool
+        while "a" not in pool or pool["a"].leases == 0:
+            await asyncio.sleep(0.01)
+        unloading = asyncio.create_task(instance.get_model.unload("a"))
+        deadline = time.monotonic() + 30
+        while not unloading.done() and not pool["a"]._waiting:  # until it waits (or fails)
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        release.set()
+        await holder
+        return await unloading  # waited for the borrow, whichever thread took it
+
+    assert run(instance, main).died
 
 
 def test_use_borrows_a_model_for_a_block_only(tmp_path: Path) -> None:

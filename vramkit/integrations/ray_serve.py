@@ -633,8 +633,9 @@ class MultiplexedModels(Generic[T]):
             The :class:`~vramkit.UnloadReport`; holders it names are also logged.
         """
         model = self._pool[model_id]
-        unload = functools.partial(model.unload, timeout=self._settings.timeout)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, unload)
+        # Not on our executor: its threads take the requests' leases, and a model
+        # refuses to unload from a thread that holds one of its leases.
+        return await asyncio.to_thread(model.unload, timeout=self._settings.timeout)
 
     @property
     def pool(self) -> ModelPool:
