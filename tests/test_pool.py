@@ -99,15 +99,36 @@ def test_budget_is_never_exceeded_at_any_event() -> None:
     assert pool.status().peak_charged_bytes <= 9 * MiB
 
 
+def test_the_default_headroom_fits_a_small_budget() -> None:
+    # A fixed 512 MiB default refused every model under a 64 MiB budget.
+    with ModelPool("cpu", budget="64MiB", evict_to="unload") as pool:
+        pool.register("small", mlp, size_hint=SIZE)
+        run(pool, "small")
+        assert pool["small"].state is ModelState.READY
+        assert pool.status().headroom_bytes == 8 * MiB  # an eighth of the budget
+
+
+@pytest.mark.parametrize(
+    ("budget", "headroom", "expected"),
+    [("64GiB", None, 512 * MiB), ("1GiB", None, 128 * MiB), ("64MiB", "1MiB", MiB)],
+)
+def test_the_default_headroom_is_an_eighth_capped_and_a_given_one_is_kept(
+    budget: str, headroom: str | None, expected: int
+) -> None:
+    with ModelPool("cpu", budget=budget, headroom=headroom) as pool:
+        assert pool.status().headroom_bytes == expected
+
+
+@pytest.mark.timeout(120)
 def test_a_model_larger_than_the_budget_fails_at_once() -> None:
-    with make_pool("2MiB") as pool:
+    # A pool that waited for room would sit out its hour-long timeout and fail
+    # the test through pytest-timeout instead of raising here.
+    with make_pool("2MiB", timeout=3600) as pool:
         pool.register("big", mlp, size_hint=SIZE)
-        started = time.perf_counter()
         with pytest.raises(
             BudgetExceededError, match=r"big needs 4\.0 MiB .* whole budget .* 2\.0 MiB"
         ):
             run(pool, "big")
-        assert time.perf_counter() - started < 0.4  # no waiting for the timeout
         assert pool["big"].state is ModelState.UNLOADED
         assert pool.status().charged_bytes == 0
 
@@ -117,10 +138,10 @@ def test_no_room_waits_then_names_who_holds_what() -> None:
         pool.register("a", mlp, size_hint=SIZE)
         pool.register("b", mlp, size_hint=SIZE)
         with pool.use("a"):
-            started = time.perf_counter()
+            started = time.monotonic()
             with pytest.raises(BudgetExceededError) as info:
                 run(pool, "b")
-            assert 0.25 < time.perf_counter() - started < 2
+            assert time.monotonic() - started >= 0.3  # it waited out its timeout first
         message = str(info.value)
         assert "no room for b" in message
         assert "a 4.0 MiB (1 leases)" in message
@@ -261,9 +282,8 @@ def test_prefetch_loads_the_next_model_while_another_runs() -> None:
             model(torch.ones(1, 512))
         assert future.result(5) is True
         assert pool["b"].state is ModelState.READY
-        started = time.perf_counter()
         run(pool, "b")
-        assert time.perf_counter() - started < 0.2  # warm
+        assert pool["b"].stats.loads == 1  # warm: the lease used the prefetched load
 
 
 def test_prefetch_without_room_loads_nothing() -> None:

@@ -58,6 +58,11 @@ R = TypeVar("R")
 
 EvictTo = Literal["auto", "cpu", "disk", "unload"]
 
+# The default headroom: an eighth of the whole budget, at most 512 MiB (ComfyUI
+# keeps about 0.8 GiB on large cards; activations stop growing with the card).
+DEFAULT_HEADROOM_DIVISOR = 8
+DEFAULT_HEADROOM_CAP = 512 * 1024**2
+
 _log = logging.getLogger("vramkit.pool")
 _pools: weakref.WeakSet[ModelPool] = weakref.WeakSet()
 _pools_lock = threading.Lock()
@@ -168,7 +173,8 @@ class ModelPool:
             float in (0, 1]: that fraction of the device's total. An int of
             bytes or a string such as ``"10GiB"``: exactly that.
         headroom: Bytes kept free beyond each model's reservation (activations,
-            allocator slack): ``"512MiB"`` by default.
+            allocator slack). By default an eighth of the whole budget, at most
+            512 MiB, so that a small budget still admits models that fit it.
         keep_alive: Default idle seconds for models registered through
             :meth:`register` (Ollama semantics: ``0`` unloads when idle, ``None``
             never).
@@ -188,7 +194,7 @@ class ModelPool:
         device: DeviceLike | None = None,
         *,
         budget: int | float | str | None = None,
-        headroom: int | str = "512MiB",
+        headroom: int | str | None = None,
         keep_alive: float | datetime.timedelta | None = None,
         timeout: float = 30.0,
         evict_to: EvictTo = "auto",
@@ -198,7 +204,7 @@ class ModelPool:
     ) -> None:
         self._device = resolve_device(device)
         self._budget = _parse_budget(budget)
-        self._headroom = parse_bytes(headroom, what="headroom")
+        self._fixed_headroom = None if headroom is None else parse_bytes(headroom, what="headroom")
         self._keep_alive = keep_alive_seconds(keep_alive)
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise InvalidArgumentError(f"timeout must be seconds >= 0; got {timeout!r}")
@@ -432,7 +438,7 @@ class ModelPool:
 
     def _room_without_waiting(self, model: ManagedModel[Any]) -> bool:
         with self._lock:
-            need = (model.expected_bytes or 0) + self._headroom
+            need = (model.expected_bytes or 0) + self._headroom(self._whole_budget())
             idle = sum(self._resident(m.model) for m in self._candidates(exclude=model.name))
             return need <= self._available(exclude=model.name) + idle
 
@@ -565,12 +571,13 @@ class ModelPool:
             if victims:
                 self._evict_all(victims, reason=f"making room for {name} (size unknown)")
             with self._lock:
-                need = expected + self._headroom
                 whole = self._whole_budget()
+                headroom = self._headroom(whole)
+                need = expected + headroom
                 if need > whole:
                     raise BudgetExceededError(
-                        f"{name} needs {format_bytes(need)} ({format_bytes(need - self._headroom)}"
-                        f" + {format_bytes(self._headroom)} headroom) but the whole budget of "
+                        f"{name} needs {format_bytes(need)} ({format_bytes(expected)}"
+                        f" + {format_bytes(headroom)} headroom) but the whole budget of "
                         f"pool {self._name!r} is {format_bytes(whole)}"
                     )
                 available = self._available(exclude=name)
@@ -626,6 +633,17 @@ class ModelPool:
             if total is not None:
                 return int(total)
         return self.budget_bytes()
+
+    def _headroom(self, whole: int) -> int:
+        """Bytes kept free beyond a reservation, for a pool whose whole budget is ``whole``.
+
+        A fixed default would refuse everything under a budget smaller than
+        itself, so the default scales with the budget and is capped where a
+        large device's activations and allocator slack stop growing with it.
+        """
+        if self._fixed_headroom is not None:
+            return self._fixed_headroom
+        return min(DEFAULT_HEADROOM_CAP, whole // DEFAULT_HEADROOM_DIVISOR)
 
     def _pick(self, shortfall: int, *, exclude: str) -> list[_Member] | None:
         """The fewest idle models, in eviction order, whose eviction covers ``shortfall``."""
@@ -760,14 +778,16 @@ class ModelPool:
             loads, evictions = self._loads, self._evictions
         try:
             budget = self.budget_bytes()
+            headroom = self._headroom(self._whole_budget())
         except ModelStateError:
             budget = 0
+            headroom = self._fixed_headroom if self._fixed_headroom is not None else 0
         return PoolStatus(
             name=self._name,
             device=str(self._device),
             budget_bytes=budget,
             charged_bytes=charged,
-            headroom_bytes=self._headroom,
+            headroom_bytes=headroom,
             peak_charged_bytes=peak,
             models=tuple(
                 PooledModel(
