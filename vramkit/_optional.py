@@ -13,19 +13,24 @@ __all__ = ["require"]
 _EXTRAS = {
     "funasr": "funasr",
     "kaldi_native_fbank": "funasr",
+    "sentencepiece": "funasr",  # these two come with funasr
+    "yaml": "funasr",
     "onnxruntime": "onnx",
-    "onnx": "dev",
+    "onnx": "onnx",
     "pynvml": "nvml",
     "matplotlib": "plot",
 }
 
 
-def require(module: str, purpose: str) -> ModuleType:
+def require(module: str, purpose: str, *, extra: str | None = None) -> ModuleType:
     """Import ``module`` or raise :class:`MissingDependencyError` naming the extra.
 
     Args:
         module: Dotted import name, such as ``"onnxruntime"``.
         purpose: What needs it, for the message, such as ``"ManagedModel.from_onnx"``.
+        extra: The extra to name, where it depends on the purpose rather than
+            the module (numpy comes with ``funasr`` for audio, with ``onnx``
+            for ONNX files); by default the module's own extra.
 
     Returns:
         The imported module.
@@ -36,4 +41,4 @@ def require(module: str, purpose: str) -> ModuleType:
         top = module.partition(".")[0]
         if exc.name is not None and exc.name.partition(".")[0] != top:
             raise  # the package is there but one of *its* imports failed: show that
-        raise MissingDependencyError(top, _EXTRAS.get(top, "all"), purpose) from exc
+        raise MissingDependencyError(top, extra or _EXTRAS.get(top, "all"), purpose) from exc
