@@ -6,19 +6,27 @@ causal language model and a small TTS-like model. A batch of synthetic audio
 then goes through all three in turn, under a :class:`~vramkit.ModelPool`
 whose budget cannot hold them together, so the pool evicts, offloads and wakes
 as the pipeline moves. Every transition is printed with the memory it moved,
-then a summary; ``--plot PATH`` draws memory over time with the events marked.
+then a summary; ``--plot PATH`` draws the pool's charge against its budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import sys
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from vramkit.devices import Device, DeviceLike
 
 __all__ = ["DemoResult", "add_arguments", "run_demo", "run_pipeline"]
 
@@ -49,14 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo from parsed command-line arguments; returns the exit status."""
-    from vramkit.errors import InvalidArgumentError
+    """Run the demo from parsed command-line arguments; returns the exit status.
 
-    if args.items < 1:
-        raise InvalidArgumentError(f"--items must be at least 1; got {args.items}")
+    Raises:
+        InvalidArgumentError: ``--items``, ``--budget``, ``--device`` or
+            ``--plot`` is malformed (checked before anything is built).
+        MissingDependencyError: funasr (or, for ``--plot``, matplotlib) is
+            not installed; the message names the extra.
+    """
+    budget, device = check_arguments(args)
     result = run_pipeline(
-        device=args.device,
-        budget=args.budget,
+        device=device,
+        budget=budget,
         items=args.items,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         echo=not args.quiet,
@@ -68,9 +80,46 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[int | None, Device]:
+    """Check the demo's options and what they need, before minutes of work.
+
+    Returns:
+        The budget in bytes (``None`` for the default) and the resolved device.
+    """
+    from vramkit._optional import require
+    from vramkit._units import parse_bytes
+    from vramkit.devices import resolve_device
+    from vramkit.errors import InvalidArgumentError, MissingDependencyError
+
+    if args.items < 1:
+        raise InvalidArgumentError(f"--items must be at least 1; got {args.items}")
+    budget = None if args.budget is None else parse_bytes(args.budget, what="--budget")
+    if budget == 0:
+        raise InvalidArgumentError("--budget must be more than 0 bytes")
+    device = resolve_device(args.device)
+    if args.plot:
+        target = Path(args.plot)
+        if target.suffix.lower() != ".png":
+            raise InvalidArgumentError(
+                f"--plot writes a PNG: give a path ending in .png; got {target}"
+            )
+        if target.is_dir():
+            raise InvalidArgumentError(f"--plot must be a file path, not a directory: {target}")
+        require("matplotlib", "vramkit demo --plot")
+    import importlib.util
+
+    for module in ("funasr", "kaldi_native_fbank"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(module, "funasr", "vramkit demo")
+    return budget, device
+
+
 @dataclass
 class DemoResult:
-    """What a demo run did: the per-item outputs, events, memory samples and totals."""
+    """What a demo run did: the per-item outputs, events, memory samples and totals.
+
+    Times are seconds since the pool was made; bytes are ints.
+    """
 
     device: str
     budget_bytes: int
@@ -79,10 +128,13 @@ class DemoResult:
     seconds: float
     headroom_bytes: int = 0
     transcripts: list[str] = field(default_factory=list)
-    events: list[tuple[float, str, str, str]] = field(default_factory=list)  # (t, kind, model, to)
-    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, charged, process)
+    # (t at the end, kind, model, state after, seconds it took)
+    events: list[tuple[float, str, str, str, float]] = field(default_factory=list)
+    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, charged, device)
+    stage_spans: list[tuple[float, float, str]] = field(default_factory=list)  # (start, end, stage)
+    device_memory: str = "process memory"  # what the device column of samples is
     peak_charged_bytes: int = 0
-    peak_process_bytes: int = 0
+    peak_device_bytes: int = 0
     loads: int = 0
     wakes: int = 0
     evictions: int = 0
@@ -103,10 +155,13 @@ class DemoResult:
             f"  peak charged {_fmt(self.peak_charged_bytes)} of {_fmt(self.budget_bytes)} budget "
             f"({'within' if self.peak_charged_bytes <= self.budget_bytes else 'OVER'} budget)",
         ]
-        if self.peak_process_bytes:
-            lines.append(f"  peak process memory {_fmt(self.peak_process_bytes)}")
+        if self.peak_device_bytes:
+            lines.append(
+                f"  peak {self.device_memory} {_fmt(self.peak_device_bytes)} (everything in the "
+                "process, libraries included; the budget counts the models)"
+            )
         if self.transcripts:
-            lines.append(f"  first transcript: {self.transcripts[0]!r}")
+            lines.append(f"  first transcript: {self.transcripts[0]!r} (random weights)")
         return "\n".join(lines)
 
 
@@ -196,7 +251,7 @@ def _torch_loader(directory: Path, device: Any) -> Any:
 
 def run_pipeline(
     *,
-    device: str | None = None,
+    device: DeviceLike | None = None,
     budget: str | int | None = None,
     items: int = 6,
     cache_dir: Path | None = None,
@@ -214,191 +269,408 @@ def run_pipeline(
     Returns:
         A :class:`DemoResult`.
     """
-    import torch
-
     import vramkit
-    from vramkit import ManagedModel, ModelPool, events
     from vramkit.devices import resolve_device
-    from vramkit.testing.models import synthetic_audio
 
     target = resolve_device(device)
     started = time.perf_counter()
     if echo:
         print(f"vramkit {vramkit.__version__} demo: asr -> llm -> tts on {target}")
-        print(f"building tiny offline models (cached in {cache_dir or default_cache_dir()}) ...")
-    files = build_models(cache_dir or default_cache_dir())
-    dirs = files["funasr"]
-    sizes = {
-        "asr": sum((d / "model.pt").stat().st_size for d in (dirs.asr, dirs.vad, dirs.punc)),
-        "llm": (files["llm"] / "model.pt").stat().st_size,
-        "tts": (files["tts"] / "model.pt").stat().st_size,
-    }
-    budget_bytes = (
-        vramkit.parse_bytes(budget, what="budget")
-        if budget is not None
-        else int(1.2 * max(sizes.values()))
-    )
-    headroom = min(8 * MiB, budget_bytes // 16)
-    from vramkit.adapters.funasr import import_funasr
+        print(
+            "the models are tiny stand-ins with random weights, built locally: their words "
+            "are gibberish,\nbut the memory they take and give back is real"
+        )
+        print(f"building them (cached in {cache_dir or default_cache_dir()}) ...")
+    with _third_party_quiet():
+        files = build_models(cache_dir or default_cache_dir())
+        dirs = files["funasr"]
+        sizes = {
+            "asr": sum((d / "model.pt").stat().st_size for d in (dirs.asr, dirs.vad, dirs.punc)),
+            "llm": (files["llm"] / "model.pt").stat().st_size,
+            "tts": (files["tts"] / "model.pt").stat().st_size,
+        }
+        budget_bytes = (
+            vramkit.parse_bytes(budget, what="budget")
+            if budget is not None
+            else int(1.2 * max(sizes.values()))
+        )
+        from vramkit.adapters.funasr import import_funasr
 
-    import_funasr("vramkit demo")  # ~7 s, once: before the clock starts, like any app's imports
-    pool = ModelPool(target, budget=budget_bytes, headroom=headroom, name="demo", timeout=60.0)
-    result = DemoResult(str(target), budget_bytes, sizes, items, 0.0, headroom)
-    t0 = time.perf_counter()
-    backend_cpu = vramkit.devices.get_backend("cpu")
-    lock = threading.Lock()
+        import_funasr("vramkit demo")  # ~7 s, once: before the clock starts, like any app's imports
+        result = _Run(target, files, sizes, budget_bytes, items, echo).run()
+    result.seconds = time.perf_counter() - started
+    return result
 
-    def sample() -> None:
-        charged = pool.status().charged_bytes
-        process = backend_cpu.read(0).process_used_bytes or 0
-        with lock:
-            result.samples.append((time.perf_counter() - t0, charged, process))
-            result.peak_charged_bytes = max(result.peak_charged_bytes, charged)
-            result.peak_process_bytes = max(result.peak_process_bytes, process)
 
-    def on_event(event: events.Event) -> None:
-        if event.model not in STAGES:
+class _Run:
+    """One pass of the pipeline through a pool, recording what the pool did."""
+
+    def __init__(
+        self,
+        target: Device,
+        files: dict[str, Any],
+        sizes: dict[str, int],
+        budget_bytes: int,
+        items: int,
+        echo: bool,
+    ) -> None:
+        from vramkit import ModelPool
+        from vramkit.devices import get_backend
+
+        self.target, self.files, self.echo = target, files, echo
+        headroom = min(8 * MiB, budget_bytes // 16)
+        self.pool = ModelPool(
+            target, budget=budget_bytes, headroom=headroom, name="demo", timeout=60
+        )
+        self.result = DemoResult(str(target), budget_bytes, sizes, items, 0.0, headroom)
+        self.result.device_memory = (
+            "process memory (RSS)"
+            if target.kind == "cpu"
+            else (f"{target} memory of this process (driver view)")
+        )
+        self.backend = get_backend(target.kind)
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def sample(self) -> None:
+        charged = self.pool.status().charged_bytes
+        reading = self.backend.read(self.target.index or 0)
+        device = reading.process_used_bytes or reading.used_bytes or 0
+        with self.lock:
+            self.result.samples.append((self.now(), charged, device))
+            self.result.peak_charged_bytes = max(self.result.peak_charged_bytes, charged)
+            self.result.peak_device_bytes = max(self.result.peak_device_bytes, device)
+
+    def on_event(self, event: Any) -> None:
+        # The pool's own kinds only: an eviction is one "evict" (the model's
+        # offload or unload under it would mark the same moment twice).
+        if event.model not in STAGES or event.kind not in {"load", "wake", "evict", "expire"}:
             return
-        now = time.perf_counter() - t0
-        with lock:
-            result.events.append((now, event.kind, event.model, event.state_after))
-        sample()
-        # Every offload or unload here is an eviction, printed once as "evict".
-        if echo and event.kind in {"load", "wake", "evict", "expire", "load_failed"}:
-            tier = event.detail.get("tier")
-            moved = "" if event.bytes is None else f" {_fmt(event.bytes):>10}"
-            where = event.state_after
-            if event.kind == "evict":
-                where = "UNLOADED" if tier == "unload" else f"{tier} tier"
-            elif event.kind == "wake":
-                where = f"READY from {tier}"
-            status = pool.status()
-            print(
-                f"[{now:7.2f}s] {event.kind:<8} {event.model:<4} -> {where:<16}{moved}"
-                f"  in {event.seconds:.3f} s   pool {_fmt(status.charged_bytes)}"
-                f" / {_fmt(status.budget_bytes)}"
+        now = self.now()
+        with self.lock:
+            self.result.events.append(
+                (now, event.kind, event.model, event.state_after, event.seconds or 0.0)
             )
+        self.sample()
+        if not self.echo:
+            return
+        tier = event.detail.get("tier")
+        moved = "" if event.bytes is None else f" {_fmt(event.bytes):>10}"
+        where = event.state_after
+        if event.kind == "evict":
+            where = "UNLOADED" if tier == "unload" else f"{tier} tier"
+        elif event.kind == "wake":
+            where = f"READY from {tier}"
+        status = self.pool.status()
+        print(
+            f"[{now:7.2f}s] {event.kind:<8} {event.model:<4} -> {where:<16}{moved}"
+            f"  in {event.seconds:.3f} s   pool {_fmt(status.charged_bytes)}"
+            f" / {_fmt(status.budget_bytes)}"
+        )
 
-    stop = threading.Event()
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        begin = self.now()
+        try:
+            yield
+        finally:
+            end = self.now()
+            with self.lock:
+                self.result.stage_spans.append((begin, end, name))
+                self.result.stage_seconds[name] = (
+                    self.result.stage_seconds.get(name, 0.0) + end - begin
+                )
 
-    def sampler() -> None:  # a steady trace between events, for the plot
-        while not stop.wait(0.02):
-            sample()
+    def run(self) -> DemoResult:
+        from vramkit import events
 
-    unsubscribe = events.subscribe(on_event)
-    sampling = threading.Thread(target=sampler, name="vramkit-demo-sampler", daemon=True)
-    sampling.start()
-    try:
-        pool.add(
+        stop = threading.Event()
+
+        def sampler() -> None:  # a steady trace between events, for the plot
+            while not stop.wait(0.02):
+                self.sample()
+
+        unsubscribe = events.subscribe(self.on_event)
+        sampling = threading.Thread(target=sampler, name="vramkit-demo-sampler", daemon=True)
+        sampling.start()
+        try:
+            self.register()
+            self.pool.plan([stage for _ in range(self.result.items) for stage in STAGES])
+            for item in range(self.result.items):
+                self.item(item)
+                self.sample()
+            self.result.evictions = self.pool.status().evictions
+            self.result.loads = sum(self.pool[s].stats.loads for s in STAGES)
+            self.result.wakes = sum(self.pool[s].stats.wakes for s in STAGES)
+        finally:
+            stop.set()
+            sampling.join()
+            unsubscribe()
+            self.pool.close()
+        self.result.samples.sort()
+        return self.result
+
+    def register(self) -> None:
+        from vramkit import ManagedModel
+
+        dirs, sizes = self.files["funasr"], self.result.sizes
+        self.pool.add(
             ManagedModel.from_funasr(
                 **dirs.automodel_kwargs(),
-                device=target,
+                device=self.target,
                 name="asr",
                 manager_options={"size_hint": sizes["asr"]},
                 disable_pbar=True,
                 disable_log=True,
             )
         )
-        pool.register("llm", _torch_loader(files["llm"], target.torch), size_hint=sizes["llm"])
-        pool.register("tts", _torch_loader(files["tts"], target.torch), size_hint=sizes["tts"])
-        pool.plan([stage for _ in range(items) for stage in STAGES])
-        timings = dict.fromkeys(STAGES, 0.0)
-        for item in range(items):
-            audio = synthetic_audio(1.0 + 0.25 * (item % 3), seed=item)
-            step = time.perf_counter()
-            with pool.use("asr") as asr:
-                text = str(asr.generate(input=audio)[0]["text"])
-            timings["asr"] += time.perf_counter() - step
-            step = time.perf_counter()
-            with pool.use("llm") as llm:
-                prompt = (
-                    torch.tensor([list(text.encode("utf-8"))[:64] or [0]], device=target.torch)
-                    % llm.vocab
-                )
-                reply = llm.generate(prompt, max_new_tokens=16)[0, prompt.shape[1] :]
-            timings["llm"] += time.perf_counter() - step
-            step = time.perf_counter()
-            with pool.use("tts") as tts:
-                wave = tts.synthesize(reply.to(target.torch))
-            timings["tts"] += time.perf_counter() - step
-            result.transcripts.append(text)
-            if echo:
-                print(
-                    f"item {item + 1}/{items}: heard {text!r}, replied {reply.numel()} tokens, "
-                    f"spoke {wave.numel() / 16000:.2f} s of audio"
-                )
-            sample()
-        result.stage_seconds = timings
-        result.evictions = pool.status().evictions
-        result.loads = sum(pool[s].stats.loads for s in STAGES)
-        result.wakes = sum(pool[s].stats.wakes for s in STAGES)
-    finally:
-        stop.set()
-        sampling.join()
-        unsubscribe()
-        pool.close()
-    result.samples.sort()
-    result.seconds = time.perf_counter() - started
-    return result
+        for name in ("llm", "tts"):
+            loader = _torch_loader(self.files[name], self.target.torch)
+            self.pool.register(name, loader, size_hint=sizes[name])
+
+    def item(self, item: int) -> None:
+        import torch
+
+        from vramkit.testing.models import synthetic_audio
+
+        audio = synthetic_audio(1.0 + 0.25 * (item % 3), seed=item)
+        with self.stage("asr"), self.pool.use("asr") as asr:
+            text = str(asr.generate(input=audio)[0]["text"])
+        with self.stage("llm"), self.pool.use("llm") as llm:
+            prompt = (
+                torch.tensor([list(text.encode("utf-8"))[:64] or [0]], device=self.target.torch)
+                % llm.vocab
+            )
+            reply = llm.generate(prompt, max_new_tokens=16)[0, prompt.shape[1] :]
+        with self.stage("tts"), self.pool.use("tts") as tts:
+            wave = tts.synthesize(reply.to(self.target.torch))
+        self.result.transcripts.append(text)
+        if self.echo:
+            print(
+                f"item {item + 1}/{self.result.items}: heard {text!r}, replied {reply.numel()} "
+                f"tokens, spoke {wave.numel() / 16000:.2f} s of audio"
+            )
+
+
+# What FunASR prints on its own: a notice at import when ffmpeg is missing (the
+# demo feeds arrays, not files) and its version at every AutoModel.
+_NOISE = ("Notice: ffmpeg is not installed", "If you want to use ffmpeg", "funasr version:")
+_NOISE_CONTINUATION = ("\tsudo apt install ffmpeg", "\t# brew install ffmpeg")
+
+
+class _DropNoise(io.TextIOBase):
+    """A stdout that passes every line on except FunASR's banners."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            lines = (self._partial + text).split("\n")
+            self._partial = lines.pop()
+            for line in lines:
+                if not line.startswith(_NOISE + _NOISE_CONTINUATION):
+                    self._out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial and not self._partial.startswith(_NOISE + _NOISE_CONTINUATION):
+                self._out.write(self._partial)
+            self._partial = ""
+            self._out.flush()
+
+
+@contextlib.contextmanager
+def _third_party_quiet() -> Iterator[None]:
+    """Keep FunASR's banners and pydub's ffmpeg warning out of the demo's output."""
+    quiet = _DropNoise(sys.stdout)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.filterwarnings("ignore", message="Couldn't find ffmpeg", category=RuntimeWarning)
+        try:
+            yield
+        finally:
+            quiet.flush()
+
+
+STAGE_COLOURS = {"asr": "#d6e4f5", "llm": "#fbe3c6", "tts": "#d9efd6"}
+EVENT_STYLES = {  # kind -> (marker, colour, legend text)
+    "load": ("^", "#2e7d32", "load (built from its files)"),
+    "wake": ("o", "#00838f", "wake (from an offload tier)"),
+    "evict": ("v", "#e65100", "evict (offload or unload)"),
+    "expire": ("x", "#6d4c41", "keep-alive expiry"),
+}
 
 
 def plot(result: DemoResult, path: Path) -> None:
-    """Draw memory over time (charged by the pool, process RSS) with the events marked."""
+    """Draw the pool's charge against its budget, stages shaded, one mark per event.
+
+    The main panel is what the budget limits: the bytes the pool charges for
+    its models. A smaller panel below gives the device's memory as context
+    (on ``cpu``, the whole process's RSS: Python, torch, FunASR and buffers),
+    which the budget does not count and which may lie above it.
+    """
     from vramkit._optional import require
 
     matplotlib = require("matplotlib", "vramkit demo --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(11, 4.5), dpi=110)
+    with plt.rc_context({"font.size": 11}):
+        figure, (main, context) = plt.subplots(
+            2,
+            1,
+            figsize=(12, 7.4),
+            dpi=100,
+            sharex=True,
+            gridspec_kw={"height_ratios": [3, 1], "hspace": 0.12},
+        )
+        _draw_main(main, result)
+        _draw_context(context, result)
+        together = sum(result.sizes.values())
+        figure.suptitle(
+            f"vramkit demo: three models needing {_fmt(together)} together take turns "
+            f"under a {_fmt(result.budget_bytes)} budget",
+            fontsize=14,
+            fontweight="bold",
+            y=0.985,
+        )
+        main.set_title(
+            f"{result.items} items, asr -> llm -> tts on {result.device}; "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in result.sizes.items())
+            + " (tiny stand-ins, random weights)",
+            fontsize=10,
+            color="#444444",
+        )
+        from matplotlib.patches import Patch
+
+        handles, labels = main.get_legend_handles_labels()
+        for stage, colour in STAGE_COLOURS.items():
+            handles.append(Patch(color=colour))
+            labels.append(f"{stage} stage running")
+        figure.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.945),
+            ncol=4,
+            fontsize=10,
+            frameon=False,
+        )
+        figure.subplots_adjust(left=0.07, right=0.98, top=0.82, bottom=0.09)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+        plt.close(figure)
+
+
+def _draw_main(axis: Any, result: DemoResult) -> None:
+    budget = result.budget_bytes / MiB
+    top = max(budget, result.peak_charged_bytes / MiB) * 1.25
+    for begin, end, stage in result.stage_spans:
+        axis.axvspan(begin, end, color=STAGE_COLOURS[stage], zorder=0, linewidth=0)
+        if end - begin > 0.02 * max(result.seconds, 1e-9) or len(result.stage_spans) <= 12:
+            axis.text(
+                (begin + end) / 2,
+                top * 0.97,
+                stage,
+                ha="center",
+                va="top",
+                fontsize=10,
+                color="#555555",
+            )
+    axis.axhline(budget, color="#c62828", linestyle="--", linewidth=1.8, zorder=2)
+    axis.text(
+        0.0,
+        budget,
+        f" budget {_fmt(result.budget_bytes)}",
+        color="#c62828",
+        va="bottom",
+        ha="left",
+        fontsize=11,
+        fontweight="bold",
+        zorder=4,
+    )
     if result.samples:
-        times = [t for t, _, _ in result.samples]
         axis.step(
-            times,
+            [t for t, _, _ in result.samples],
             [c / MiB for _, c, _ in result.samples],
             where="post",
-            label="charged to the pool",
-            color="tab:blue",
-            linewidth=2,
+            color="#1a3a6b",
+            linewidth=2.6,
+            zorder=3,
+            label="charged to the pool (what the budget limits)",
         )
-        base = min(p for _, _, p in result.samples)
+    shown: set[str] = set()
+    for t, kind, model, _, seconds in result.events:
+        marker, colour, text = EVENT_STYLES[kind]
+        # An eviction is marked where the model's bytes leave (the top of the
+        # drop: the charge before it started), a load or wake where they arrived.
+        leaving = kind in {"evict", "expire"}
+        y = _charged_around(result, t - seconds if leaving else t, before=leaving) / MiB
+        axis.plot(
+            t,
+            y,
+            marker=marker,
+            color=colour,
+            markersize=11,
+            linestyle="none",
+            zorder=5,
+            markeredgecolor="white",
+            label=None if kind in shown else text,
+        )
+        shown.add(kind)
+        axis.annotate(
+            model,
+            (t, y),
+            xytext=(7, -16 if leaving else 6),
+            textcoords="offset points",
+            fontsize=10,
+            color=colour,
+            fontweight="bold",
+            zorder=5,
+        )
+    axis.set_ylim(0, top)
+    axis.set_ylabel("MiB charged to the pool")
+    axis.grid(axis="y", alpha=0.3)
+
+
+def _draw_context(axis: Any, result: DemoResult) -> None:
+    for begin, end, stage in result.stage_spans:
+        axis.axvspan(begin, end, color=STAGE_COLOURS[stage], zorder=0, linewidth=0)
+    if result.samples:
         axis.step(
-            times,
-            [(p - base) / MiB for _, _, p in result.samples],
+            [t for t, _, _ in result.samples],
+            [d / MiB for _, _, d in result.samples],
             where="post",
-            label="process memory (above its low)",
-            color="tab:gray",
-            alpha=0.7,
+            color="#616161",
+            linewidth=1.6,
         )
-    axis.axhline(result.budget_bytes / MiB, color="tab:red", linestyle="--", label="budget")
-    colours = {
-        "load": "tab:green",
-        "wake": "tab:cyan",
-        "evict": "tab:orange",
-        "offload": "tab:purple",
-        "unload": "tab:brown",
-    }
-    marked: set[str] = set()
-    for t, kind, model, _ in result.events:
-        colour = colours.get(kind)
-        if colour is None:
-            continue
-        axis.axvline(
-            t, color=colour, alpha=0.35, linewidth=1, label=kind if kind not in marked else None
-        )
-        marked.add(kind)
-        if kind in {"load", "wake"}:
-            axis.annotate(
-                model, (t, result.budget_bytes / MiB), rotation=90, fontsize=7, va="top", ha="right"
-            )
-    axis.set_xlabel("seconds")
     axis.set_ylabel("MiB")
+    axis.set_xlabel("seconds since the pool started")
     axis.set_title(
-        f"vramkit demo: {result.items} items, asr -> llm -> tts on {result.device} "
-        f"under a {_fmt(result.budget_bytes)} budget"
+        f"context: {result.device_memory}, everything in the process, libraries included "
+        "(not what the budget counts)",
+        fontsize=10,
+        color="#444444",
+        loc="left",
     )
-    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    axis.grid(axis="y", alpha=0.3)
+
+
+def _charged_around(result: DemoResult, t: float, *, before: bool) -> int:
+    """The pool's charge just before time ``t`` or just after it."""
+    if before:
+        earlier = [charged for when, charged, _ in result.samples if when < t]
+        return earlier[-1] if earlier else 0
+    for when, charged, _ in result.samples:
+        if when >= t:
+            return charged
+    return result.samples[-1][1] if result.samples else 0
