@@ -1,9 +1,31 @@
-"""Shared test setup: hardware markers skip where the hardware is absent."""
+"""Shared test setup: hardware markers skip where the hardware is absent, and a cache of its own."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+_OWN_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Disk tiers and demo builds go to a folder of this run's (inherited by
+    # xdist workers and subprocesses), never the user's cache.
+    if "VRAMKIT_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="vramkit-tests-")
+        os.environ["VRAMKIT_CACHE_DIR"] = folder
+        config.stash[_OWN_CACHE] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_OWN_CACHE, None)
+    if folder is not None:
+        os.environ.pop("VRAMKIT_CACHE_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _has_mps() -> bool:

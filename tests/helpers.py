@@ -7,6 +7,13 @@ import subprocess
 import sys
 import textwrap
 
+LONG = os.environ.get("VRAMKIT_STRESS", "").lower() == "long"
+
+
+def scale(short: int, long: int) -> int:
+    """How many iterations: ``short`` in CI, ``long`` with ``VRAMKIT_STRESS=long``."""
+    return long if LONG else short
+
 
 def run_python(code: str, *, timeout: float = 120) -> str:
     """Run ``code`` in a fresh interpreter (for RSS figures and import checks); return stdout."""

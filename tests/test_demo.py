@@ -17,6 +17,7 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo-cache")
 
 
+@pytest.mark.slow
 def test_pipeline_stays_within_a_budget_smaller_than_the_models(
     funasr_module: Any, demo_cache: Path
 ) -> None:

@@ -22,12 +22,9 @@ from typing import Any
 
 import pytest
 
-LONG = os.environ.get("VRAMKIT_STRESS", "").lower() == "long"
+from ..helpers import LONG, scale
 
-
-def scale(short: int, long: int) -> int:
-    """How many iterations: ``short`` in CI, ``long`` with ``VRAMKIT_STRESS=long``."""
-    return long if LONG else short
+__all__ = ["LONG", "Record", "scale"]
 
 
 @dataclass

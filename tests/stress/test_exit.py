@@ -251,6 +251,7 @@ def _exit_at_script_end(
     assert left == [], "the disk-tier file outlived the process"
 
 
+@pytest.mark.slow
 def test_clean_exit_with_everything_live(tmp_path: Path, reliability: Record) -> None:
     _exit_at_script_end(
         tmp_path,
@@ -261,6 +262,7 @@ def test_clean_exit_with_everything_live(tmp_path: Path, reliability: Record) ->
     )
 
 
+@pytest.mark.slow
 def test_clean_exit_with_a_funasr_pipeline_loaded(
     funasr_pipeline: Any, tmp_path: Path, reliability: Record
 ) -> None:

@@ -34,9 +34,13 @@ import pytest
 
 from .conftest import LONG, Record, scale
 
-pytestmark = pytest.mark.skipif(
-    not Path("/proc/self/status").exists(), reason="counts fds and threads through /proc (Linux)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path("/proc/self/status").exists(),
+        reason="counts fds and threads through /proc (Linux)",
+    ),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -304,7 +308,9 @@ def test_torch_soak(tmp_path: Path, reliability: Record) -> None:
 
 
 def test_funasr_pipeline_soak(funasr_pipeline: Any, tmp_path: Path, reliability: Record) -> None:
-    cycles = scale(40, 1000)
+    # 25 in CI: 15 measured cycles after the warm-up, each one proven dead by
+    # its unload report; the gc-object bound catches a leak of 67 objects a cycle.
+    cycles = scale(25, 1000)
     reliability.area = "soak"
     reliability.load = (
         f"FunASR VAD + Paraformer + punctuation (tiny, offline) on cpu, in one fresh process: "
