@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +99,24 @@ def test_budget_is_never_exceeded_at_any_event() -> None:
     assert charged
     assert all(used <= budget for _, used, budget in charged), charged
     assert pool.status().peak_charged_bytes <= 9 * MiB
+
+
+def test_a_failed_disk_eviction_is_logged_once_naming_the_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("where the cache directory should be")
+    with make_pool("6MiB", evict_to="disk") as pool:
+        pool.register("asr", mlp, size_hint=SIZE, offload_dir=blocked / "cache")
+        pool.register("llm", mlp, size_hint=SIZE)
+        run(pool, "asr")
+        with caplog.at_level(logging.WARNING, logger="vramkit"):
+            run(pool, "llm")  # evicting asr to disk fails: it is unloaded instead
+        assert pool["asr"].state is ModelState.UNLOADED
+    (record,) = [r for r in caplog.records if "unloading instead" in r.getMessage()]
+    message = record.getMessage()
+    assert message.startswith("asr: evicting to the disk tier failed (could not write")
+    assert message.count("asr") == 1
 
 
 def test_the_default_headroom_fits_a_small_budget() -> None:

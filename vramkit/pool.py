@@ -698,7 +698,14 @@ class ModelPool:
                 except OffloadError as exc:
                     # The tier could not be written (disk full...): the model is
                     # still READY and the room is still needed, so unload it.
-                    events.logger.warning("%s: %s; unloading instead", model.name, exc)
+                    # The error names the model already; say it once.
+                    reason = str(exc).removeprefix(f"{model.name}: ")
+                    events.logger.warning(
+                        "%s: evicting to the %s tier failed (%s); unloading instead",
+                        model.name,
+                        tier,
+                        reason,
+                    )
                     tier = "unload"
                     model.unload()
             else:
