@@ -64,14 +64,10 @@ def test_the_cli_prints_transitions_and_writes_a_png(tmp_path: Path, demo_cache:
     assert image.shape[1] > 400
 
 
-def _demo(*args: str, block: str = "") -> subprocess.CompletedProcess[str]:
-    """``vramkit demo ARGS`` in a fresh interpreter; ``block`` hides an importable module."""
-    code = "import sys\n"
-    if block:
-        code += f"sys.modules[{block!r}] = None  # as if not installed\n"
-    code += "from vramkit.cli import main\nraise SystemExit(main(['demo', *sys.argv[1:]]))\n"
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    """``vramkit demo ARGS`` in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, "-m", "vramkit", "demo", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,11 +89,25 @@ def _demo(*args: str, block: str = "") -> subprocess.CompletedProcess[str]:
     ids=["items", "budget", "zero-budget", "device", "plot-suffix", "no-matplotlib", "no-funasr"],
 )
 def test_bad_input_fails_before_any_work(
-    args: list[str], block: str, message: str, tmp_path: Path
+    args: list[str],
+    block: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from vramkit.cli import main
+
+    if block:
+        monkeypatch.setitem(sys.modules, block, None)  # as if it were not installed
     cache = tmp_path / "cache"
-    completed = _demo(*args, "--cache-dir", str(cache), block=block)
-    assert completed.returncode == 2, completed.stderr
-    assert message in completed.stderr
-    assert "Traceback" not in completed.stderr
+    assert main(["demo", *args, "--cache-dir", str(cache)]) == 2
+    assert message in capsys.readouterr().err
     assert not cache.exists()  # nothing was built
+
+
+def test_a_bad_option_exits_2_from_the_command_line() -> None:
+    completed = _demo("--items", "0")
+    assert completed.returncode == 2
+    assert "vramkit: error: --items must be at least 1" in completed.stderr
+    assert "Traceback" not in completed.stderr
