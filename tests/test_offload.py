@@ -173,6 +173,46 @@ def test_unwritable_cache_dir_leaves_the_model_ready(tmp_path: Path) -> None:
     assert torch.equal(mm(x), before)
 
 
+def test_the_disk_tier_needs_no_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch installed without numpy raises this from Tensor.numpy(); the disk
+    # tier used it to write and to stamp weights, and blamed the disk.
+    def no_numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    mm = ManagedModel.from_torch(lambda: TinyMLP(64), device="cpu", offload_dir=tmp_path)
+    x = torch.ones(1, 64)
+    before = mm(x)
+    mm.offload("disk")
+    assert torch.equal(mm(x), before)  # written, mapped back, bit-identical
+    report = mm.offload("disk")
+    assert report.reused_file  # the unchanged-weights stamp works too
+    assert torch.equal(mm(x), before)
+    assert mm.unload().died
+
+
+def test_a_write_error_that_is_not_the_disks_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vramkit.model import _tierfile
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug, not a disk")
+
+    monkeypatch.setattr(_tierfile, "write_aligned_safetensors", broken)
+    mm = ManagedModel.from_torch(lambda: TinyMLP(64), device="cpu", offload_dir=tmp_path)
+    mm.load()
+    with pytest.raises(OffloadError) as info:
+        mm.offload("disk")
+    message = str(info.value)
+    del info  # its traceback's frames hold the tensors that were being written
+    assert "failed while writing the disk tier" in message
+    assert "RuntimeError: a bug, not a disk" in message
+    assert "could not write" not in message
+    assert mm.state is ModelState.READY
+    assert mm.unload().died
+
+
 def test_disk_full_leaves_the_model_ready_and_no_partial_file(tmp_path: Path) -> None:
     # A file-size limit makes every write past 1 MiB fail with EFBIG, as a full disk would.
     out = run_python(

@@ -89,6 +89,33 @@ def test_import_does_not_pull_heavy_optional_packages() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_torch_models_need_no_numpy() -> None:
+    # torch does not require numpy, and neither does vramkit: the README's
+    # example imports TinyMLP, and audio names the extra that brings numpy.
+    code = textwrap.dedent(
+        """
+        import sys
+        import warnings
+        warnings.simplefilter("ignore")  # torch warns that numpy is missing
+        sys.modules["numpy"] = None
+        from vramkit.errors import MissingDependencyError
+        from vramkit.testing.models import TinyMLP, synthetic_audio
+        print(sum(p.numel() for p in TinyMLP(8).parameters()))
+        try:
+            synthetic_audio(1.0)
+        except MissingDependencyError as error:
+            print(error)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    count, message = out.stdout.strip().splitlines()
+    assert int(count) > 0
+    assert "synthetic_audio needs the 'numpy' package" in message
+    assert 'pip install "vramkit[funasr]"' in message
+
+
 def test_all_is_the_public_api() -> None:
     public = {
         name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import re
 import threading
@@ -140,8 +141,12 @@ def write_file(
     except Exception as exc:
         with contextlib.suppress(OSError):
             partial.unlink()
+        # Blame the disk only for what the disk did: any other error is named
+        # by its type, not dressed up as a full or unwritable directory.
+        cause = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        what = "could not write" if isinstance(exc, OSError) else "failed while writing"
         raise OffloadError(
-            f"{name}: could not write the disk tier to {directory} ({exc}); "
+            f"{name}: {what} the disk tier to {directory} ({cause}); "
             "the model is still loaded and nothing was lost"
         ) from exc
     remember(final)
@@ -226,10 +231,23 @@ def write_aligned_safetensors(
                 fh.write(b"\0" * item)
                 continue
             host = item.detach().to("cpu").contiguous()
-            fh.write(host.reshape(-1).view(torch.uint8).numpy().data)
+            fh.write(_raw_bytes(host))
             del host
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A view of a contiguous CPU tensor's bytes, without a copy and without numpy.
+
+    torch needs numpy for ``Tensor.numpy()`` and torch does not require numpy,
+    so the bytes are read through ctypes at the tensor's address. The view is
+    valid while ``tensor`` lives: the caller holds it until the write is done.
+    """
+    size = tensor.numel() * tensor.element_size()
+    if size == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
 
 
 def _disk_free(directory: Path) -> int | None:

@@ -224,7 +224,8 @@ def _sample(tensor: torch.Tensor, points: int = 64) -> bytes:
     index = torch.arange(steps, dtype=torch.int64, device=flat.device) * (count - 1)
     index = index // max(steps - 1, 1)
     values = flat.index_select(0, index).cpu()
-    return bytes(values.view(torch.uint8).numpy()) if values.is_contiguous() else b""
+    # tolist(), not numpy(): torch does not require numpy (at most 512 ints here).
+    return bytes(values.view(torch.uint8).tolist()) if values.is_contiguous() else b""
 
 
 @dataclass(slots=True)

@@ -3,7 +3,7 @@
 :class:`FakeDevice` is for testing policy code (eviction order, cleanup cadence,
 budgets) without a GPU; it is never a substitute for testing a real backend.
 The tiny model builders live in :mod:`vramkit.testing.models` (imported on
-demand: they pull in numpy, and funasr or onnx only when called).
+demand: numpy, funasr and onnx only when a builder that needs them is called).
 """
 
 from vramkit.testing.fake import FakeDevice

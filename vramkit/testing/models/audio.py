@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from vramkit._optional import require
 from vramkit.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "synthetic_audio",
@@ -38,10 +40,13 @@ def synthetic_audio(
             f"synthetic_audio needs seconds > 0 and sample_rate > 0, "
             f"got seconds={seconds!r}, sample_rate={sample_rate!r}"
         )
+    # numpy is not a dependency of vramkit (nor of torch); the funasr extra,
+    # which needs these waveforms, brings it.
+    numpy = require("numpy", "synthetic_audio", extra="funasr")
     n = round(seconds * sample_rate)
-    rng = np.random.default_rng(seed)
+    rng = numpy.random.default_rng(seed)
     audio = rng.normal(0.0, 0.002, n)
-    t = np.arange(n) / sample_rate
+    t = numpy.arange(n) / sample_rate
     lead, burst, gap = 0.1, 0.25, 0.2
     fade = max(int(0.01 * sample_rate), 1)
     start, k = lead, 0
@@ -49,11 +54,12 @@ def synthetic_audio(
         i0, i1 = int(start * sample_rate), min(int((start + burst) * sample_rate), n)
         if i1 - i0 > 2 * fade:
             freq = 220.0 * (1 + k % 4)
-            env = np.ones(i1 - i0)
-            ramp = np.linspace(0.0, 1.0, fade)
+            env = numpy.ones(i1 - i0)
+            ramp = numpy.linspace(0.0, 1.0, fade)
             env[:fade], env[-fade:] = ramp, ramp[::-1]
-            audio[i0:i1] += 0.5 * env * np.sin(2 * np.pi * freq * t[i0:i1])
+            audio[i0:i1] += 0.5 * env * numpy.sin(2 * numpy.pi * freq * t[i0:i1])
         start += burst + gap
         k += 1
-    result: np.ndarray[Any, np.dtype[np.float32]] = np.clip(audio, -1.0, 1.0).astype(np.float32)
+    clipped = numpy.clip(audio, -1.0, 1.0)
+    result: np.ndarray[Any, np.dtype[np.float32]] = clipped.astype(numpy.float32)
     return result

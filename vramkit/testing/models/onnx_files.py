@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vramkit._optional import require
 from vramkit.errors import InvalidArgumentError
 
@@ -89,6 +87,7 @@ def build_onnx_mlp(
             f"{hidden=}, {layers=}, {in_features=}, {out_features=}"
         )
     onnx = require("onnx", "build_onnx_mlp")
+    np = require("numpy", "build_onnx_mlp", extra="onnx")  # onnx brings it
     helper, numpy_helper = onnx.helper, onnx.numpy_helper
     rng = np.random.default_rng(seed)
     widths = [in_features] + [hidden] * (layers - 1) + [out_features]
@@ -146,6 +145,7 @@ def build_onnx_matmul_chain(
             f"build_onnx_matmul_chain needs mib > 0 and n >= 1, got {mib=}, {n=}"
         )
     onnx = require("onnx", "build_onnx_matmul_chain")
+    np = require("numpy", "build_onnx_matmul_chain", extra="onnx")  # onnx brings it
     helper, numpy_helper = onnx.helper, onnx.numpy_helper
     target_bytes = mib * _MIB
     if n is None:
