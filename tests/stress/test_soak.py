@@ -217,7 +217,7 @@ def _run_soak(
         env=env,
         capture_output=True,
         text=True,
-        timeout=3 * 3600 if LONG else 600,
+        timeout=3 * 3600 if LONG else 1800,  # a hang bound: a loaded machine is slow
         check=False,
     )
     if result.returncode != 0:
