@@ -26,7 +26,7 @@ _vramkit_long() {
     "$@" &
     local pid=$!
     while ! _vramkit_wait "$pid" 15; do
-        echo "    ... still $what ($((SECONDS - started)) s)"
+        echo "    ... still working ($((SECONDS - started)) s)"
     done
     wait "$pid"
     echo "    done in $((SECONDS - started)) s"
