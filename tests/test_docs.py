@@ -8,6 +8,11 @@ imports); where ``fork`` does not exist, each block gets its own interpreter.
 A block whose first line is ``# requires: cuda`` (or ``mps``, or module names
 such as ``funasr, onnx``) runs only where that is available; its modules are
 imported in the server first, so the ~7 s of ``import funasr`` is paid once.
+
+A tutorial that builds one example over several blocks says so where a reader
+sees it: a block whose first line after the requirements is
+``# continues the example above`` runs after the blocks it continues (up to the
+nearest block without that line), and nothing else is carried over.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 REQUIRES = re.compile(r"#\s*requires:\s*([\w, ]+)")
+CONTINUES = "# continues the example above"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
@@ -49,6 +55,11 @@ class Block:
         match = REQUIRES.match(self.code.lstrip())
         return [r.strip() for r in match.group(1).split(",")] if match else []
 
+    @property
+    def continues(self) -> bool:
+        lines = [line for line in self.code.lstrip().splitlines() if not REQUIRES.match(line)]
+        return bool(lines) and lines[0].strip() == CONTINUES
+
     def __str__(self) -> str:
         where = self.page.relative_to(ROOT / "docs") if self.page.parent != ROOT else self.page
         return f"{Path(where).as_posix() if where != self.page else self.page.name}:{self.line}"
@@ -62,6 +73,15 @@ def _blocks() -> list[Block]:
             line = text.count("\n", 0, match.start()) + 2  # the block's first line of code
             found.append(Block(page, line, match.group(1)))
     return found
+
+
+def _chain(block: Block, blocks: list[Block]) -> str:
+    """The code to run for ``block``: itself, after the blocks it says it continues."""
+    earlier = [b for b in blocks if b.page == block.page and b.line < block.line]
+    chain = [block]
+    while chain[0].continues and earlier:
+        chain.insert(0, earlier.pop())
+    return "\n".join(b.code for b in chain)
 
 
 def _available(requirement: str) -> bool:
@@ -143,7 +163,7 @@ class BlockRunner:
 
     def run(self, block: Block, cwd: Path, *, timeout: int = 300) -> tuple[int, str]:
         request = {
-            "code": block.code,
+            "code": _chain(block, BLOCKS),
             "name": str(block),
             "cwd": str(cwd),
             "timeout": timeout,
@@ -178,7 +198,7 @@ class BlockRunner:
     @staticmethod
     def _run_alone(block: Block, cwd: Path, timeout: int) -> tuple[int, str]:
         completed = subprocess.run(
-            [sys.executable, "-c", block.code],
+            [sys.executable, "-c", _chain(block, BLOCKS)],
             cwd=cwd,
             capture_output=True,
             text=True,
@@ -204,7 +224,10 @@ def runner() -> Iterator[BlockRunner]:
     runner.close()
 
 
-@pytest.mark.parametrize("block", _blocks(), ids=str)
+BLOCKS = _blocks()
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
 def test_each_python_block_runs_on_its_own(
     block: Block, runner: BlockRunner, tmp_path: Path
 ) -> None:
