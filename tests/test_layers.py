@@ -52,6 +52,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "vramkit._leakcheck": (4, "services"),
     "vramkit.isolation": (4, "services"),
     "vramkit._status": (4, "services"),
+    "vramkit.controls": (4, "services"),
     "vramkit": (5, "facade"),
     "vramkit.__main__": (6, "outer"),
     "vramkit.cli": (6, "outer"),

@@ -1,3 +1,4 @@
+import datetime
 import math
 
 import pytest
@@ -5,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vramkit import InvalidArgumentError, format_bytes, parse_bytes
-from vramkit._units import format_part_of
+from vramkit._units import format_part_of, parse_seconds
 
 
 @pytest.mark.parametrize(
@@ -125,3 +126,32 @@ def test_parse_bytes_never_raises_anything_but_invalid_argument(text: str) -> No
         return
     assert isinstance(result, int)
     assert result >= 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (30, 30.0),
+        (0.5, 0.5),
+        ("30", 30.0),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5min", 300.0),
+        ("5m", 300.0),
+        ("1.5h", 5400.0),
+        ("1d", 86400.0),
+        (" 2 MIN ", 120.0),
+        (datetime.timedelta(minutes=2), 120.0),
+    ],
+)
+def test_parse_seconds_accepts(value: float | str | datetime.timedelta, expected: float) -> None:
+    assert parse_seconds(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["-1s", "5 years", "soon", "", True, None, float("nan"), float("inf"), "1e999s", -3],
+)
+def test_parse_seconds_rejects_naming_the_parameter(value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"^every must be a non-negative duration"):
+        parse_seconds(value, what="every")  # type: ignore[arg-type]

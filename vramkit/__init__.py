@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from vramkit import events
     from vramkit._status import status
     from vramkit.cleaning import CleanupReport, cleanup
+    from vramkit.controls import Controls, watch
     from vramkit.devices import Device, DeviceMemory, resolve_device
     from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
     from vramkit.model import LoadReport, ManagedModel, ModelState, ModelStats, UnloadReport
@@ -53,6 +54,7 @@ _LAZY = {
     "events": "vramkit.events",
     **dict.fromkeys(("CleanupReport", "cleanup"), "vramkit.cleaning"),
     "status": "vramkit._status",
+    **dict.fromkeys(("Controls", "watch"), "vramkit.controls"),
     **dict.fromkeys(("Device", "DeviceMemory", "resolve_device"), "vramkit.devices"),
     **dict.fromkeys(
         ("DeviceMemoryDelta", "MemoryDelta", "MemorySnapshot", "snapshot"), "vramkit.memory"
@@ -89,6 +91,7 @@ __all__ = [
     "CleanupPolicy",
     "CleanupReport",
     "CleanupTracker",
+    "Controls",
     "Device",
     "DeviceMemory",
     "DeviceMemoryDelta",
@@ -132,4 +135,5 @@ __all__ = [
     "resolve_device",
     "snapshot",
     "status",
+    "watch",
 ]

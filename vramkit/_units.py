@@ -1,4 +1,4 @@
-"""Byte counts in, byte counts out: one parser and one formatter for human units.
+"""Byte counts and durations in, byte counts out: parsers and one formatter for human units.
 
 Inside vramkit every amount of memory is an ``int`` of bytes. Human units
 appear only at the edges (reprs, the CLI, pytest messages, user arguments), and
@@ -12,13 +12,14 @@ in the direction that overcommits a GPU.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 from typing import Final
 
 from vramkit.errors import InvalidArgumentError
 
-__all__ = ["format_bytes", "format_part_of", "parse_bytes"]
+__all__ = ["format_bytes", "format_part_of", "parse_bytes", "parse_seconds"]
 
 _IEC: Final = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -39,6 +40,22 @@ _MULTIPLIERS: Final[dict[str, int]] = {
 
 _PATTERN: Final = re.compile(
     r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.I
+)
+
+_SECONDS: Final[dict[str, float]] = {
+    "": 1.0,
+    "ms": 1e-3,
+    "s": 1.0,
+    "sec": 1.0,
+    "min": 60.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+
+_ACCEPTED_SECONDS: Final = (
+    "a non-negative duration: seconds as a number (30, 0.5), a datetime.timedelta, or a "
+    "string with a unit ('500ms', '30s', '5min', '1.5h', '1d')"
 )
 
 _ACCEPTED: Final = (
@@ -165,3 +182,42 @@ def _exponent(magnitude: int, precision: int) -> int:
 
 def _scaled(value: int, exponent: int, precision: int) -> str:
     return str(value) if exponent == 0 else f"{value / 1024**exponent:.{precision}f}"
+
+
+def parse_seconds(value: float | str | datetime.timedelta, *, what: str = "duration") -> float:
+    """Turn a duration given by a person into seconds.
+
+    Args:
+        value: Seconds as an ``int`` or ``float``, a ``datetime.timedelta``, or a
+            string such as ``"500ms"``, ``"30s"``, ``"5min"`` (also ``"5m"``),
+            ``"1.5h"``, ``"1d"``; a bare number in a string is seconds.
+        what: What the value is, used in the error message (``"every"``).
+
+    Returns:
+        The duration in seconds, never negative.
+
+    Raises:
+        InvalidArgumentError: Negative, NaN or infinite values, booleans,
+            unknown units, anything else.
+
+    Examples:
+        >>> parse_seconds("5min")
+        300.0
+        >>> parse_seconds(datetime.timedelta(milliseconds=250))
+        0.25
+    """
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidArgumentError(f"{what} must be {_ACCEPTED_SECONDS}; got {value!r}")
+    elif isinstance(value, str):
+        match = _PATTERN.match(value)
+        scale = _SECONDS.get(match.group(2).lower()) if match is not None else None
+        if match is None or scale is None:
+            raise InvalidArgumentError(f"{what} must be {_ACCEPTED_SECONDS}; got {value!r}")
+        seconds = float(match.group(1)) * scale
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgumentError(f"{what} must be {_ACCEPTED_SECONDS}; got {value!r}")
+    return seconds

@@ -127,6 +127,24 @@ class DeviceMemoryDelta:
             return self.allocated_bytes
         return self.process_used_bytes
 
+    def freed(self) -> dict[str, int | None]:
+        """Bytes given back per layer, positive when memory was freed (negative: it grew).
+
+        Returns:
+            ``allocated`` and ``reserved`` (the framework's allocator),
+            ``process`` (this process per the driver, or RSS), ``used`` (the
+            whole device, every process); ``None`` where a layer cannot be read.
+        """
+        return {
+            label: None if change is None else -change
+            for label, change in (
+                ("allocated", self.allocated_bytes),
+                ("reserved", self.reserved_bytes),
+                ("process", self.process_used_bytes),
+                ("used", self.used_bytes),
+            )
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the changes."""
         return {"device": self.device, **{name: getattr(self, name) for name in _BYTE_FIELDS}}

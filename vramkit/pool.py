@@ -24,6 +24,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import dataclasses
 import datetime
 import logging
 import math
@@ -124,6 +125,10 @@ class PoolStatus:
     models: tuple[PooledModel, ...]
     loads: int
     evictions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as JSON-ready data (bytes as ints, ``models`` as a list of dicts)."""
+        return dataclasses.asdict(self)
 
     def __str__(self) -> str:
         lines = [
@@ -439,7 +444,7 @@ class ModelPool:
     def _room_without_waiting(self, model: ManagedModel[Any]) -> bool:
         with self._lock:
             need = (model.expected_bytes or 0) + self._headroom(self._whole_budget())
-            idle = sum(self._resident(m.model) for m in self._candidates(exclude=model.name))
+            idle = sum(m.model.device_bytes for m in self._candidates(exclude=model.name))
             return need <= self._available(exclude=model.name) + idle
 
     # ------------------------------------------------------------------ the budget
@@ -483,27 +488,9 @@ class ModelPool:
             )
         return int(free) + self._charged_resident()
 
-    def _resident(self, model: ManagedModel[Any]) -> int:
-        """Device bytes a model holds now: what it would free if it left the device.
-
-        Transitional states count what is really there: a model unloading (or
-        switching tiers) from an offloaded state holds nothing on the device any
-        more; one waking holds nothing yet (its admission reserves for it).
-        """
-        state = model.state
-        size = model.size_bytes or 0
-        offloaded_in_place = model.tier == "cpu" and self._device.kind == "cpu"
-        if state is ModelState.READY:
-            return size
-        if state in (ModelState.UNLOADING, ModelState.OFFLOADING):
-            return size if model.tier is None or offloaded_in_place else 0
-        if state in (ModelState.OFFLOADED, ModelState.WAKING):
-            return size if offloaded_in_place else 0  # "offloaded" to where it already was
-        return 0
-
     def _charged_resident(self, exclude: str = "") -> int:
         return sum(
-            self._resident(m.model)
+            m.model.device_bytes
             for n, m in self._members.items()
             if n not in self._reserved and n != exclude
         )
@@ -518,7 +505,7 @@ class ModelPool:
         kind, _ = self._budget
         if kind == "driver":
             reading = get_backend(self._device.kind).read(self._device.index or 0)
-            own = self._resident(self._members[exclude].model) if exclude in self._members else 0
+            own = self._members[exclude].model.device_bytes if exclude in self._members else 0
             return int(reading.free_bytes or 0) + own - sum(self._reserved.values())
         return self.budget_bytes() - self._charged(exclude)
 
@@ -532,7 +519,7 @@ class ModelPool:
             and n not in self._reserved
             and m.model.leases == 0
             and m.model.state in (ModelState.READY, ModelState.OFFLOADED)
-            and self._resident(m.model) > 0
+            and m.model.device_bytes > 0
         ]
         plan = list(self._plan)
 
@@ -621,7 +608,7 @@ class ModelPool:
         return ", ".join(
             f"{n} {m.model.state.value}"
             + (f"({m.model.tier})" if m.model.tier else "")
-            + f" {self._reserved.get(n, self._resident(m.model))}"
+            + f" {self._reserved.get(n, m.model.device_bytes)}"
             for n, m in self._members.items()
         )
 
@@ -653,13 +640,13 @@ class ModelPool:
             if freed >= shortfall:
                 break
             chosen.append(member)
-            freed += self._resident(member.model)
+            freed += member.model.device_bytes
         if freed < shortfall or not chosen:
             return None
         # Spare any victim the others already cover, the ones needed soonest first:
         # evicting a small model that does not close the gap only costs a reload.
         for member in reversed(list(chosen)):
-            size = self._resident(member.model)
+            size = member.model.device_bytes
             if freed - size >= shortfall:
                 chosen.remove(member)
                 freed -= size
@@ -668,7 +655,7 @@ class ModelPool:
     def _no_room(self, name: str, need: int, available: int) -> str:
         holders = []
         for n, member in self._members.items():
-            resident = self._reserved.get(n, self._resident(member.model))
+            resident = self._reserved.get(n, member.model.device_bytes)
             if resident:
                 why = (
                     f"{member.model.leases} leases"
@@ -801,7 +788,7 @@ class ModelPool:
                     name=m.model.name,
                     state=m.model.state.value,
                     tier=m.model.tier,
-                    device_bytes=self._resident(m.model),
+                    device_bytes=m.model.device_bytes,
                     size_bytes=m.model.expected_bytes,
                     leases=m.model.leases,
                     idle_seconds=m.model.idle_seconds,

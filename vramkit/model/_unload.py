@@ -24,6 +24,7 @@ from vramkit._utils import clear_frames
 from vramkit.adapters import Adapter
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceBackend, DeviceMemory
+from vramkit.memory import DeviceMemoryDelta
 from vramkit.model.reports import ModelState, UnloadReport
 from vramkit.referrers import ReferrerChain, find_referrers
 
@@ -123,7 +124,7 @@ def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> Unloa
         survivors=described,
         neutralised_bytes=neutralised,
         expected_bytes=unload.expected,
-        freed_bytes=_freed(unload.before, after),
+        freed_bytes=DeviceMemoryDelta.between(unload.before, after).freed(),
         memory_before=unload.before,
         memory_after=after,
         cleanup=report_cleanup,
@@ -148,19 +149,6 @@ def await_driver(unload: Unload, after: DeviceMemory) -> DeviceMemory:
         time.sleep(0.25)
         after = unload.backend.read(unload.device.index or 0)
     return after
-
-
-def _freed(before: DeviceMemory, after: DeviceMemory) -> dict[str, int | None]:
-    result: dict[str, int | None] = {}
-    for label, layer in (
-        ("allocated", "allocated_bytes"),
-        ("reserved", "reserved_bytes"),
-        ("process", "process_used_bytes"),
-        ("used", "used_bytes"),
-    ):
-        a, b = getattr(after, layer), getattr(before, layer)
-        result[label] = None if a is None or b is None else b - a
-    return result
 
 
 def _weak(obj: object) -> weakref.ref[Any] | None:

@@ -436,6 +436,62 @@ class ManagedModel(Generic[T]):
             return None
         return time.monotonic() - last
 
+    @property
+    def pool(self) -> Any:
+        """The :class:`~vramkit.ModelPool` this model belongs to, or ``None``.
+
+        Typed loosely: pools sit a layer above models, which never import them.
+        """
+        return self._owner
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the model holds on its device now: what leaving the device would free.
+
+        Transitional states count what is really there: a model unloading (or
+        switching tiers) from an offloaded state holds nothing on the device
+        any more; one waking holds nothing yet. On ``cpu`` the cpu tier keeps
+        the weights where they were, so a model offloaded there still counts.
+        """
+        state = self._state
+        size = self._stats.size_bytes or 0
+        in_place = self._tier == "cpu" and self._device.kind == "cpu"
+        if state is ModelState.READY:
+            return size
+        if state in (ModelState.UNLOADING, ModelState.OFFLOADING):
+            return size if self._tier is None or in_place else 0
+        if state in (ModelState.OFFLOADED, ModelState.WAKING):
+            return size if in_place else 0
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model's line as JSON-ready data (what status pages and ``vramkit ps`` show).
+
+        Returns:
+            ``name``, ``device``, ``state``, ``tier``, ``device_bytes``,
+            ``size_bytes`` (the expected size), ``leases``, ``idle_seconds``,
+            ``keep_alive`` (seconds or ``None``), ``pool`` (its pool's name or
+            ``None``), ``loads``, ``wakes``, ``offloads``, ``unloads``.
+        """
+        stats = self._stats
+        pool = self._owner
+        return {
+            "name": self._name,
+            "device": str(self._device),
+            "state": self._state.value,
+            "tier": self._tier,
+            "device_bytes": self.device_bytes,
+            "size_bytes": self.expected_bytes,
+            "leases": len(self._leases),
+            "idle_seconds": self.idle_seconds,
+            "keep_alive": self._keep_alive,
+            "pool": None if pool is None else pool.name,
+            "loads": stats.loads,
+            "wakes": stats.wakes,
+            "offloads": stats.offloads,
+            "unloads": stats.unloads,
+        }
+
     def __repr__(self) -> str:
         size = format_bytes(self._stats.size_bytes) if self._stats.size_bytes is not None else "?"
         tier = f" ({self._tier})" if self._tier else ""
