@@ -1,4 +1,4 @@
-"""The ``vramkit`` command: ``vramkit status`` and ``vramkit demo``.
+"""The ``vramkit`` command: ``vramkit status``, ``ps``, ``free`` and ``demo``.
 
 Also reachable as ``python -m vramkit``. The command line only parses and
 prints: what ``status`` shows comes from :mod:`vramkit._status`.
@@ -17,6 +17,10 @@ __all__ = ["main", "status", "status_text"]
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from vramkit._ps import watch_status
+
+        return watch_status(args, lambda: status_text(args.device))
     if args.json:
         print(json.dumps(status_data(args.device), indent=2))
     else:
@@ -39,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--device", default=None, help="one device, such as cuda:0 or cpu")
     status.set_defaults(handler=_cmd_status)
+
+    from vramkit._ps import add_commands, add_watch_arguments
+
+    add_watch_arguments(status)
+    add_commands(commands)
 
     from vramkit.demo import add_arguments
 

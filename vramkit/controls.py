@@ -35,10 +35,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vramkit import events
+from vramkit import _runtime, events
 from vramkit._keepalive import KeepAliveScheduler
 from vramkit._units import format_bytes, format_part_of, parse_seconds
 from vramkit.cleaning import cleanup
@@ -55,6 +55,7 @@ __all__ = [
     "Operation",
     "OperationLog",
     "Watch",
+    "advertise_admin_url",
     "live_watches",
     "memory_line",
     "watch",
@@ -119,6 +120,26 @@ def memory_line(reading: DeviceMemory) -> str:
     if used is None or not total:
         return f"{label}: {format_bytes(total)} total, used unknown"
     return f"{label}: {format_part_of(used, total)} ({used / total:.0%})"
+
+
+def advertise_admin_url(url: str | None) -> None:
+    """Publish where this process's admin API answers, for ``vramkit ps`` and ``vramkit free``.
+
+    Every process that uses vramkit publishes its models to a per-user
+    runtime directory; this adds the URL of its admin API (``None``
+    withdraws it). :mod:`vramkit.integrations.http` calls it for you.
+
+    Args:
+        url: Such as ``"http://127.0.0.1:8000/admin"``, or ``None``.
+
+    Raises:
+        InvalidArgumentError: ``url`` is not an ``http://`` or ``https://`` URL.
+    """
+    if url is not None and (
+        not isinstance(url, str) or not url.startswith(("http://", "https://"))
+    ):
+        raise InvalidArgumentError(f"url must be an http:// or https:// URL, or None; got {url!r}")
+    _runtime.advertise_admin(url)
 
 
 # ---------------------------------------------------------------------- operations
@@ -359,14 +380,13 @@ class Controls:
         for pool in self.pools():
             pool_status = pool.status()
             line = pool_status.to_dict()
-            line.pop("models")
             pools.append(line)
-            for pooled in pool_status.models:
+            for pooled in line.pop("models"):
                 try:
-                    extra = pool[pooled.name].to_dict()
+                    extra = pool[pooled["name"]].to_dict()
                 except KeyError:  # removed since: the pool's line is what there is
                     extra = {"device": pool_status.device}
-                models.append({**extra, **asdict(pooled), "pool": pool.name})
+                models.append({**extra, **pooled, "pool": pool.name})
         pooled_ids = {id(m) for pool in self.pools() for m in pool}
         for model in self.models():
             if id(model) not in pooled_ids:

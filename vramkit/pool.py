@@ -128,7 +128,10 @@ class PoolStatus:
 
     def to_dict(self) -> dict[str, Any]:
         """The status as JSON-ready data (bytes as ints, ``models`` as a list of dicts)."""
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: its deep copies cost more than the status itself.
+        data = {name: getattr(self, name) for name in _POOL_FIELDS}
+        data["models"] = [{name: getattr(m, name) for name in _MODEL_FIELDS} for m in self.models]
+        return data
 
     def __str__(self) -> str:
         lines = [
@@ -159,6 +162,10 @@ class PoolStatus:
             for r in rows
         ]
         return "\n".join(lines)
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(PooledModel))
+_POOL_FIELDS = tuple(f.name for f in dataclasses.fields(PoolStatus) if f.name != "models")
 
 
 @dataclass(slots=True)

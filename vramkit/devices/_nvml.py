@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Any, NamedTuple
 
-__all__ = ["DriverMemory", "memory", "process_used", "shutdown"]
+__all__ = ["DriverMemory", "device_count", "gpu_processes", "memory", "process_used", "shutdown"]
 
 _log = logging.getLogger("vramkit.nvml")
 _lock = threading.Lock()
@@ -128,17 +128,10 @@ def process_used(cuda_index: int, pid: int | None = None) -> int | None:
         NVML cannot tell (no NVML, a container's PID namespace hiding PIDs,
         drivers that withhold per-process usage).
     """
-    handle = _handle(cuda_index)
-    if handle is None:
+    processes = _running(cuda_index)
+    if processes is None:
         return None
-    nvml = _nvml
     pid = os.getpid() if pid is None else pid
-    try:
-        processes = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
-        processes += list(nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
-    except nvml.NVMLError as exc:
-        _log.debug("NVML process list for cuda:%d failed: %s", cuda_index, exc)
-        return None
     matched = [p.usedGpuMemory for p in processes if p.pid == pid]
     if not matched:
         # Either we hold nothing there, or PIDs are namespaced (containers) and
@@ -147,6 +140,55 @@ def process_used(cuda_index: int, pid: int | None = None) -> int | None:
     if any(used is None for used in matched):
         return None
     return int(max(matched))
+
+
+def _running(cuda_index: int) -> list[Any] | None:
+    """NVML's compute and graphics process entries on ``cuda:<cuda_index>``, or ``None``."""
+    handle = _handle(cuda_index)
+    if handle is None:
+        return None
+    nvml = _nvml
+    try:
+        processes = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        processes += list(nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
+    except nvml.NVMLError as exc:
+        _log.debug("NVML process list for cuda:%d failed: %s", cuda_index, exc)
+        return None
+    return processes
+
+
+def gpu_processes(cuda_index: int) -> dict[int, int | None] | None:
+    """Every process on ``cuda:<cuda_index>`` with the bytes it holds, per NVML.
+
+    Returns:
+        ``{pid: bytes}`` (bytes ``None`` where the driver withholds them; a
+        process listed as both compute and graphics counts its larger entry),
+        or ``None`` where NVML cannot tell.
+    """
+    processes = _running(cuda_index)
+    if processes is None:
+        return None
+    found: dict[int, int | None] = {}
+    for entry in processes:
+        used = None if entry.usedGpuMemory is None else int(entry.usedGpuMemory)
+        known = found.get(entry.pid)
+        found[entry.pid] = used if known is None or (used is not None and used > known) else known
+    return found
+
+
+def device_count() -> int | None:
+    """How many GPUs torch would number (``CUDA_VISIBLE_DEVICES`` honoured), per NVML."""
+    nvml = _module()
+    if nvml is None:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip():
+        return len([entry for entry in visible.split(",") if entry.strip()])
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError as exc:
+        _log.debug("nvmlDeviceGetCount failed: %s", exc)
+        return None
 
 
 def _pids_visible(processes: list[Any]) -> bool:

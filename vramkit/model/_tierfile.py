@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vramkit._runtime import pid_alive
 from vramkit._units import format_bytes
 from vramkit._utils import user_cache_dir
 from vramkit.errors import OffloadError
@@ -84,20 +85,10 @@ def _sweep_once(directory: Path) -> None:
         return
     for entry in entries:
         match = _LEFTOVER.search(entry.name)
-        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+        if match is None or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
             continue
         with contextlib.suppress(OSError):
             entry.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 @atexit.register

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overlo
 
 import torch
 
-from vramkit import events
+from vramkit import _runtime, events
 from vramkit._keepalive import KeepAliveScheduler, default_scheduler, keep_alive_seconds
 from vramkit._units import format_bytes, parse_bytes
 from vramkit._utils import callable_name, clear_frames
@@ -1291,3 +1291,21 @@ def _grew_by(before: DeviceMemory, after: DeviceMemory) -> int | None:
         if a is not None and b is not None and (layer != "allocated_bytes" or a != b):
             return max(int(a) - int(b), 0)
     return None
+
+
+def _published_state() -> dict[str, Any]:
+    """What this process publishes for ``vramkit ps``: its models, and their pools' accounting."""
+    models = [m for m in live_models() if not m.closed]
+    pools = {id(m.pool): m.pool for m in models if m.pool is not None}
+    return {
+        "models": [m.to_dict() for m in models],
+        "pools": [_pool_line(pool.status().to_dict()) for pool in pools.values()],
+    }
+
+
+def _pool_line(status: dict[str, Any]) -> dict[str, Any]:
+    status.pop("models", None)  # each model has its own line, naming its pool
+    return status
+
+
+_runtime.install(_published_state)
