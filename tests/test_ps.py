@@ -41,7 +41,11 @@ pool.register("svc-asr", lambda: tiny_mlp(4), size_hint="4MiB")
 pool.register("svc-llm", lambda: tiny_mlp(8), size_hint="8MiB", keep_alive=600)
 for name in ("svc-asr", "svc-llm"):
     pool[name].load()
-print(json.dumps({"pid": os.getpid()}), flush=True)
+url = None
+if sys.argv[1] == "admin":
+    from vramkit.integrations.http import start_admin_server
+    url = start_admin_server(pool).url
+print(json.dumps({"pid": os.getpid(), "url": url}), flush=True)
 sys.stdin.read()  # serve until the test closes stdin
 """
 
@@ -139,6 +143,29 @@ def test_ps_in_another_process_lists_a_running_service_and_not_a_killed_one(
         stop(service)
         stop(killed)
     assert not (run_dir / f"{info['pid']}.json").exists()  # removed at exit
+
+
+@pytest.mark.slow
+def test_free_asks_the_service_through_its_admin_api(run_dir: Path) -> None:
+    service, info = start_service("admin")
+    try:
+        (record,) = [r for r in read_records() if r.pid == info["pid"]]
+        assert record.admin_url == info["url"]
+        unloaded = vramkit_cli("free", "svc-asr")
+        assert unloaded.returncode == 0, unloaded.stderr
+        assert unloaded.stdout.startswith(f"{info['pid']}: ok: unloaded svc-asr: cpu ")
+        states = {m["name"]: m["state"] for m in _record(info["pid"]).models}
+        assert states == {"svc-asr": "UNLOADED", "svc-llm": "READY"}
+
+        freed = vramkit_cli("free", str(info["pid"]))
+        assert freed.returncode == 0, freed.stderr
+        assert "freed 1 idle model (svc-llm)" in freed.stdout
+        assert {m["state"] for m in _record(info["pid"]).models} == {"UNLOADED"}
+
+        missing = vramkit_cli("free", "nope")
+        assert missing.returncode == 2 and "no process has a model named 'nope'" in missing.stderr
+    finally:
+        stop(service)
 
 
 def _record(pid: int) -> ProcessRecord:

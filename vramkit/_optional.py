@@ -19,6 +19,9 @@ _EXTRAS = {
     "onnx": "onnx",
     "pynvml": "nvml",
     "matplotlib": "plot",
+    "fastapi": "http",
+    "uvicorn": "http",
+    "prometheus_client": "http",
 }
 
 

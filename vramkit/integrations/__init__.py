@@ -6,4 +6,6 @@ only, so each can be installed, imported and tested on its own:
 - :mod:`vramkit.integrations.ray_serve` (extra ``ray``): a byte-budgeted
   replacement for Ray Serve's ``@serve.multiplexed``, one
   :class:`vramkit.ModelPool` per replica.
+- :mod:`vramkit.integrations.http` (extra ``http``): an ASGI admin API over
+  :class:`vramkit.Controls`, with Prometheus metrics.
 """
