@@ -60,10 +60,18 @@ def add_watch_arguments(status: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- ps
 
 
+def _records() -> list[ProcessRecord]:
+    """The live records, or a clean error when the runtime directory is not this user's."""
+    try:
+        return read_records()
+    except PermissionError as exc:
+        raise VramkitError(str(exc)) from exc
+
+
 def ps_data() -> dict[str, Any]:
     """What ``vramkit ps --json`` prints: processes, GPU processes not using vramkit, notes."""
     now = time.time()
-    records = read_records()
+    records = _records()
     processes = []
     for record in records:
         entry = record.to_dict()
@@ -203,10 +211,7 @@ def _duration(seconds: float | None, *, none: str) -> str:
 
 
 def _cmd_ps(args: argparse.Namespace) -> int:
-    try:
-        print(json.dumps(ps_data(), indent=2) if args.json else ps_text())
-    except PermissionError as exc:
-        raise VramkitError(str(exc)) from exc
+    print(json.dumps(ps_data(), indent=2) if args.json else ps_text())
     return 0
 
 
@@ -216,7 +221,7 @@ def _cmd_ps(args: argparse.Namespace) -> int:
 def _cmd_free(args: argparse.Namespace) -> int:
     target: str = args.target
     token = args.token if args.token is not None else os.environ.get(_TOKEN_ENV)
-    records = read_records()
+    records = _records()
     if target.isdigit():
         record = _by_pid(records, int(target))
         path = "/free"
