@@ -394,3 +394,25 @@ def test_status_watch_redraws_devices_and_processes(
 def test_free_of_an_unknown_pid(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["free", "999999999"]) == 2
     assert "no process 999999999 publishes vramkit models" in capsys.readouterr().err
+
+
+def test_nvml_process_lists_merge_compute_and_graphics_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace as Entry
+
+    from vramkit.devices import _nvml
+
+    stub = Entry(
+        NVMLError=RuntimeError,
+        nvmlDeviceGetComputeRunningProcesses=lambda handle: [
+            Entry(pid=10, usedGpuMemory=100),
+            Entry(pid=11, usedGpuMemory=None),
+        ],
+        nvmlDeviceGetGraphicsRunningProcesses=lambda handle: [Entry(pid=10, usedGpuMemory=300)],
+    )
+    monkeypatch.setattr(_nvml, "_nvml", stub)
+    monkeypatch.setattr(_nvml, "_handle", lambda index: object())
+    assert _nvml.gpu_processes(0) == {10: 300, 11: None}
+    assert _nvml.process_used(0, pid=10) == 300
+    assert _nvml.process_used(0, pid=11) is None
