@@ -26,9 +26,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from vramkit.devices import Device, DeviceLike
+    import torch
 
-__all__ = ["DemoResult", "add_arguments", "run_demo", "run_pipeline"]
+    from vramkit.devices import Device, DeviceLike
+    from vramkit.pool import ModelPool
+    from vramkit.testing.models import TinyCausalLM, TinyTTS
+
+__all__ = [
+    "DemoResult",
+    "add_arguments",
+    "open_pool",
+    "read_back",
+    "run_demo",
+    "run_pipeline",
+    "summarize",
+    "transcribe",
+]
 
 MiB = 1024**2
 STAGES = ("asr", "llm", "tts")
@@ -249,6 +262,94 @@ def _torch_loader(directory: Path, device: Any) -> Any:
     return load
 
 
+def open_pool(
+    *,
+    device: DeviceLike | None = None,
+    budget: str | int | None = None,
+    cache_dir: Path | None = None,
+    name: str = "demo",
+) -> ModelPool:
+    """Build the models (first run only) and a pool of the three stages, ``asr``, ``llm``, ``tts``.
+
+    Nothing is loaded yet. FunASR is imported here (about 7 s, once), as any
+    application imports it before serving; its banners are kept out of stdout.
+
+    Args:
+        device: Device for all three (default: the best available).
+        budget: The pool's budget (default: 1.2x the largest model's checkpoint,
+            less than the three together).
+        cache_dir: Where the models are built (default: :func:`default_cache_dir`).
+        name: The pool's name.
+
+    Returns:
+        The open :class:`~vramkit.ModelPool`; close it when done.
+    """
+    import vramkit
+    from vramkit import ManagedModel, ModelPool
+    from vramkit.adapters.funasr import import_funasr
+    from vramkit.devices import resolve_device
+
+    target = resolve_device(device)
+    with _third_party_quiet():
+        files = build_models(cache_dir or default_cache_dir())
+        import_funasr("vramkit demo")
+    dirs = files["funasr"]
+    sizes = {
+        "asr": sum((d / "model.pt").stat().st_size for d in (dirs.asr, dirs.vad, dirs.punc)),
+        "llm": (files["llm"] / "model.pt").stat().st_size,
+        "tts": (files["tts"] / "model.pt").stat().st_size,
+    }
+    budget_bytes = (
+        vramkit.parse_bytes(budget, what="budget")
+        if budget is not None
+        else int(1.2 * max(sizes.values()))
+    )
+    pool = ModelPool(
+        target,
+        budget=budget_bytes,
+        headroom=min(8 * MiB, budget_bytes // 16),
+        name=name,
+        timeout=60.0,
+    )
+    try:
+        pool.add(
+            ManagedModel.from_funasr(
+                **dirs.automodel_kwargs(),
+                device=target,
+                name="asr",
+                manager_options={"size_hint": sizes["asr"]},
+                disable_pbar=True,
+                disable_log=True,
+            )
+        )
+        for stage in ("llm", "tts"):
+            loader = _torch_loader(files[stage], target.torch)
+            pool.register(stage, loader, size_hint=sizes[stage])
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+def transcribe(asr: Any, audio: Any) -> str:
+    """The ASR stage: FunASR's text for ``audio`` (16 kHz mono float samples, or a WAV path)."""
+    return str(asr.generate(input=audio)[0]["text"])
+
+
+def summarize(llm: TinyCausalLM, text: str, *, max_new_tokens: int = 16) -> torch.Tensor:
+    """The LLM stage: the reply's token ids (bytes of ``text`` in, ``max_new_tokens`` out)."""
+    import torch
+
+    device = next(llm.parameters()).device
+    prompt = torch.tensor([list(text.encode("utf-8"))[:64] or [0]], device=device) % llm.vocab
+    return llm.generate(prompt, max_new_tokens=max_new_tokens)[0, prompt.shape[1] :]
+
+
+def read_back(tts: TinyTTS, tokens: torch.Tensor) -> torch.Tensor:
+    """The TTS stage: a waveform for ``tokens``, at ``tts.sample_rate`` samples per second."""
+    return tts.synthesize(tokens.to(next(tts.parameters()).device))
+
+
 def run_pipeline(
     *,
     device: DeviceLike | None = None,
@@ -281,23 +382,10 @@ def run_pipeline(
             "are gibberish,\nbut the memory they take and give back is real"
         )
         print(f"building them (cached in {cache_dir or default_cache_dir()}) ...")
+    # FunASR's import (~7 s) happens in here: before the clock starts, like any app's imports.
+    pool = open_pool(device=target, budget=budget, cache_dir=cache_dir)
     with _third_party_quiet():
-        files = build_models(cache_dir or default_cache_dir())
-        dirs = files["funasr"]
-        sizes = {
-            "asr": sum((d / "model.pt").stat().st_size for d in (dirs.asr, dirs.vad, dirs.punc)),
-            "llm": (files["llm"] / "model.pt").stat().st_size,
-            "tts": (files["tts"] / "model.pt").stat().st_size,
-        }
-        budget_bytes = (
-            vramkit.parse_bytes(budget, what="budget")
-            if budget is not None
-            else int(1.2 * max(sizes.values()))
-        )
-        from vramkit.adapters.funasr import import_funasr
-
-        import_funasr("vramkit demo")  # ~7 s, once: before the clock starts, like any app's imports
-        result = _Run(target, files, sizes, budget_bytes, items, echo).run()
+        result = _Run(target, pool, items, echo).run()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -305,24 +393,15 @@ def run_pipeline(
 class _Run:
     """One pass of the pipeline through a pool, recording what the pool did."""
 
-    def __init__(
-        self,
-        target: Device,
-        files: dict[str, Any],
-        sizes: dict[str, int],
-        budget_bytes: int,
-        items: int,
-        echo: bool,
-    ) -> None:
-        from vramkit import ModelPool
+    def __init__(self, target: Device, pool: ModelPool, items: int, echo: bool) -> None:
         from vramkit.devices import get_backend
 
-        self.target, self.files, self.echo = target, files, echo
-        headroom = min(8 * MiB, budget_bytes // 16)
-        self.pool = ModelPool(
-            target, budget=budget_bytes, headroom=headroom, name="demo", timeout=60
+        self.target, self.pool, self.echo = target, pool, echo
+        status = pool.status()
+        sizes = {stage: pool[stage].expected_bytes or 0 for stage in STAGES}
+        self.result = DemoResult(
+            str(target), status.budget_bytes, sizes, items, 0.0, status.headroom_bytes
         )
-        self.result = DemoResult(str(target), budget_bytes, sizes, items, 0.0, headroom)
         self.result.device_memory = (
             "process memory (RSS)"
             if target.kind == "cpu"
@@ -397,7 +476,6 @@ class _Run:
         sampling = threading.Thread(target=sampler, name="vramkit-demo-sampler", daemon=True)
         sampling.start()
         try:
-            self.register()
             self.pool.plan([stage for _ in range(self.result.items) for stage in STAGES])
             for item in range(self.result.items):
                 self.item(item)
@@ -413,40 +491,16 @@ class _Run:
         self.result.samples.sort()
         return self.result
 
-    def register(self) -> None:
-        from vramkit import ManagedModel
-
-        dirs, sizes = self.files["funasr"], self.result.sizes
-        self.pool.add(
-            ManagedModel.from_funasr(
-                **dirs.automodel_kwargs(),
-                device=self.target,
-                name="asr",
-                manager_options={"size_hint": sizes["asr"]},
-                disable_pbar=True,
-                disable_log=True,
-            )
-        )
-        for name in ("llm", "tts"):
-            loader = _torch_loader(self.files[name], self.target.torch)
-            self.pool.register(name, loader, size_hint=sizes[name])
-
     def item(self, item: int) -> None:
-        import torch
-
         from vramkit.testing.models import synthetic_audio
 
         audio = synthetic_audio(1.0 + 0.25 * (item % 3), seed=item)
         with self.stage("asr"), self.pool.use("asr") as asr:
-            text = str(asr.generate(input=audio)[0]["text"])
+            text = transcribe(asr, audio)
         with self.stage("llm"), self.pool.use("llm") as llm:
-            prompt = (
-                torch.tensor([list(text.encode("utf-8"))[:64] or [0]], device=self.target.torch)
-                % llm.vocab
-            )
-            reply = llm.generate(prompt, max_new_tokens=16)[0, prompt.shape[1] :]
+            reply = summarize(llm, text)
         with self.stage("tts"), self.pool.use("tts") as tts:
-            wave = tts.synthesize(reply.to(self.target.torch))
+            wave = read_back(tts, reply)
         self.result.transcripts.append(text)
         if self.echo:
             print(
