@@ -8,4 +8,6 @@ only, so each can be installed, imported and tested on its own:
   :class:`vramkit.ModelPool` per replica.
 - :mod:`vramkit.integrations.http` (extra ``http``): an ASGI admin API over
   :class:`vramkit.Controls`, with Prometheus metrics.
+- :mod:`vramkit.integrations.gradio` (extra ``webui``): a memory panel for
+  Gradio apps over :class:`vramkit.Controls`.
 """
