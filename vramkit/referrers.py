@@ -2,40 +2,78 @@
 
 When an object that should have died survives, :func:`find_referrers` walks the
 garbage collector's referrer graph backwards until it reaches a root a person
-recognises (a module global, a local variable of a running frame, a frame kept
-by an exception's traceback) and writes the way down::
+recognises and writes the way down::
 
-    __main__.cache[1] -> Tensor.grad_fn -> AddmmBackward0 -> TBackward0 -> AccumulateGrad.variable
+    __main__.cache[1] -> Tensor.grad_fn -> AddmmBackward0 -> ... -> AccumulateGrad.variable
     __main__.handlers['run'] -> closure of make.<locals>.predict (variable 'model') -> Linear.weight
-    serve() in app.py:40, local batch[0] -> Tensor._base
+    serve() in app.py:40, local batch[0]
 
-Tensors held only from C++ by an autograd graph have no Python referrer; for
-those the search also walks the graphs of live tensors that require grad, so an
-output computed with grad enabled is named as the holder of the weights.
+Roots are module globals, class attributes, locals of running frames (of this
+thread; another thread's running frame is named, never read), and exceptions
+being handled. On the way the search names container indices and keys, object
+attributes (``nn.Module`` parameters read as ``Linear.weight``), closure cells,
+bound methods, finished frames kept by tracebacks, suspended generators, and
+autograd graphs: a weight held only from C++ by a graph's ``AccumulateGrad``
+node is traced to the live tensor whose ``grad_fn`` reaches it.
 
-The search is bounded (depth, objects visited, seconds): it is for reports,
-run after something went wrong, never on a hot path.
+Two promises make the search safe to run on any heap, including one full of
+other people's objects:
+
+- **Identity only.** It never calls ``==``, ``in``, ``hash()``, ``repr()``,
+  ``__getattr__``, properties or any other Python-level method of a foreign
+  object: it compares with ``is``, reads dicts, lists and slots through their
+  C-level accessors, and asks ``gc.get_referents`` what an object refers to. A
+  ``transformers`` ``ModelOutput`` or an EasyDict in a chain cannot make it fail.
+- **Bounded by work, not time.** Each level of the walk is one scan of the
+  heap; the depth, the width of each level and the number of holders examined
+  are capped, and each level is processed whole and sorted by what it reads
+  like. So the same heap gives the same chains in the same order, on an idle
+  machine and a busy one. ``seconds=`` adds an optional wall-clock cap for
+  interactive use (off by default; it makes results depend on load).
+
+Nothing escapes: a failure inside the search becomes a chain rooted at
+``"unknown"`` that says the holder was not found and why.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
 import threading
 import time
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vramkit._gc import exclusive, tensors_in_heap
 
-__all__ = ["ReferrerChain", "find_referrers"]
+__all__ = ["ReferrerChain", "find_holders", "find_referrers"]
 
-_SKIP_MODULE_PREFIX = "vramkit."
-_CONTAINERS = (list, tuple, dict, set, frozenset)
-_MODULE_INTERNALS = {"_parameters": "", "_buffers": "", "_modules": ""}
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# A step through an instance dict, or the dicts where nn.Module keeps parameters,
+# buffers and submodules, reads as the attribute it stands for (``Linear.weight``).
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "__dict__"})
+_WIDTH = 32  # holders carried to the next level (more only when tied by text)
+_LEVEL_HOLDERS = 50_000  # holders of one level beyond which the walk gives up
+_GRAPH_NODES = 20_000  # autograd nodes visited per search
+_ROOT_ORDER = {"module global": 0, "frame": 1, "class attribute": 2, "traceback": 3}
+
+# C-level accessors, fetched once: calling them never runs Python code of the object.
+_type_mro: Any = type.__dict__["__mro__"]
+_type_dict: Any = type.__dict__["__dict__"]
+_type_name: Any = type.__dict__["__name__"]
+_type_module: Any = type.__dict__["__module__"]
+_type_qualname: Any = type.__dict__["__qualname__"]
+_module_dict: Any = vars(types.ModuleType)["__dict__"]
+_SAFE_KEYS = (str, int, float, bool, bytes, type(None))
+_EXCEPTION_FIELDS: dict[str, Any] = {
+    name: vars(BaseException)[name]
+    for name in ("__traceback__", "__context__", "__cause__", "args")
+}
+_SUSPENDABLE = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +82,10 @@ class ReferrerChain:
 
     Attributes:
         root: What kind of root holds the path: ``"module global"``,
-            ``"frame"``, ``"traceback"``, ``"class attribute"`` or
-            ``"unknown"`` (the search ran out of depth or found no root, as
-            with objects held only by C++ code).
+            ``"frame"`` (a local of a running function), ``"class attribute"``,
+            ``"traceback"`` (an exception being handled), or ``"unknown"`` (the
+            search reached its bounds, or failed, before a root; the steps then
+            start with ``"..."`` or say why).
         steps: The path, root first, each step readable on its own.
     """
 
@@ -57,14 +96,27 @@ class ReferrerChain:
         return " -> ".join(self.steps)
 
 
-@dataclass(slots=True)
-class _Edge:
-    """One step up the graph: ``holder`` refers to the object below through ``label``."""
+# A step of a path, as data until the path is rendered: (kind, text, extra).
+#   ("module", "pkg.mod", "")          root: a module's globals dict
+#   ("class", "pkg.mod.Cls", "")       root: a class's namespace
+#   ("key", "'name'", "name")          a dict entry (extra: the key if a str)
+#   ("index", "3", "")                 a list or tuple item
+#   ("set", "", "")                    a set member
+#   ("cell", "", "")                   a closure cell
+#   ("closure", "qualname", "a b c")   a function's closure tuple (extra: free vars)
+#   ("attr", "Type", "name")           an attribute of an object
+#   ("text", "...", "")                anything already readable
+_Token = tuple[str, str, str]
 
-    holder: Any
-    label: str
-    attach: bool = False  # glue to the previous step ("cache" + "[3]") instead of " -> "
-    root: str | None = None  # set when the holder is a root
+
+@dataclass(slots=True)
+class _Path:
+    """A frontier entry: the object's id and the steps from it down to its target."""
+
+    oid: int
+    tokens: tuple[_Token, ...]
+    target: int  # index of the target this path leads to
+    text: str = ""  # rendered tokens, the sort key that keeps the walk deterministic
 
 
 def find_referrers(
@@ -73,347 +125,722 @@ def find_referrers(
     max_depth: int = 12,
     max_chains: int = 5,
     max_objects: int = 5000,
-    seconds: float = 2.0,
+    seconds: float | None = None,
     ignore: Iterable[object] = (),
 ) -> list[ReferrerChain]:
     """Name who holds ``target``, as chains from a root down to it.
 
     Args:
         target: The object that should have died.
-        max_depth: Longest chain, in steps.
-        max_chains: Stop after this many chains.
-        max_objects: Stop after visiting this many holders.
-        seconds: Stop after this long.
+        max_depth: Most objects on a chain (each is one scan of the heap).
+        max_chains: Stop after the level where this many chains were found.
+        max_objects: Stop after the level where this many holders were examined.
+        seconds: Optional wall-clock cap, checked between levels (default: none,
+            so the result does not depend on how busy the machine is).
         ignore: Objects whose references do not count (the caller's own).
 
     Returns:
-        Chains, shortest first. Empty when nothing in Python holds ``target``.
+        Chains, best first (module globals, then frames...; shorter first).
+        Empty when nothing in Python holds ``target``. When the bounds are
+        reached first, chains rooted at ``"unknown"`` show how far the search
+        got; when the search itself fails, one ``"unknown"`` chain says so.
     """
-    # gc.get_referrers can hand us objects another thread is still building:
-    # walk without thread switches and drop every reference before returning.
-    with exclusive():
-        search = _Search(ignore)
-        try:
-            return search.run(
-                target, max_depth, max_chains, max_objects, time.perf_counter() + seconds
-            )
-        finally:
-            search.close()
-            del search
+    return find_holders(
+        [target],
+        max_depth=max_depth,
+        max_chains=max_chains,
+        max_objects=max_objects,
+        seconds=seconds,
+        ignore=ignore,
+    )
+
+
+def find_holders(
+    targets: Sequence[object],
+    *,
+    max_depth: int = 12,
+    max_chains: int = 5,
+    max_objects: int = 5000,
+    seconds: float | None = None,
+    ignore: Iterable[object] = (),
+) -> list[ReferrerChain]:
+    """Like :func:`find_referrers` for several targets at once, sharing each heap scan.
+
+    Targets earlier in ``targets`` are preferred when chains are cut to ``max_chains``.
+    """
+    # Thread names before the walk: threading.enumerate() takes a lock.
+    names = {t.ident: t.name for t in threading.enumerate()}
+    deadline = None if seconds is None else time.perf_counter() + float(seconds)
+    try:
+        with exclusive():
+            search = _Search(targets, ignore, names, max_objects, deadline)
+            try:
+                return search.run(max_depth, max_chains)
+            finally:
+                search.close()
+                del search
+    except Exception as exc:  # a report must never fail the unload it explains
+        return [_not_found(f"search failed: {type(exc).__name__}")]
+
+
+def _not_found(why: str) -> ReferrerChain:
+    return ReferrerChain("unknown", (f"holder not found ({why})",))
 
 
 class _Search:
-    """One backward walk over the referrer graph.
+    """One backward walk, level by level, from the targets towards roots."""
 
-    Each level costs one ``gc.get_referrers`` scan of the heap (plus one for
-    dict owners and two for closures), however wide the level is.
-    """
-
-    def __init__(self, ignore: Iterable[object]) -> None:
-        self.ignored = {id(o) for o in ignore}
-        # Objects are kept only in `held` (keyed by id) so the search's own
-        # bookkeeping is easy to recognise and skip; paths hold strings only.
-        self.held: dict[int, Any] = {}
-        self.keep_alive: list[Any] = []  # scan results, kept so their ids stay unique
-        self.tensors: list[Any] | None = None  # the heap's tensors, scanned once when needed
-        self.internal: set[int] = {id(self.held), id(self.ignored), id(self.keep_alive)}
-        self.own_frame = sys._getframe(1)  # find_referrers' frame
-        self.running, self.executing = _running_frames(self.own_frame)
-        # Names now: threading.enumerate() takes a lock, which the walk must not.
-        self.thread_names = {t.ident: t.name for t in threading.enumerate()}
-        self.internal.update(id(scope) for _, scope in self.running)
-        self.internal.update((id(self.running), id(self.executing)))
+    def __init__(
+        self,
+        targets: Sequence[object],
+        ignore: Iterable[object],
+        thread_names: dict[int | None, str],
+        max_objects: int,
+        deadline: float | None,
+    ) -> None:
+        self.targets = list(targets)
+        self.held: dict[int, Any] = {id(t): t for t in self.targets}
+        self.keep: list[Any] = [targets]  # scan results, kept so the ids in them stay unique
+        self.ignored = {id(o) for o in ignore} | {id(targets)}  # the caller's list of targets
+        self.internal = {id(self.held), id(self.keep), id(self.ignored), id(self.targets)}
+        self.own_frame = sys._getframe(1)
+        self.max_objects = max_objects
+        self.deadline = deadline
+        self.examined = 0
+        self.heap_tensors: list[Any] | None = None
+        self.owners: dict[int, tuple[Any, str]] | None = None
+        self.modules: dict[int, Any] = {}
+        self.module_dicts = _module_dicts()
+        self.locals, self.other_threads = _running_frames(self.own_frame, thread_names)
+        self.handled = _handled_exception()
 
     def close(self) -> None:
         """Drop every reference the search took."""
         self.held.clear()
-        self.keep_alive.clear()
-        self.tensors = None
-        self.running.clear()
-        self.executing.clear()
+        self.keep.clear()
+        self.targets.clear()
+        self.locals.clear()
+        self.other_threads.clear()
+        self.heap_tensors = None
+        self.owners = None
+        self.modules = {}
+        self.handled = None
 
-    def _scan(self, objects: list[Any]) -> list[Any]:
-        """Every holder of any of ``objects``, minus the search's own containers."""
-        self.internal.add(id(objects))
-        # gc.get_referrers skips its own argument tuple, so nothing else to drop.
-        found = gc.get_referrers(*objects) if objects else []
-        self.keep_alive.append(found)
-        self.internal.add(id(found))
+    # ---------------------------------------------------------------- the walk
+
+    def run(self, max_depth: int, max_chains: int) -> list[ReferrerChain]:
+        frontier = [_Path(id(t), (), i) for i, t in enumerate(self.targets)]
+        seen = set(self.held)
+        self._own(seen)
+        frontier = self._climb(frontier, seen)
+        chains = self._direct_roots(frontier)
+        for _ in range(max_depth):
+            if len(chains) >= max_chains or self.examined >= self.max_objects:
+                break
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                break
+            found, following = self._level(frontier, seen)
+            following = self._climb(following, seen)
+            chains += found + self._direct_roots(following)
+            frontier = following
+            if not frontier:
+                break
+        if frontier and all(chain.root == "frame" for _, chain in chains):
+            # Cut short before a global root: show how far the walk got.
+            chains += [(p.target, _partial(p)) for p in frontier[:3] if p.tokens]
+        return _best(chains, max_chains)
+
+    def _own(self, container: Any) -> None:
+        """Mark one of the search's own containers as never a holder.
+
+        It stays alive until the search ends, so its id cannot be reused by an
+        object that is a holder.
+        """
+        self.keep.append(container)
+        self.internal.add(id(container))
+
+    def _climb(self, frontier: list[_Path], seen: set[int]) -> list[_Path]:
+        """Add, for each tensor or module in an ``nn.Module`` tree, the top of that tree.
+
+        Climbing ``Linear.weight -> ModuleList.0 -> Encoder.layers -> Model.encoder``
+        through the gc would cost two heap scans per module (the module, then
+        the dict it sits in); the module index makes it free, and the next
+        scan looks for the holders of the object and of its top module at once.
+        """
+        owners = self._module_owners(frontier)
+        if not owners:
+            return frontier
+        climbed = list(frontier)
+        for path in frontier:
+            tokens = path.tokens
+            current = path.oid
+            while current in owners:
+                module, name = owners[current]
+                tokens = (("attr", _name(type(module)), name), *tokens)
+                current = id(module)
+                if current in seen:
+                    break
+                seen.add(current)  # its holders are searched through the top's
+            if current == path.oid or id(self.held.get(current)) == current:
+                continue
+            self.held[current] = self.modules[current]
+            climbed.append(_Path(current, tokens, path.target, " -> ".join(_render(tokens))))
+        return climbed
+
+    def _module_owners(self, frontier: list[_Path]) -> dict[int, tuple[Any, str]]:
+        """The module index, built at the first frontier holding a tensor or a module."""
+        if self.owners is not None:
+            return self.owners
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return {}
+        kinds = (torch.Tensor, torch.nn.Module)
+        if not any(issubclass(type(self.held[p.oid]), kinds) for p in frontier):
+            return {}
+        self.modules, self.owners = _module_index(torch)
+        self._own(self.modules)
+        self._own(self.owners)
+        return self.owners
+
+    def _direct_roots(self, frontier: list[_Path]) -> list[tuple[int, ReferrerChain]]:
+        """Roots that need no scan: locals of this thread's running frames, handled exceptions."""
+        found = []
+        for path in frontier:
+            for where, name in self.locals.get(path.oid, ()):
+                tokens = (("text", f"{where}, local {name}", ""), *path.tokens)
+                found.append((path.target, ReferrerChain("frame", _render(tokens))))
+            if self.handled is not None and path.oid == id(self.handled):
+                tokens = (("text", "the exception being handled", ""), *path.tokens)
+                found.append((path.target, ReferrerChain("traceback", _render(tokens))))
         return found
 
-    def _heap_tensors(self) -> list[Any]:
-        """Every tensor in the heap, for autograd-graph holders: one scan per search."""
-        if self.tensors is None:
-            self.tensors = tensors_in_heap()
-            self.keep_alive.append(self.tensors)
-            self.internal.add(id(self.tensors))
-        return self.tensors
-
-    def _skip(self, holder: object) -> bool:
-        return (
-            id(holder) in self.internal
-            or id(holder) in self.ignored
-            or holder is self.own_frame
-            or type(holder) is _Edge
-            or type(holder) is _Search
-        )
-
-    def run(
-        self, target: object, max_depth: int, max_chains: int, max_objects: int, deadline: float
-    ) -> list[ReferrerChain]:
-        self.held[id(target)] = target
-        frontier: dict[int, tuple[tuple[str, ...], bool]] = {id(target): ((), False)}
-        seen: set[int] = {id(target)}
-        chains: list[ReferrerChain] = []
-        # Paths whose top object nothing in Python refers to: it is held from native
-        # code (an actor runtime, a C extension). No root, but the path still names
-        # the holder a person can fix ("... -> Deployment.kept[0]"). A bare container
-        # nobody refers to is a running function's local (invisible to the gc since
-        # Python 3.11), most often the search's own caller's: not a holder to report.
-        native: dict[int, tuple[tuple[str, ...], bool]] = {}
-        tensor_type = _tensor_type()
-        for _ in range(max_depth):
-            level = self._level_edges([self.held[i] for i in frontier])
-            next_frontier: dict[int, tuple[tuple[str, ...], bool]] = {}
-            for oid, (path, attach_next) in frontier.items():
-                obj = self.held[oid]
-                edges = level.get(oid, []) + _running_frame_edges(obj, self.running)
-                if issubclass(type(obj), tensor_type) and obj.requires_grad:
-                    edges += _autograd_holders(obj, self._heap_tensors())
-                if not edges and not isinstance(obj, _CONTAINERS):
-                    native[oid] = (path, attach_next)
-                for edge in edges:
-                    new_path = _prepend(edge, path, attach_next)
-                    if edge.root is not None:
-                        chains.append(ReferrerChain(edge.root, new_path))
-                        if len(chains) >= max_chains:
-                            return _tidy(chains)
-                        continue
-                    if id(edge.holder) in seen:
-                        continue
-                    seen.add(id(edge.holder))
-                    self.held[id(edge.holder)] = edge.holder
-                    next_frontier[id(edge.holder)] = (new_path, edge.attach)
-            if len(seen) > max_objects or time.perf_counter() > deadline:
-                return _tidy(chains or _unknown({**native, **next_frontier}))
-            if not next_frontier:
-                return _tidy(chains or _unknown(native))
-            frontier = next_frontier
-        return _tidy(chains or _unknown({**native, **frontier}))
-
-    def _level_edges(self, objects: list[Any]) -> dict[int, list[_Edge]]:
-        """Edges from every holder of any of ``objects``, keyed by the held object's id."""
-        wanted = {id(o): o for o in objects}
-        self.internal.add(id(wanted))
-        edges: dict[int, list[_Edge]] = {}
-        dicts: list[tuple[dict[Any, Any], Any]] = []
-        cells: list[tuple[types.CellType, Any]] = []
-        for holder in self._scan(objects):
-            if self._skip(holder) or isinstance(holder, types.ModuleType):
-                continue  # a module refers to its dict, which is handled as the root
-            if isinstance(holder, types.FrameType) and _is_vramkit(holder):
-                continue  # vramkit's own frames (the unload in progress)
-            if isinstance(holder, types.GeneratorType) and _is_vramkit_generator(holder):
-                continue  # the same, suspended in or running a vramkit generator
-            executing = (
-                self.executing.get(id(holder)) if isinstance(holder, types.FrameType) else None
-            )
-            if executing is not None:
-                if executing[1] != threading.get_ident():
-                    # Another thread's running frame: name it, but do not read its locals.
-                    for obj in (r for r in gc.get_referents(holder) if id(r) in wanted):
-                        edges.setdefault(id(obj), []).append(
-                            _Edge(
-                                holder,
-                                f"{_where(holder)}, a local of running thread "
-                                f"{self.thread_names.get(executing[1], executing[1])!r}",
-                                root="frame",
-                            )
-                        )
-                continue  # this thread's running frames: _running_frame_edges
-            held = {id(r): r for r in gc.get_referents(holder) if id(r) in wanted}
-            if isinstance(holder, dict) and any(id(k) in wanted for k in holder):
-                held.update((id(k), k) for k in holder if id(k) in wanted)
-            for obj in held.values():
-                if isinstance(holder, dict):
-                    module = _module_owning(holder)
-                    if module is not None:
-                        edges.setdefault(id(obj), []).extend(
-                            _Edge(module, f"{module.__name__}.{k}", root="module global")
-                            for k in _keys_of(holder, obj)
-                        )
-                    else:
-                        dicts.append((holder, obj))
-                elif isinstance(holder, types.CellType):
-                    cells.append((holder, obj))
-                else:
-                    edges.setdefault(id(obj), []).extend(_direct_edges(holder, obj))
-        owners = self._dict_owners([d for d, _ in dicts])
-        for mapping, obj in dicts:
-            edges.setdefault(id(obj), []).extend(_dict_edges(mapping, obj, owners.get(id(mapping))))
-        closures = self._closures([c for c, _ in cells])
-        for cell, obj in cells:
-            edges.setdefault(id(obj), []).extend(closures.get(id(cell), []))
-        return edges
-
-    def _dict_owners(
-        self, dicts: list[dict[Any, Any]], depth: int = 2
-    ) -> dict[int, tuple[Any, str]]:
-        """For each dict, the object whose ``__dict__`` (or ``_parameters``...) it is."""
-        if not dicts or depth == 0:
-            return {}
-        wanted = {id(d) for d in dicts}
-        owners: dict[int, tuple[Any, str]] = {}
-        self.internal.add(id(dicts))
-        nested: list[tuple[dict[Any, Any], str, dict[Any, Any]]] = []
-        for holder in self._scan(dicts):
+    def _level(
+        self, frontier: list[_Path], seen: set[int]
+    ) -> tuple[list[tuple[int, ReferrerChain]], list[_Path]]:
+        """One scan: the holders of every frontier object, as chains (roots) or new paths."""
+        by_id = {p.oid: p for p in frontier}
+        objects = [self.held[p.oid] for p in frontier]
+        self._own(objects)
+        holders = gc.get_referrers(*objects)
+        self._own(holders)
+        if len(holders) > _LEVEL_HOLDERS:
+            self.examined = self.max_objects
+            return [], []
+        chains: list[tuple[int, ReferrerChain]] = []
+        following: list[_Path] = []
+        for holder in holders:
             if self._skip(holder):
                 continue
-            if isinstance(holder, type):
-                for mapping in dicts:
-                    if _class_dict_matches(holder, mapping):
-                        owners[id(mapping)] = (holder, "")
-                continue
-            if isinstance(holder, dict):
-                for key in _MODULE_INTERNALS:  # nn.Module._parameters lives in __dict__
-                    inner = holder.get(key)
-                    if isinstance(inner, dict) and id(inner) in wanted:
-                        nested.append((holder, key, inner))
-                continue
-            attributes = _instance_dict(holder)
-            if attributes is None:
-                continue
-            if id(attributes) in wanted:
-                owners[id(attributes)] = (holder, "")
-            for key in _MODULE_INTERNALS:  # Python 3.11+: values inline in the instance
-                inner = attributes.get(key)
-                if isinstance(inner, dict) and id(inner) in wanted:
-                    owners[id(inner)] = (holder, key)
-        if nested:
-            outer = self._dict_owners([o for o, _, _ in nested], depth - 1)
-            for holder_dict, key, inner in nested:
-                if id(holder_dict) in outer:
-                    owners[id(inner)] = (outer[id(holder_dict)][0], key)
-        return owners
+            self.examined += 1
+            for child in gc.get_referents(holder):
+                path = by_id.get(id(child))
+                if path is None:
+                    continue
+                for tokens, root in _edges(self, holder, child):
+                    self._extend(holder, path, tokens, root, seen, chains, following)
+        for holder, child, tokens in self._autograd_edges(frontier):
+            path = by_id[id(child)]
+            self._extend(holder, path, tokens, None, seen, chains, following)
+        return chains, _narrow(following)
 
-    def _closures(self, cells: list[types.CellType]) -> dict[int, list[_Edge]]:
-        """For each cell, the functions whose closure holds it, named with the variable."""
-        if not cells:
-            return {}
-        by_id = {id(c): c for c in cells}
-        self.internal.add(id(by_id))
-        tuples = [t for t in self._scan(cells) if isinstance(t, tuple) and not self._skip(t)]
-        edges: dict[int, list[_Edge]] = {}
-        for function in self._scan(tuples):
-            if not isinstance(function, types.FunctionType) or function.__closure__ is None:
-                continue
-            for index, cell in enumerate(function.__closure__):
-                if id(cell) in by_id:
-                    variable = function.__code__.co_freevars[index]
-                    edges.setdefault(id(cell), []).append(
-                        _Edge(
-                            function, f"closure of {function.__qualname__} (variable {variable!r})"
-                        )
-                    )
-        return edges
+    def _extend(
+        self,
+        holder: Any,
+        path: _Path,
+        tokens: tuple[_Token, ...],
+        root: str | None,
+        seen: set[int],
+        chains: list[tuple[int, ReferrerChain]],
+        following: list[_Path],
+    ) -> None:
+        joined = (*tokens, *path.tokens)
+        if root is not None:
+            chains.append((path.target, ReferrerChain(root, _render(joined))))
+            return
+        if id(holder) in seen:
+            return
+        seen.add(id(holder))
+        self.held[id(holder)] = holder
+        following.append(_Path(id(holder), joined, path.target, " -> ".join(_render(joined))))
 
+    def _skip(self, holder: object) -> bool:
+        kind = type(holder)
+        if id(holder) in self.internal or id(holder) in self.ignored or holder is self.own_frame:
+            return True
+        if kind is _Path or kind is _Search:
+            return True
+        if issubclass(kind, types.ModuleType):
+            return True  # a module refers to its dict, which is the root
+        if kind is types.FrameType:
+            return _is_vramkit(holder.f_code)  # type: ignore[attr-defined]
+        if kind in _SUSPENDABLE:
+            return _is_vramkit(_suspended_code(holder))  # vramkit's generators (this search)
+        return False
 
-def _is_vramkit(frame: types.FrameType) -> bool:
-    return str(frame.f_globals.get("__name__", "")).startswith(_SKIP_MODULE_PREFIX)
+    # ---------------------------------------------------------------- autograd
 
+    def _autograd_edges(self, frontier: list[_Path]) -> list[tuple[Any, Any, tuple[_Token, ...]]]:
+        """Live tensors whose autograd graph holds a frontier tensor through ``AccumulateGrad``.
 
-def _is_vramkit_generator(generator: types.GeneratorType[Any, Any, Any]) -> bool:
-    frame = generator.gi_frame
-    return frame is not None and _is_vramkit(frame)
+        Only C++ refers to a weight from a graph, so ``gc`` cannot see this
+        edge: the graphs of the heap's tensors are walked instead.
+        """
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return []
+        wanted: dict[int, Any] = {}
+        storages: dict[int, Any] = {}
+        with torch._C.DisableTorchFunctionSubclass():
+            for path in frontier:
+                obj = self.held[path.oid]
+                if issubclass(type(obj), torch.Tensor) and _is_grad_leaf(obj):
+                    wanted[id(obj)] = obj
+                    key = _storage_key(obj)
+                    if key is not None:
+                        storages.setdefault(key, obj)
+            if not wanted:
+                return []
+            return self._graph_walk(wanted, storages)
 
+    def _graph_sources(self, wanted: dict[int, Any]) -> tuple[list[tuple[Any, Any]], int]:
+        """The heap's tensors with a graph as ``(tensor, grad_fn)``, and how many are roots.
 
-def _instance_dict(holder: object) -> dict[str, Any] | None:
-    try:
-        attributes = getattr(holder, "__dict__", None)
-    except Exception:  # proxies and odd descriptors may raise anything
-        return None
-    return attributes if isinstance(attributes, dict) else None
-
-
-def _direct_edges(holder: Any, obj: object) -> list[_Edge]:
-    """Edges from holders that need no further lookup (not dicts, not cells)."""
-    if isinstance(holder, types.FrameType):
-        return _frame_edges(holder, obj)
-    if isinstance(holder, list | tuple):
-        return [_Edge(holder, f"[{i}]", attach=True) for i in _positions(holder, obj)]
-    if isinstance(holder, set | frozenset):
-        return [_Edge(holder, "{...}", attach=True)]
-    if isinstance(holder, types.MethodType):
-        return [_Edge(holder, f"bound method {getattr(holder.__func__, '__qualname__', '?')}")]
-    if isinstance(holder, types.TracebackType):
-        return [_Edge(holder, "traceback")]
-    if isinstance(holder, BaseException):
-        return [_Edge(holder, f"{type(holder).__name__}.__traceback__")]
-    return [_Edge(holder, _attribute_label(holder, obj))]
-
-
-def _prepend(edge: _Edge, path: tuple[str, ...], attach_next: bool) -> tuple[str, ...]:
-    """Put ``edge``'s label in front of ``path``, gluing index steps to their container."""
-    if path and attach_next:
-        return (edge.label + path[0], *path[1:])
-    return (edge.label, *path)
-
-
-def _unknown(frontier: dict[int, tuple[tuple[str, ...], bool]]) -> list[ReferrerChain]:
-    paths = [path for path, _ in frontier.values() if path][:3]
-    return [ReferrerChain("unknown", ("...", *path)) for path in paths]
-
-
-def _tidy(chains: list[ReferrerChain]) -> list[ReferrerChain]:
-    unique = {c.steps: c for c in chains}
-    return sorted(unique.values(), key=lambda c: (c.root == "unknown", len(c.steps)))
-
-
-def _tensor_type() -> type:
-    torch = sys.modules.get("torch")
-    return torch.Tensor if torch is not None else type(None)
-
-
-def _positions(container: list[Any] | tuple[Any, ...], obj: object) -> list[int]:
-    return [i for i, item in enumerate(container) if item is obj][:3]
-
-
-def _keys_of(mapping: dict[Any, Any], obj: object) -> list[Any]:
-    keys = [k for k, v in mapping.items() if v is obj]
-    if not keys and obj in mapping:
-        keys = [obj]
-    return keys[:3]
-
-
-def _dict_edges(mapping: dict[Any, Any], obj: object, owner: tuple[Any, str] | None) -> list[_Edge]:
-    keys = _keys_of(mapping, obj) or ["?"]
-    if owner is None:
-        return [_Edge(mapping, f"[{k!r}]", attach=True) for k in keys]
-    holder, prefix = owner
-    if isinstance(holder, type) and not prefix:
-        return [
-            _Edge(holder, f"{holder.__module__}.{holder.__qualname__}.{k}", root="class attribute")
-            for k in keys
+        Roots (tensors whose ``grad_fn`` no other graph leads to) come first.
+        """
+        if self.heap_tensors is None:
+            self.heap_tensors = _heap_tensors()
+            self._own(self.heap_tensors)
+        sources = [
+            (tensor, tensor.grad_fn)
+            for tensor in self.heap_tensors
+            if id(tensor) not in wanted and tensor.grad_fn is not None
         ]
-    # nn.Module._parameters["weight"] reads as Linear.weight, like the attribute it is.
-    return [_Edge(holder, f"{type(holder).__name__}.{k}") for k in keys]
+        self._own(sources)
+        inner: set[int] = set()  # nodes that some other node leads to
+        stack = [node for _, node in sources]
+        visited: set[int] = set()
+        while stack and len(visited) < _GRAPH_NODES:
+            node = stack.pop()
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            for child, _ in node.next_functions:
+                if child is not None:
+                    inner.add(id(child))
+                    stack.append(child)
+        stack.clear()
+        sources.sort(key=lambda source: id(source[1]) in inner)
+        return sources, sum(1 for _, node in sources if id(node) not in inner)
+
+    def _graph_walk(
+        self, wanted: dict[int, Any], storages: dict[int, Any]
+    ) -> list[tuple[Any, Any, tuple[_Token, ...]]]:
+        """Walk the graphs breadth-first for ``AccumulateGrad`` nodes holding wanted tensors.
+
+        Graph roots are walked first, together: a node they share with an
+        activation the graph saved is credited to the root (the output a
+        person keeps), not to the activation.
+        """
+        sources, roots = self._graph_sources(wanted)
+        parents: dict[int, tuple[int | None, Any, int]] = {}  # node -> (parent, node, source)
+        self._own(parents)
+        found: list[tuple[Any, Any, tuple[_Token, ...]]] = []
+        matched: set[tuple[int, int]] = set()
+        for start, stop in ((0, roots), (roots, len(sources))):
+            queue = []
+            for index in range(start, stop):
+                node = sources[index][1]
+                if id(node) not in parents:
+                    parents[id(node)] = (None, node, index)
+                    queue.append(node)
+            position = 0
+            while position < len(queue) and len(parents) < _GRAPH_NODES:
+                node = queue[position]
+                position += 1
+                source = parents[id(node)][2]
+                if type(node).__name__ == "AccumulateGrad":
+                    held = _held_by(node.variable, wanted, storages)
+                    if held is not None and (source, id(held)) not in matched:
+                        matched.add((source, id(held)))
+                        found.append((sources[source][0], held, _graph_tokens(parents, id(node))))
+                    continue
+                for child, _ in node.next_functions:
+                    if child is not None and id(child) not in parents:
+                        parents[id(child)] = (id(node), child, source)
+                        queue.append(child)
+            queue.clear()
+        return found
 
 
-def _module_owning(mapping: dict[Any, Any]) -> types.ModuleType | None:
-    name = mapping.get("__name__")
-    if isinstance(name, str):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "__dict__", None) is mapping:
-            return module
+def _held_by(variable: Any, wanted: dict[int, Any], storages: dict[int, Any]) -> Any:
+    """The wanted tensor ``variable`` is, or shares its storage with (``None``: neither)."""
+    held = wanted.get(id(variable))
+    if held is None:
+        key = _storage_key(variable)
+        held = storages.get(key) if key is not None else None
+    return held
+
+
+# -------------------------------------------------------------------- edges and labels
+
+
+def _edges(search: _Search, holder: Any, child: Any) -> list[tuple[tuple[_Token, ...], str | None]]:
+    """How ``holder`` refers to ``child``: steps, and the root kind when ``holder`` is a root."""
+    kind = type(holder)
+    if kind is dict or issubclass(kind, dict):
+        module = search.module_dicts.get(id(holder))
+        keys = _keys_holding(holder, child)
+        if module is not None:
+            return [((("module", module, ""), key), "module global") for key in keys]
+        attributes = [] if kind is dict else _attribute_names(holder, child)
+        if attributes:
+            return [((("attr", _name(kind), attributes[0]),), None)]
+        return [((key,), None) for key in keys or [("text", "(a key)", "")]]
+    if issubclass(kind, type):
+        if child is _class_namespace(holder):
+            return [((("class", _qualified(holder), ""),), "class attribute")]
+        return [((("text", f"class {_qualified(holder)}", ""),), None)]
+    if kind is list or kind is tuple or issubclass(kind, list | tuple):
+        items = list.__iter__(holder) if issubclass(kind, list) else tuple.__iter__(holder)
+        found = [i for i, item in enumerate(items) if item is child][:3]
+        return [((("index", str(i), ""),), None) for i in found]
+    if issubclass(kind, set | frozenset):
+        return [((("set", "", ""),), None)]
+    if kind is types.CellType:
+        return [((("cell", "", ""),), None)]
+    if kind is types.FunctionType:
+        return [(tokens, None) for tokens in _function_edges(holder, child)]
+    if kind is types.MethodType:
+        role = "bound method" if holder.__self__ is child else "method"
+        return [((("text", f"{role} {_function_name(holder.__func__)}", ""),), None)]
+    if kind is types.FrameType:
+        return _frame_edges(search, holder, child)
+    if kind is types.TracebackType:
+        return [((("text", "traceback", ""),), None)]
+    if kind in _SUSPENDABLE:
+        return [(tokens, None) for tokens in _suspended_edges(holder, child)]
+    if kind is functools._lru_cache_wrapper:
+        return [((("text", "lru_cache", ""),), None)]  # its cache dict, by argument tuple
+    if issubclass(kind, BaseException):
+        for name, getter in _EXCEPTION_FIELDS.items():
+            if getter.__get__(holder, kind) is child:
+                return [((("attr", _name(kind), name),), None)]
+    if child is _instance_dict(holder):
+        return [((("attr", _name(kind), "__dict__"),), None)]
+    names = _attribute_names(holder, child)
+    if names:
+        return [((("attr", _name(kind), names[0]),), None)]
+    return [((("text", _name(kind), ""),), None)]
+
+
+def _keys_holding(mapping: Any, child: object) -> list[_Token]:
+    """The entries of ``mapping`` whose value (or key) is ``child``, read by identity."""
+    found: list[_Token] = []
+    for key, value in dict.items(mapping):
+        if value is child:
+            found.append(("key", _key_text(key), key if type(key) is str else ""))
+        elif key is child:
+            found.append(("text", "(a key)", ""))
+        if len(found) >= 3:
+            break
+    return found
+
+
+def _key_text(key: object) -> str:
+    kind = type(key)
+    if kind in _SAFE_KEYS:
+        text = repr(key)
+        return text if len(text) <= 60 else text[:57] + "..."
+    if kind is tuple:
+        parts: list[Any] = list(tuple.__iter__(key))  # type: ignore[arg-type]
+        if len(parts) <= 4 and all(type(p) in _SAFE_KEYS for p in parts):
+            return repr(tuple(parts))
+    return f"<{_name(kind)}>"
+
+
+def _attribute_names(holder: object, child: object) -> list[str]:
+    """Names under which ``holder`` keeps ``child``: instance dict entries, then slots."""
+    names: list[str] = []
+    attributes = _instance_dict(holder)
+    if attributes is not None:
+        names += [k for k, v in dict.items(attributes) if v is child and type(k) is str][:3]
+    if names:
+        return names
+    for cls in _type_mro.__get__(type(holder)):
+        for name, descriptor in dict.items(_class_namespace(cls)):
+            if type(descriptor) is types.MemberDescriptorType and type(name) is str:
+                try:
+                    value = descriptor.__get__(holder, type(holder))
+                except Exception:  # an empty slot raises AttributeError
+                    continue
+                if value is child:
+                    names.append(name)
+    return names[:3]
+
+
+def _instance_dict(obj: object) -> dict[str, Any] | None:
+    """``obj.__dict__`` through the type's own C accessor, or ``None`` when it has none."""
+    for cls in _type_mro.__get__(type(obj)):
+        descriptor = _lookup(_class_namespace(cls), "__dict__")
+        if descriptor is None:
+            continue
+        if type(descriptor) is not types.GetSetDescriptorType:
+            return None  # a Python-level __dict__ (property): not ours to call
+        try:
+            value = descriptor.__get__(obj, type(obj))
+        except Exception:  # objects without a dict, or odd C types
+            return None
+        return value if type(value) is dict else None
     return None
 
 
-def _class_dict_matches(cls: type, mapping: dict[Any, Any]) -> bool:
-    try:
-        proxy = cls.__dict__
-        return len(proxy) == len(mapping) and all(proxy[k] is v for k, v in mapping.items())
-    except (KeyError, TypeError):
-        return False
+def _lookup(namespace: dict[Any, Any], name: str) -> Any:
+    """``namespace[name]`` without hashing or comparing foreign keys."""
+    for key, value in dict.items(namespace):
+        if type(key) is str and key == name:
+            return value
+    return None
+
+
+def _class_namespace(cls: type) -> dict[str, Any]:
+    """The dict behind ``cls.__dict__`` (a read-only proxy around it)."""
+    proxy = _type_dict.__get__(cls)
+    inner = gc.get_referents(proxy)
+    return inner[0] if inner and type(inner[0]) is dict else {}
+
+
+def _function_edges(function: types.FunctionType, child: object) -> list[tuple[_Token, ...]]:
+    name = _function_name(function)
+    if function.__closure__ is child:
+        return [(("closure", name, " ".join(function.__code__.co_freevars)),)]
+    if function.__defaults__ is child or function.__kwdefaults__ is child:
+        return [(("text", f"defaults of {name}", ""),)]
+    names = _attribute_names(function, child)
+    if names:
+        return [(("text", f"function {name}.{names[0]}", ""),)]
+    return [(("text", f"function {name}", ""),)]
+
+
+def _function_name(function: object) -> str:
+    if type(function) is types.FunctionType:
+        return str(function.__qualname__)
+    return _name(type(function))
+
+
+def _frame_edges(
+    search: _Search, frame: types.FrameType, child: object
+) -> list[tuple[tuple[_Token, ...], str | None]]:
+    thread = search.other_threads.get(id(frame))
+    if thread is not None:
+        # Another thread's running frame: name it, never read its locals (that
+        # can crash CPython 3.11 while the thread runs).
+        text = f"{_where(frame)}, a local of running thread {thread!r}"
+        return [((("text", text, ""),), "frame")]
+    names = [n for n, v in _locals(frame) if v is child][:3] or ["?"]
+    return [((("text", f"{_where(frame)} (finished), local {n}", ""),), None) for n in names]
+
+
+def _suspended_code(generator: Any) -> types.CodeType:
+    if type(generator) is types.CoroutineType:
+        return generator.cr_code
+    if type(generator) is types.AsyncGeneratorType:
+        return generator.ag_code
+    return generator.gi_code  # type: ignore[no-any-return]
+
+
+def _suspended_edges(generator: Any, child: object) -> list[tuple[_Token, ...]]:
+    kind = type(generator)
+    label = f"{_name(kind)} {_suspended_code(generator).co_name}"
+    if kind is types.CoroutineType:
+        frame = generator.cr_frame
+    elif kind is types.AsyncGeneratorType:
+        frame = generator.ag_frame
+    else:
+        frame = generator.gi_frame
+    names = [] if frame is None else [n for n, v in _locals(frame) if v is child]
+    if not names:
+        return [(("text", label, ""),)]
+    return [(("text", f"{label} (suspended), local {n}", ""),) for n in names[:3]]
+
+
+def _graph_tokens(parents: dict[int, tuple[int | None, Any, int]], last: int) -> tuple[_Token, ...]:
+    """``Tensor.grad_fn -> First -> ... -> AccumulateGrad.variable`` for the route to ``last``."""
+    route = []
+    current: int | None = last
+    while current is not None:
+        parent, node, _ = parents[current]
+        route.append(_name(type(node)))
+        current = parent
+    route.reverse()
+    middle = route[:-1]
+    if len(middle) > 1:
+        middle = [middle[0], "..."]
+    steps = [("attr", "Tensor", "grad_fn"), *(("text", n, "") for n in middle)]
+    return (*steps, ("attr", "AccumulateGrad", "variable"))
+
+
+def _name(cls: type) -> str:
+    return str(_type_name.__get__(cls))
+
+
+def _qualified(cls: type) -> str:
+    return f"{_type_module.__get__(cls)}.{_type_qualname.__get__(cls)}"
+
+
+# ----------------------------------------------------------------------- rendering
+
+
+def _render(tokens: Iterable[_Token]) -> tuple[str, ...]:
+    """Readable steps, root first: dict and index steps glue to what holds them."""
+    merged = _merge(list(tokens))
+    steps: list[str] = []
+    for kind, text, extra in merged:
+        if kind in ("key", "index", "set", "cell") and steps:
+            steps[-1] += {"key": f"[{text}]", "index": f"[{text}]", "set": "{...}", "cell": ""}[
+                kind
+            ]
+        elif kind in ("key", "index"):
+            steps.append(f"[{text}]")
+        elif kind == "attr":
+            steps.append(f"{text}.{extra}")
+        elif kind == "closure":
+            steps.append(f"closure of {text}")
+        elif kind in ("module", "class", "text"):
+            steps.append(text)
+        # a lone set or cell step carries no text of its own
+    return tuple(steps)
+
+
+def _merge(tokens: list[_Token]) -> list[_Token]:
+    """Fold steps that read better together.
+
+    ``Linear.__dict__['_parameters']['weight']`` becomes ``Linear.weight``,
+    ``module`` + ``'name'`` becomes ``pkg.mod.name``, and a closure tuple's
+    index and cell become the variable's name.
+    """
+    out: list[_Token] = []
+    for token in tokens:
+        kind, _, extra = token
+        if out and kind == "key" and extra:
+            last_kind, last_text, last_extra = out[-1]
+            if last_kind in ("module", "class"):
+                out[-1] = ("text", f"{last_text}.{extra}", "")
+                continue
+            if last_kind == "attr" and (
+                last_extra in _MODULE_INTERNALS or last_extra == "__dict__"
+            ):
+                out[-1] = ("attr", last_text, extra)
+                continue
+        if out and kind == "cell" and len(out) >= 2:
+            closure, index = out[-2], out[-1]
+            if closure[0] == "closure" and index[0] == "index":
+                names = closure[2].split()
+                position = int(index[1])
+                variable = names[position] if position < len(names) else "?"
+                out[-2:] = [("text", f"closure of {closure[1]} (variable {variable!r})", "")]
+                continue
+        out.append(token)
+    return out
+
+
+def _partial(path: _Path) -> ReferrerChain:
+    return ReferrerChain("unknown", ("...", *_render(path.tokens)))
+
+
+def _best(chains: list[tuple[int, ReferrerChain]], limit: int) -> list[ReferrerChain]:
+    unique: dict[tuple[str, ...], tuple[int, ReferrerChain]] = {}
+    for target, chain in chains:
+        known = unique.get(chain.steps)
+        if known is None or target < known[0]:
+            unique[chain.steps] = (target, chain)
+    ordered = sorted(
+        unique.values(),
+        key=lambda item: (
+            _ROOT_ORDER.get(item[1].root, 9),
+            item[0],
+            len(item[1].steps),
+            str(item[1]),
+        ),
+    )
+    return [chain for _, chain in ordered[:limit]]
+
+
+def _narrow(paths: list[_Path]) -> list[_Path]:
+    """The next level: sorted by what it reads like, cut to the width (ties kept whole)."""
+    paths.sort(key=lambda p: (p.target, len(p.tokens), p.text))
+    if len(paths) <= _WIDTH:
+        return paths
+    edge = (paths[_WIDTH - 1].target, paths[_WIDTH - 1].text)
+    cut = _WIDTH
+    while cut < min(len(paths), 4 * _WIDTH) and (paths[cut].target, paths[cut].text) == edge:
+        cut += 1
+    return paths[:cut]
+
+
+# ------------------------------------------------------------------------ the heap
+
+
+def _module_dicts() -> dict[int, str]:
+    """``id(module.__dict__) -> module name`` for every imported module."""
+    found: dict[int, str] = {}
+    for name, module in list(dict.items(sys.modules)):
+        if type(name) is str and issubclass(type(module), types.ModuleType):
+            try:
+                namespace = _module_dict.__get__(module)
+            except Exception:  # a half-initialised extension module
+                continue
+            if type(namespace) is dict:
+                found.setdefault(id(namespace), name)
+    return found
+
+
+def _module_index(torch: Any) -> tuple[dict[int, Any], dict[int, tuple[Any, str]]]:
+    """Every live ``nn.Module``, and who owns each module and tensor in their trees.
+
+    Returns:
+        The modules by id (kept alive so their ids stay unique), and
+        ``{id(child): (module, attribute)}`` for submodules, parameters,
+        buffers and plain tensor attributes. A child with several owners
+        (tied weights, shared blocks) gets the one whose step reads first.
+    """
+    kinds: set[type] = set()
+    stack: list[type] = [torch.nn.Module]
+    while stack:
+        kind = stack.pop()
+        if kind not in kinds:
+            kinds.add(kind)
+            stack.extend(type.__subclasses__(kind))
+    objects = gc.get_objects()
+    modules = {id(o): o for o in objects if type(o) in kinds}
+    objects.clear()  # it holds every object: drop it before anything else runs
+    tensor = torch.Tensor
+    owners: dict[int, tuple[Any, str]] = {}
+    for module in modules.values():
+        attributes = _instance_dict(module)
+        if attributes is None:
+            continue
+        children: list[tuple[str, Any]] = []
+        for field in ("_modules", "_parameters", "_buffers"):
+            inner = _lookup(attributes, field)
+            if inner is not None and issubclass(type(inner), dict):
+                children += [(k, v) for k, v in dict.items(inner) if type(k) is str]
+        children += [
+            (k, v)
+            for k, v in dict.items(attributes)
+            if type(k) is str and issubclass(type(v), tensor)
+        ]
+        label = _name(type(module))
+        for name, child in children:
+            if child is None:
+                continue
+            known = owners.get(id(child))
+            if known is None or (label, name) < (_name(type(known[0])), known[1]):
+                owners[id(child)] = (module, name)
+    return modules, owners
+
+
+def _is_vramkit(code: types.CodeType) -> bool:
+    return code.co_filename.startswith(_PACKAGE_DIR)
 
 
 def _where(frame: types.FrameType) -> str:
@@ -422,135 +849,64 @@ def _where(frame: types.FrameType) -> str:
     return f"{name}() in {os.path.basename(code.co_filename)}:{frame.f_lineno}"
 
 
-def _frame_edges(frame: types.FrameType, obj: object) -> list[_Edge]:
-    """A finished frame kept by a traceback: keep climbing to whoever holds the traceback."""
-    names = [name for name, value in frame.f_locals.items() if value is obj] or ["?"]
-    return [_Edge(frame, f"{_where(frame)} (finished), local {n}") for n in names]
-
-
 def _running_frames(
-    own_frame: types.FrameType,
-) -> tuple[list[tuple[types.FrameType, dict[str, Any]]], dict[int, tuple[types.FrameType, int]]]:
-    """This thread's executing frames with their locals, and every thread's executing frames.
+    own_frame: types.FrameType, thread_names: dict[int | None, str]
+) -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
+    """Locals of this thread's running frames by the id of their value; other threads' frames.
 
-    Since Python 3.11 a running function's locals are not visible to
-    ``gc.get_referrers``, so this thread's are searched directly. Other
-    threads' frames are only identified, never asked for ``f_locals``: reading
-    the locals of a frame another thread is executing can crash CPython 3.11.
+    Since Python 3.11 a running function's locals are invisible to
+    ``gc.get_referrers``, so this thread's are read directly (vramkit's own
+    frames and module level excluded). Another thread's frames are only named.
 
     Returns:
-        ``[(frame, locals)]`` for this thread (vramkit's own frames and module
-        level excluded), and ``{id(frame): (frame, thread id)}`` for every
-        thread, frames kept alive so their ids stay unique.
+        ``{id(value): [(where, local name)]}`` for this thread, and
+        ``{id(frame): thread name}`` for the frames other threads are running.
     """
     me = threading.get_ident()
-    mine: list[tuple[types.FrameType, dict[str, Any]]] = []
-    every: dict[int, tuple[types.FrameType, int]] = {}
+    mine: dict[int, list[tuple[str, str]]] = {}
+    others: dict[int, str] = {}
     for ident, top in sys._current_frames().items():
         current: types.FrameType | None = top
         while current is not None:
-            every[id(current)] = (current, ident)
-            module_level = current.f_code.co_name == "<module>"  # its locals are its globals
-            if (
-                ident == me
-                and current is not own_frame
-                and not module_level
-                and not _is_vramkit(current)
+            if ident != me:
+                others[id(current)] = thread_names.get(ident, str(ident))
+            elif (
+                current is not own_frame
+                and current.f_code.co_name != "<module>"  # its locals are its globals
+                and not _is_vramkit(current.f_code)
             ):
-                mine.append((current, dict(current.f_locals)))
+                where = _where(current)
+                for name, value in _locals(current):
+                    mine.setdefault(id(value), []).append((where, name))
             current = current.f_back
-    return mine, every
+    return mine, others
 
 
-def _running_frame_edges(
-    obj: object, running: list[tuple[types.FrameType, dict[str, Any]]]
-) -> list[_Edge]:
-    return [
-        _Edge(frame, f"{_where(frame)}, local {name}", root="frame")
-        for frame, scope in running
-        for name, value in scope.items()
-        if value is obj
-    ]
+def _locals(frame: types.FrameType) -> list[tuple[str, Any]]:
+    """A frame's local variables (a dict before Python 3.13, a C-level proxy since)."""
+    scope: Any = frame.f_locals
+    items = dict.items(scope) if type(scope) is dict else scope.items()
+    return [(name, value) for name, value in items if type(name) is str]
 
 
-def _attribute_label(holder: object, obj: object) -> str:
-    kind = type(holder).__name__
-    # Python 3.11+ keeps instance attributes inline: the instance itself is the referrer.
-    attributes = getattr(holder, "__dict__", None)
-    if isinstance(attributes, dict):
-        for name, value in attributes.items():
-            if value is obj:
-                return f"{kind}.{name}"
-    for name in getattr(type(holder), "__slots__", ()) or ():
-        if getattr(holder, name, None) is obj:
-            return f"{kind}.{name}"
-    for name in ("__self__", "__func__", "_base", "grad", "__wrapped__"):
-        try:
-            if getattr(holder, name, None) is obj:
-                return f"{kind}.{name}"
-        except Exception:  # odd descriptors raise anything: try the next name
-            continue
-    return kind
+def _handled_exception() -> BaseException | None:
+    return sys.exc_info()[1]
 
 
-def _autograd_holders(tensor: Any, candidates: list[Any]) -> list[_Edge]:
-    """Those of ``candidates`` whose autograd graph holds ``tensor`` (only C++ refers to it)."""
+def _heap_tensors() -> list[Any]:
+    return tensors_in_heap()
+
+
+def _is_grad_leaf(tensor: Any) -> bool:
+    # Caller has disabled __torch_function__: these read the C++ tensor directly.
     try:
-        ptr = tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return []
-    if ptr == 0:
-        return []
-    edges = []
-    for candidate in candidates:
-        if candidate is tensor:
-            continue
-        node = getattr(candidate, "grad_fn", None)
-        if node is None:
-            continue
-        route = _graph_route(node, ptr)
-        if route is not None:
-            middle = [route[0]] if len(route) <= 2 else [route[0], "..."]
-            label = " -> ".join(["Tensor.grad_fn", *middle, route[-1]])
-            edges.append(_Edge(candidate, label))
-            if len(edges) >= 3:
-                break
-    return edges
+        return bool(tensor.requires_grad and tensor.grad_fn is None)
+    except Exception:  # tensors without autograd metadata
+        return False
 
 
-def _graph_route(root: Any, ptr: int, limit: int = 10_000) -> list[str] | None:
-    """Node names from ``root`` to the node that holds storage ``ptr``, or ``None``."""
-    parents: dict[int, tuple[int | None, Any]] = {id(root): (None, root)}
-    queue = [root]
-    while queue and len(parents) < limit:
-        node = queue.pop(0)
-        for attr in _held_tensor_attrs(node):
-            try:
-                held = getattr(node, attr)
-                if held is not None and held.untyped_storage().data_ptr() == ptr:
-                    return _route(parents, id(node), f"{type(node).__name__}.{attr}")
-            except (RuntimeError, AttributeError, NotImplementedError):
-                continue
-        for child, _ in getattr(node, "next_functions", ()):
-            if child is not None and id(child) not in parents:
-                parents[id(child)] = (id(node), child)
-                queue.append(child)
-    return None
-
-
-def _held_tensor_attrs(node: Any) -> list[str]:
-    # Leaves (weights) enter a graph through AccumulateGrad. Saved activations
-    # (`_saved_*`) are not looked at: unpacking them creates new tensor objects.
-    return ["variable"] if type(node).__name__ == "AccumulateGrad" else []
-
-
-def _route(parents: dict[int, tuple[int | None, Any]], last: int, leaf: str) -> list[str]:
-    """Node names from the graph's root down to ``leaf`` (the node holding the tensor)."""
-    names = [leaf]
-    parent = parents[last][0]
-    while parent is not None:
-        grand, node = parents[parent]
-        names.append(type(node).__name__)
-        parent = grand
-    names.reverse()
-    return names
+def _storage_key(tensor: Any) -> int | None:
+    try:
+        return int(tensor.untyped_storage()._cdata)
+    except Exception:  # storage-less tensor subclasses, meta wrappers
+        return None
