@@ -21,6 +21,7 @@ from vramkit import errors
         (errors.VramLeakError, AssertionError),
         (errors.DeviceUnavailableError, RuntimeError),
         (errors.MissingDependencyError, ImportError),
+        (errors.MissingModelError, FileNotFoundError),
     ],
 )
 def test_each_error_is_a_vramkit_error_and_its_builtin(error: type, builtin: type) -> None:

@@ -14,7 +14,8 @@ so existing ``except`` clauses keep working::
     ├── OffloadError(OSError)                         an offload tier could not be written
     ├── VramLeakError(AssertionError)                 memory did not come back
     ├── DeviceUnavailableError(RuntimeError)          no such device on this machine
-    └── MissingDependencyError(ImportError)           an optional extra is not installed
+    ├── MissingDependencyError(ImportError)           an optional extra is not installed
+    └── MissingModelError(FileNotFoundError)          a hub model is not in the local cache
 
     VramLeakWarning(ResourceWarning)                  memory did not come back (a warning)
 
@@ -29,6 +30,7 @@ __all__ = [
     "DeviceUnavailableError",
     "InvalidArgumentError",
     "MissingDependencyError",
+    "MissingModelError",
     "ModelBusyError",
     "ModelStateError",
     "OffloadError",
@@ -115,6 +117,14 @@ class MissingDependencyError(VramkitError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class MissingModelError(VramkitError, FileNotFoundError):
+    """A model named by its hub id is not in the local cache.
+
+    vramkit never downloads: a reload must not depend on the network. The
+    message names the id and the cache directory searched, and how to fill it.
+    """
 
 
 class VramLeakWarning(ResourceWarning):
