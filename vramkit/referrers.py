@@ -50,7 +50,7 @@ from typing import Any
 
 from vramkit._gc import exclusive, tensors_in_heap
 
-__all__ = ["ReferrerChain", "find_holders", "find_referrers"]
+__all__ = ["ReferrerChain", "find_holders", "find_holders_each", "find_referrers"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # A step through an instance dict, or the dicts where nn.Module keeps parameters,
@@ -163,24 +163,83 @@ def find_holders(
     max_objects: int = 5000,
     seconds: float | None = None,
     ignore: Iterable[object] = (),
+    modules: Iterable[object] | None = None,
+    heap_tensors: list[Any] | None = None,
 ) -> list[ReferrerChain]:
     """Like :func:`find_referrers` for several targets at once, sharing each heap scan.
 
     Targets earlier in ``targets`` are preferred when chains are cut to ``max_chains``.
+
+    Args:
+        targets: The objects that should have died.
+        max_depth: See :func:`find_referrers`.
+        max_chains: See :func:`find_referrers`.
+        max_objects: See :func:`find_referrers`.
+        seconds: See :func:`find_referrers`.
+        ignore: See :func:`find_referrers`.
+        modules: The ``nn.Module`` objects whose trees to climb without heap
+            scans (default: every live module, found with one pass over the
+            heap). A caller that knows the model's modules saves that pass.
+        heap_tensors: The heap's tensors, when the caller already has them
+            (for autograd holders and views).
     """
+    pairs = _search(
+        targets, max_depth, max_chains, max_objects, seconds, ignore, modules, heap_tensors
+    )
+    return _best(pairs, max_chains)
+
+
+def find_holders_each(
+    targets: Sequence[object],
+    *,
+    max_depth: int = 12,
+    max_chains: int = 3,
+    max_objects: int = 5000,
+    seconds: float | None = None,
+    ignore: Iterable[object] = (),
+) -> list[list[ReferrerChain]]:
+    """The chains of each of ``targets`` (same order), found in one shared search.
+
+    Arguments as for :func:`find_holders`; ``max_chains`` applies per target.
+    """
+    enough = max_chains * len(targets)
+    pairs = _search(targets, max_depth, enough, max_objects, seconds, ignore, None, None)
+    return [
+        _best([pair for pair in pairs if pair[0] == index], max_chains)
+        for index in range(len(targets))
+    ]
+
+
+def _search(
+    targets: Sequence[object],
+    max_depth: int,
+    enough: int,
+    max_objects: int,
+    seconds: float | None,
+    ignore: Iterable[object],
+    modules: Iterable[object] | None,
+    heap_tensors: list[Any] | None,
+) -> list[tuple[int, ReferrerChain]]:
     # Thread names before the walk: threading.enumerate() takes a lock.
     names = {t.ident: t.name for t in threading.enumerate()}
     deadline = None if seconds is None else time.perf_counter() + float(seconds)
     try:
         with exclusive():
             search = _Search(targets, ignore, names, max_objects, deadline)
+            if modules is not None:
+                search.given_modules = list(modules)
+                search._own(search.given_modules)
+            if heap_tensors is not None:
+                search.heap_tensors = heap_tensors
+                search.given_heap = True
+                search._own(heap_tensors)
             try:
-                return search.run(max_depth, max_chains)
+                return search.run(max_depth, enough)
             finally:
                 search.close()
                 del search
     except Exception as exc:  # a report must never fail the unload it explains
-        return [_not_found(f"search failed: {type(exc).__name__}")]
+        return [(0, _not_found(f"search failed: {type(exc).__name__}"))]
 
 
 def _not_found(why: str) -> ReferrerChain:
@@ -210,8 +269,13 @@ class _Search:
         self.heap_tensors: list[Any] | None = None
         self.owners: dict[int, tuple[Any, str]] | None = None
         self.modules: dict[int, Any] = {}
+        self.given_modules: list[Any] | None = None
+        self.given_heap = False
+        self.levels = 0
         self.module_dicts = _module_dicts()
-        self.locals, self.other_threads = _running_frames(self.own_frame, thread_names)
+        self.locals, self.other_threads, snapshots = _running_frames(self.own_frame, thread_names)
+        self._own(snapshots)
+        self.internal.update(id(scope) for scope in snapshots)
         self.handled = _handled_exception()
 
     def close(self) -> None:
@@ -224,18 +288,22 @@ class _Search:
         self.heap_tensors = None
         self.owners = None
         self.modules = {}
+        self.given_modules = None
         self.handled = None
 
     # ---------------------------------------------------------------- the walk
 
-    def run(self, max_depth: int, max_chains: int) -> list[ReferrerChain]:
+    def run(self, max_depth: int, enough: int) -> list[tuple[int, ReferrerChain]]:
+        """``(target index, chain)`` pairs, walking until ``enough`` chains or a bound."""
         frontier = [_Path(id(t), (), i) for i, t in enumerate(self.targets)]
-        seen = set(self.held)
+        # One path per object and target: a holder shared by two targets' chains
+        # (a dict holding both) is walked once for each.
+        seen = {(i, id(t)) for i, t in enumerate(self.targets)}
         self._own(seen)
         frontier = self._climb(frontier, seen)
         chains = self._direct_roots(frontier)
         for _ in range(max_depth):
-            if len(chains) >= max_chains or self.examined >= self.max_objects:
+            if len(chains) >= enough or self.examined >= self.max_objects:
                 break
             if self.deadline is not None and time.perf_counter() > self.deadline:
                 break
@@ -248,7 +316,7 @@ class _Search:
         if frontier and all(chain.root == "frame" for _, chain in chains):
             # Cut short before a global root: show how far the walk got.
             chains += [(p.target, _partial(p)) for p in frontier[:3] if p.tokens]
-        return _best(chains, max_chains)
+        return chains
 
     def _own(self, container: Any) -> None:
         """Mark one of the search's own containers as never a holder.
@@ -259,7 +327,7 @@ class _Search:
         self.keep.append(container)
         self.internal.add(id(container))
 
-    def _climb(self, frontier: list[_Path], seen: set[int]) -> list[_Path]:
+    def _climb(self, frontier: list[_Path], seen: set[tuple[int, int]]) -> list[_Path]:
         """Add, for each tensor or module in an ``nn.Module`` tree, the top of that tree.
 
         Climbing ``Linear.weight -> ModuleList.0 -> Encoder.layers -> Model.encoder``
@@ -274,14 +342,16 @@ class _Search:
         for path in frontier:
             tokens = path.tokens
             current = path.oid
+            climbed_any = False
             while current in owners:
                 module, name = owners[current]
                 tokens = (("attr", _name(type(module)), name), *tokens)
                 current = id(module)
-                if current in seen:
+                if (path.target, current) in seen:
                     break
-                seen.add(current)  # its holders are searched through the top's
-            if current == path.oid or id(self.held.get(current)) == current:
+                seen.add((path.target, current))  # its holders: searched through the top's
+                climbed_any = True
+            if not climbed_any:
                 continue
             self.held[current] = self.modules[current]
             climbed.append(_Path(current, tokens, path.target, " -> ".join(_render(tokens))))
@@ -297,7 +367,7 @@ class _Search:
         kinds = (torch.Tensor, torch.nn.Module)
         if not any(issubclass(type(self.held[p.oid]), kinds) for p in frontier):
             return {}
-        self.modules, self.owners = _module_index(torch)
+        self.modules, self.owners = _module_index(torch, self.given_modules)
         self._own(self.modules)
         self._own(self.owners)
         return self.owners
@@ -315,11 +385,14 @@ class _Search:
         return found
 
     def _level(
-        self, frontier: list[_Path], seen: set[int]
+        self, frontier: list[_Path], seen: set[tuple[int, int]]
     ) -> tuple[list[tuple[int, ReferrerChain]], list[_Path]]:
         """One scan: the holders of every frontier object, as chains (roots) or new paths."""
-        by_id = {p.oid: p for p in frontier}
-        objects = [self.held[p.oid] for p in frontier]
+        by_id: dict[int, list[_Path]] = {}
+        for path in frontier:
+            by_id.setdefault(path.oid, []).append(path)
+        self._own(by_id)
+        objects = [self.held[oid] for oid in by_id]
         self._own(objects)
         holders = gc.get_referrers(*objects)
         self._own(holders)
@@ -328,19 +401,29 @@ class _Search:
             return [], []
         chains: list[tuple[int, ReferrerChain]] = []
         following: list[_Path] = []
+        orphans = dict(by_id)  # frontier objects no Python object holds (C++ may)
+        self._own(orphans)
         for holder in holders:
             if self._skip(holder):
                 continue
             self.examined += 1
             for child in gc.get_referents(holder):
-                path = by_id.get(id(child))
-                if path is None:
+                paths = by_id.get(id(child))
+                if paths is None:
                     continue
+                orphans.pop(id(child), None)
                 for tokens, root in _edges(self, holder, child):
-                    self._extend(holder, path, tokens, root, seen, chains, following)
-        for holder, child, tokens in self._autograd_edges(frontier):
-            path = by_id[id(child)]
-            self._extend(holder, path, tokens, None, seen, chains, following)
+                    for path in paths:
+                        self._extend(holder, path, tokens, root, seen, chains, following)
+        # Walking graphs needs the heap's tensors: for the targets themselves and
+        # whenever the caller handed them over, else only for tensors no Python
+        # object holds (above the targets, a graph is rarely the holder).
+        first = self.levels == 0
+        self.levels += 1
+        candidates = by_id if self.given_heap or first else orphans
+        for holder, child, tokens in self._autograd_edges([self.held[i] for i in candidates]):
+            for path in by_id[id(child)]:
+                self._extend(holder, path, tokens, None, seen, chains, following)
         return chains, _narrow(following)
 
     def _extend(
@@ -349,7 +432,7 @@ class _Search:
         path: _Path,
         tokens: tuple[_Token, ...],
         root: str | None,
-        seen: set[int],
+        seen: set[tuple[int, int]],
         chains: list[tuple[int, ReferrerChain]],
         following: list[_Path],
     ) -> None:
@@ -357,9 +440,9 @@ class _Search:
         if root is not None:
             chains.append((path.target, ReferrerChain(root, _render(joined))))
             return
-        if id(holder) in seen:
+        if (path.target, id(holder)) in seen:
             return
-        seen.add(id(holder))
+        seen.add((path.target, id(holder)))
         self.held[id(holder)] = holder
         following.append(_Path(id(holder), joined, path.target, " -> ".join(_render(joined))))
 
@@ -379,28 +462,45 @@ class _Search:
 
     # ---------------------------------------------------------------- autograd
 
-    def _autograd_edges(self, frontier: list[_Path]) -> list[tuple[Any, Any, tuple[_Token, ...]]]:
-        """Live tensors whose autograd graph holds a frontier tensor through ``AccumulateGrad``.
+    def _autograd_edges(self, frontier: list[Any]) -> list[tuple[Any, Any, tuple[_Token, ...]]]:
+        """Live tensors that hold a frontier tensor from C++: a view's base, a graph's weight.
 
-        Only C++ refers to a weight from a graph, so ``gc`` cannot see this
-        edge: the graphs of the heap's tensors are walked instead.
+        ``gc`` cannot see these edges: a view keeps its base in C++, and an
+        autograd graph keeps its weights in ``AccumulateGrad`` nodes. The
+        heap's tensors (and their graphs) are read instead, for ``frontier``.
         """
         torch = sys.modules.get("torch")
         if torch is None:
             return []
+        tensors = [obj for obj in frontier if issubclass(type(obj), torch.Tensor)]
+        if not tensors:
+            return []
         wanted: dict[int, Any] = {}
         storages: dict[int, Any] = {}
         with torch._C.DisableTorchFunctionSubclass():
-            for path in frontier:
-                obj = self.held[path.oid]
-                if issubclass(type(obj), torch.Tensor) and _is_grad_leaf(obj):
+            found = self._views_of({id(t): t for t in tensors})
+            for obj in tensors:
+                if _is_grad_leaf(obj):
                     wanted[id(obj)] = obj
                     key = _storage_key(obj)
                     if key is not None:
                         storages.setdefault(key, obj)
-            if not wanted:
-                return []
-            return self._graph_walk(wanted, storages)
+            if wanted:
+                found += self._graph_walk(wanted, storages)
+        tensors.clear()
+        return found
+
+    def _views_of(self, bases: dict[int, Any]) -> list[tuple[Any, Any, tuple[_Token, ...]]]:
+        """Heap tensors that are views of ``bases`` (``view._base``), as edges."""
+        if self.heap_tensors is None:
+            self.heap_tensors = _heap_tensors()
+            self._own(self.heap_tensors)
+        found: list[tuple[Any, Any, tuple[_Token, ...]]] = []
+        for tensor in self.heap_tensors:
+            base = _base_of(tensor)
+            if base is not None and id(base) in bases and base is bases[id(base)]:
+                found.append((tensor, base, (("attr", "Tensor", "_base"),)))
+        return found
 
     def _graph_sources(self, wanted: dict[int, Any]) -> tuple[list[tuple[Any, Any]], int]:
         """The heap's tensors with a graph as ``(tensor, grad_fn)``, and how many are roots.
@@ -794,8 +894,10 @@ def _module_dicts() -> dict[int, str]:
     return found
 
 
-def _module_index(torch: Any) -> tuple[dict[int, Any], dict[int, tuple[Any, str]]]:
-    """Every live ``nn.Module``, and who owns each module and tensor in their trees.
+def _module_index(
+    torch: Any, given: list[Any] | None
+) -> tuple[dict[int, Any], dict[int, tuple[Any, str]]]:
+    """The live ``nn.Module`` objects (``given``, or all), and who owns each child in their trees.
 
     Returns:
         The modules by id (kept alive so their ids stay unique), and
@@ -810,9 +912,12 @@ def _module_index(torch: Any) -> tuple[dict[int, Any], dict[int, tuple[Any, str]
         if kind not in kinds:
             kinds.add(kind)
             stack.extend(type.__subclasses__(kind))
-    objects = gc.get_objects()
-    modules = {id(o): o for o in objects if type(o) in kinds}
-    objects.clear()  # it holds every object: drop it before anything else runs
+    if given is not None:
+        modules = {id(o): o for o in given if type(o) in kinds}
+    else:
+        objects = gc.get_objects()
+        modules = {id(o): o for o in objects if type(o) in kinds}
+        objects.clear()  # it holds every object: drop it before anything else runs
     tensor = torch.Tensor
     owners: dict[int, tuple[Any, str]] = {}
     for module in modules.values():
@@ -851,7 +956,7 @@ def _where(frame: types.FrameType) -> str:
 
 def _running_frames(
     own_frame: types.FrameType, thread_names: dict[int | None, str]
-) -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
+) -> tuple[dict[int, list[tuple[str, str]]], dict[int, str], list[Any]]:
     """Locals of this thread's running frames by the id of their value; other threads' frames.
 
     Since Python 3.11 a running function's locals are invisible to
@@ -859,12 +964,15 @@ def _running_frames(
     frames and module level excluded). Another thread's frames are only named.
 
     Returns:
-        ``{id(value): [(where, local name)]}`` for this thread, and
-        ``{id(frame): thread name}`` for the frames other threads are running.
+        ``{id(value): [(where, local name)]}`` for this thread,
+        ``{id(frame): thread name}`` for the frames other threads are running,
+        and the snapshots of locals read (reading ``f_locals`` stores a dict
+        on the frame, which must not then count as a holder of its own).
     """
     me = threading.get_ident()
     mine: dict[int, list[tuple[str, str]]] = {}
     others: dict[int, str] = {}
+    snapshots: list[Any] = []
     for ident, top in sys._current_frames().items():
         current: types.FrameType | None = top
         while current is not None:
@@ -876,15 +984,21 @@ def _running_frames(
                 and not _is_vramkit(current.f_code)
             ):
                 where = _where(current)
-                for name, value in _locals(current):
+                scope: Any = current.f_locals
+                snapshots.append(scope)
+                for name, value in _items(scope):
                     mine.setdefault(id(value), []).append((where, name))
             current = current.f_back
-    return mine, others
+    return mine, others, snapshots
 
 
 def _locals(frame: types.FrameType) -> list[tuple[str, Any]]:
-    """A frame's local variables (a dict before Python 3.13, a C-level proxy since)."""
-    scope: Any = frame.f_locals
+    """A frame's local variables."""
+    return _items(frame.f_locals)
+
+
+def _items(scope: Any) -> list[tuple[str, Any]]:
+    """Entries of ``f_locals``: a dict before Python 3.13, a C-level proxy since."""
     items = dict.items(scope) if type(scope) is dict else scope.items()
     return [(name, value) for name, value in items if type(name) is str]
 
@@ -903,6 +1017,14 @@ def _is_grad_leaf(tensor: Any) -> bool:
         return bool(tensor.requires_grad and tensor.grad_fn is None)
     except Exception:  # tensors without autograd metadata
         return False
+
+
+def _base_of(tensor: Any) -> Any:
+    # Caller has disabled __torch_function__.
+    try:
+        return tensor._base
+    except Exception:  # tensor subclasses without view metadata
+        return None
 
 
 def _storage_key(tensor: Any) -> int | None:

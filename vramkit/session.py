@@ -49,6 +49,7 @@ from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
 from vramkit.devices.cuda import is_initialized as cuda_initialized
 from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError, VramLeakWarning
 from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
+from vramkit.referrers import find_holders_each
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
 
 if TYPE_CHECKING:
@@ -80,7 +81,6 @@ not confirm it); ``"unchecked"`` (``leak_check=None``: numbers only, no judgemen
 
 _LEAK_CHECKS: Final = ("raise", "warn", None)
 _HINTED: Final = 3  # referrer searches walk the heap: only for the largest few
-_HINT_SECONDS: Final = 2.0  # for all of them together: a report, not a hang
 _LISTED: Final = 10  # tensors listed in a leak message
 _PAUSE_SECONDS: Final = 0.01  # between re-checks; grows with each attempt
 _log = logging.getLogger("vramkit")
@@ -673,15 +673,15 @@ class _Reading:
 
 
 def _holders(largest: TensorCensus) -> tuple[HeldTensor, ...]:
-    """Who holds each of ``largest``, searched within one shared time budget."""
-    deadline = time.perf_counter() + _HINT_SECONDS
-    found = []
-    for info in largest:
-        remaining = deadline - time.perf_counter()
-        found.append(HeldTensor(info, tuple(info.referrers(max_depth=8, seconds=remaining))))
-        if remaining <= 0:
-            break
-    return tuple(found)
+    """Who holds each of ``largest``: one search for all, bounded by work, not by time.
+
+    The same leak gets the same report on an idle machine and a busy one.
+    """
+    infos = [info for info in largest if info.tensor is not None]
+    targets = [info.tensor for info in infos]
+    chains = find_holders_each(targets, ignore=[targets, infos])
+    targets.clear()
+    return tuple(HeldTensor(info, tuple(found)) for info, found in zip(infos, chains, strict=True))
 
 
 def _is_accelerator(device: Device) -> bool:

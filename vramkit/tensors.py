@@ -69,12 +69,16 @@ class TensorInfo:
         """The tensor, if it is still alive."""
         return self._ref() if self._ref is not None else None
 
-    def referrers(self, *, max_depth: int = 8, seconds: float = 2.0) -> list[ReferrerChain]:
+    def referrers(
+        self, *, max_depth: int = 12, seconds: float | None = None
+    ) -> list[ReferrerChain]:
         """Who holds this tensor, as readable chains from a root (module global, frame...).
 
         Args:
-            max_depth: How many referrer levels to walk back.
-            seconds: Time budget of the search (see :func:`~vramkit.find_referrers`).
+            max_depth: How many objects a chain may hold (each costs a heap scan).
+            seconds: Optional wall-clock cap (see :func:`~vramkit.find_referrers`);
+                by default the search is bounded by work only, so the answer
+                does not depend on how busy the machine is.
 
         Returns:
             Chains such as ``__main__.cache[3] -> Linear.weight``; empty when the
