@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -30,7 +29,6 @@ from vramkit.model import ManagedModel
 
 MiB = 1024**2
 KEPT: list[Any] = []
-_TODAY = "vramkit before issue 12"
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +48,6 @@ def _plant(mm: ManagedModel[Any], plant: Callable[[Any], Any]) -> list[StorageWe
         return _refs(model)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{_TODAY}: death judged by Parameter objects")
 @pytest.mark.parametrize(
     "plant",
     [
@@ -102,7 +99,6 @@ def mapped_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason=f"{_TODAY}: mapped storages are not freed (resize_ fails)")
 @pytest.mark.parametrize(
     "plant",
     [
@@ -130,28 +126,40 @@ def test_mapped_weights_are_freed_anyway(mapped_file: Path, plant: Callable[[Any
     assert "freed anyway" in str(report)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{_TODAY}: the text says freed while the bytes live")
-def test_bytes_that_cannot_be_freed_are_reported_as_held() -> None:
-    owner = np.ones((256, 256), dtype=np.float32)  # numpy owns this memory, not torch
+class KeepOutput(torch.autograd.Function):
+    """A custom Function that saves its output, a view of its input (as some kernels do).
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("table", torch.from_numpy(owner))
+    Autograd keeps a saved output as a C++ copy of the tensor that Python
+    never sees, so nothing but resizing could free its storage.
+    """
 
-    mm = ManagedModel(Wrapped, name="numpy", device="cpu")
-    _plant(mm, lambda m: torch.ones(1))  # nothing planted: numpy itself keeps the bytes
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor) -> torch.Tensor:
+        out = weight[:256]
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.cat([grad, torch.zeros_like(grad)])
+
+
+def test_bytes_that_cannot_be_freed_are_reported_as_held(mapped_file: Path) -> None:
+    mm = ManagedModel(
+        lambda: _mapped_module(mapped_file), name="mapped", device="cpu", inference_mode=False
+    )
+    refs = _plant(mm, lambda m: KeepOutput.apply(m[0].weight) * 2)
     report = mm.unload()
     assert not report.died
-    assert report.held_bytes == owner.nbytes
-    assert report.neutralised_bytes == 0
+    weight = 512 * 512 * 4
+    assert report.held_bytes == weight  # mapped, and only C++ holds it
+    assert report.neutralised_bytes == 0  # the rest died with the model
+    assert sum(not ref.expired() for ref in refs) == 1
     text = str(report)
+    assert "still held: 1.0 MiB on cpu: held from C++ and not resizable" in text, text
     assert "freed anyway" not in text
-    assert "still held: 256.0 KiB" in text
-    assert "not resizable" in text
 
 
-@pytest.mark.xfail(strict=True, reason=f"{_TODAY}: every unload runs a full gc.collect()")
 def test_a_clean_unload_skips_the_full_collection(monkeypatch: pytest.MonkeyPatch) -> None:
     collections: list[int] = []
     real = gc.collect
@@ -221,7 +229,6 @@ _RSS_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=f"{_TODAY}: mapped weights stay resident after unload")
 def test_the_freed_figure_matches_rss_in_a_fresh_process(tmp_path: Path) -> None:
     script = tmp_path / "rss.py"
     script.write_text(_RSS_SCRIPT)

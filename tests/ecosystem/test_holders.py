@@ -76,7 +76,6 @@ def _pipeline(model: Any) -> None:
 
 
 _HERE = __name__
-_TODAY = "vramkit before issue 12"
 _GPT2 = "GPT2LMHeadModel"
 
 
@@ -85,11 +84,9 @@ def _case(
     expected: str,
     use: Callable[[Any], Any] | None = None,
     *,
-    xfail: str = "",
     kind: str = "gpt2",
 ) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=f"{_TODAY}: {xfail}")] if xfail else []
-    return pytest.param(kind, plant, expected, use, marks=marks)
+    return pytest.param(kind, plant, expected, use)
 
 
 def _call_kept(**inputs: Any) -> Callable[[Any], Any]:
@@ -105,7 +102,6 @@ HF_CASES = {
         lambda m: KEPT.append(m.state_dict()),
         f"{_HERE}.KEPT[0]['",
         lambda held: held["transformer.wte.weight"] + 1,
-        xfail="death judged by Parameter objects: a kept state_dict() reads as died",
     ),
     "bound-forward": _case(
         lambda m: KEPT.append(m.forward),
@@ -172,12 +168,11 @@ def test_a_planted_holder_is_named_freed_and_loud(
         _stale_use_is_loud(mm.name, lambda: use(KEPT[0]))
 
 
-@pytest.mark.xfail(strict=True, reason=f"{_TODAY}: the cached object is reloaded as is")
 def test_an_lru_cached_loader_is_named_as_the_holder(hf_paths: dict[str, Path]) -> None:
     _paths.update(hf_paths)
     mm = ManagedModel.from_torch(cached_gpt2, device="cpu", name="cached")
     refs = _lease_and_plant(mm, lambda m: None)
     _check_unload(mm, refs, f"{_HERE}.cached_gpt2 -> lru_cache[()]")
     # The cache now hands out the unloaded object: the next load must say so.
-    with pytest.raises(ModelStateError, match="returned an object"), mm.use():
-        pass
+    with pytest.raises(ModelStateError, match="returned the object vramkit unloaded before"):
+        mm.load()

@@ -113,22 +113,11 @@ def make_case(request: pytest.FixtureRequest, name: str) -> _models.Case:
     raise AssertionError(f"unknown case {name}")
 
 
-_TODAY = "vramkit before issue 12"
 CASES = [
     *_models.HF_KINDS,
     "hf-pipeline",
-    pytest.param(
-        "accelerate-dispatched",
-        marks=pytest.mark.xfail(
-            strict=True, reason=f"{_TODAY}: from_torch moves dispatched models with .to()"
-        ),
-    ),
-    pytest.param(
-        "accelerate-cpu-offload",
-        marks=pytest.mark.xfail(
-            strict=True, reason=f"{_TODAY}: from_torch moves hooked models with .to()"
-        ),
-    ),
+    "accelerate-dispatched",
+    "accelerate-cpu-offload",
     "torch-compile",
     "float16",
     "bfloat16",

@@ -28,6 +28,7 @@ Three ideas keep an unload honest:
 
 from __future__ import annotations
 
+import contextlib
 import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,12 +45,14 @@ __all__ = [
     "StorageRefs",
     "bury",
     "disable_module",
+    "empty_tensor",
     "free_storages",
     "is_tombstone",
     "module_tensors",
     "modules_in",
     "neutralise_torch",
     "restore",
+    "set_data",
     "storage_bytes",
     "storage_key",
     "tensors_in",
@@ -200,11 +203,15 @@ class StorageRefs:
         return sum(e.nbytes for e in self._entries.values())
 
     def alive(self) -> dict[int, int]:
-        """``{storage key: bytes}`` of the storages still alive."""
-        return {k: e.nbytes for k, e in self._entries.items() if not _expired(e.ref)}
+        """``{storage key: bytes it holds now}`` of the storages still alive.
+
+        A storage emptied with ``resize_(0)`` is alive with 0 bytes: its
+        memory is back, though something (an autograd graph) still refers to it.
+        """
+        return {k: _current_bytes(e) for k, e in self._entries.items() if not _expired(e.ref)}
 
     def alive_bytes(self) -> int:
-        """Bytes of the storages still alive."""
+        """Bytes still held by the storages followed."""
         return sum(self.alive().values())
 
     def all_dead(self) -> bool:
@@ -219,6 +226,15 @@ class StorageRefs:
 
 def _expired(ref: StorageWeakRef) -> bool:
     return bool(ref.expired())  # type: ignore[no-untyped-call]
+
+
+def _current_bytes(entry: _Tracked) -> int:
+    """What a live storage holds now (its size when taken, if it cannot be read back)."""
+    try:
+        storage = torch.UntypedStorage._new_with_weak_ptr(entry.ref.cdata)
+    except RuntimeError:  # storages of some accelerators cannot be rebuilt from the pointer
+        return entry.nbytes
+    return entry.nbytes if storage is None else int(storage.nbytes())
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,27 +312,22 @@ def free_storages(
                 handles[key] = tensor.untyped_storage()
             if message is not None:
                 bury(tensor, message)
-            _empty(tensor)
+            empty_tensor(tensor)
             emptied += 1
         keyed.clear()
         tensors.clear()
-        resized = _resize_to_zero(handles)
+        _resize_to_zero(handles)
         handles.clear()
-        still = {k: n for k, n in refs.alive().items() if k not in resized}
+        still = {k: n for k, n in refs.alive().items() if n}
     held = tuple(_why_held(refs, key) for key in sorted(still))
     held_bytes = sum(still.values())
     return FreedStorages(sum(alive.values()) - held_bytes, held_bytes, emptied, held)
 
 
-def _resize_to_zero(storages: Mapping[int, torch.UntypedStorage]) -> set[int]:
-    done = set()
-    for key, storage in storages.items():
-        try:
+def _resize_to_zero(storages: Mapping[int, torch.UntypedStorage]) -> None:
+    for storage in storages.values():
+        with contextlib.suppress(RuntimeError):  # shared memory, allocators that cannot resize
             storage.resize_(0)
-        except RuntimeError:  # shared memory, or an allocator that cannot resize
-            continue
-        done.add(key)
-    return done
 
 
 def _saved_tensors_on(keys: set[int]) -> list[torch.Tensor]:
@@ -367,13 +378,24 @@ def _why_held(refs: StorageRefs, key: int) -> str:
     return f"{format_bytes(nbytes)} on {device}: {reason}"
 
 
-def _empty(tensor: torch.Tensor) -> None:
+def empty_tensor(tensor: torch.Tensor) -> None:
+    """Swap ``tensor``'s storage for an empty one: its memory goes once nothing else uses it."""
     try:
         with torch.no_grad():
             tensor.set_()  # type: ignore[call-overload]  # no-arg form: empty storage
     except RuntimeError:  # an inference tensor may only change inside inference mode
         with torch.inference_mode():
             tensor.set_()  # type: ignore[call-overload]
+
+
+def set_data(tensor: torch.Tensor, source: torch.Tensor) -> None:
+    """Make ``tensor`` (the same object) use ``source``'s storage, shape and strides."""
+    try:
+        with torch.no_grad():
+            tensor.set_(source)  # type: ignore[call-overload]
+    except RuntimeError:  # an inference tensor may only change inside inference mode
+        with torch.inference_mode():
+            tensor.set_(source)  # type: ignore[call-overload]
 
 
 # ------------------------------------------------------------------------ tombstones

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from vramkit.adapters._base import AdapterBase, type_path
 from vramkit.adapters._torch_util import modules_in, neutralise_torch, storage_bytes, tensors_in
-from vramkit.errors import InvalidArgumentError, MissingDependencyError
+from vramkit.errors import InvalidArgumentError, MissingDependencyError, MissingModelError
 
 __all__ = [
     "PATH_KEYS",
@@ -33,6 +34,8 @@ __all__ = [
     "funasr_loader",
     "funasr_side_effects_undone",
     "import_funasr",
+    "modelscope_cache",
+    "modelscope_snapshot",
 ]
 
 SUBMODELS = ("model", "vad_model", "punc_model", "spk_model", "cb_model")
@@ -156,41 +159,122 @@ def import_funasr(purpose: str) -> Any:
         return _module
 
 
-def check_funasr(model: object, automodel_kwargs: Mapping[str, Any]) -> None:
-    """Check, before anything loads, that funasr is there and the model paths are usable.
+def check_funasr(model: object, automodel_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check, before anything loads, that funasr is there and the models can be found.
+
+    A model directory must exist and hold a ``config.yaml``. A ModelScope id
+    (``org/name``, as FunASR's own README names models) is resolved from the
+    local ModelScope cache, so a reload never depends on the network. FunASR's
+    short aliases (``"fsmn-vad"``) are left to FunASR.
+
+    Returns:
+        ``model`` and ``automodel_kwargs`` with every id replaced by its directory.
 
     Raises:
         MissingDependencyError: funasr is not installed.
         InvalidArgumentError: A path (for ``model``, ``vad_model``, ``punc_model``,
             ``spk_model``) that does not exist or is not a FunASR model directory.
+        MissingModelError: A ModelScope id that is not in the local cache.
     """
     import importlib.util
 
     if importlib.util.find_spec("funasr") is None:
         raise MissingDependencyError("funasr", "funasr", "ManagedModel.from_funasr")
-    for key, value in (("model", model), *automodel_kwargs.items()):
-        if key in PATH_KEYS and value is not None:
-            _check_path(key, value)
+    resolved = {
+        key: _resolve(key, value) if key in PATH_KEYS and value is not None else value
+        for key, value in automodel_kwargs.items()
+    }
+    return _resolve("model", model), resolved
 
 
-def _check_path(key: str, value: object) -> None:
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _resolve(key: str, value: object) -> str:
     if not isinstance(value, str | os.PathLike):
         raise InvalidArgumentError(
             f"{key} must be a FunASR model directory or hub name (str or path); got {value!r}"
         )
     text = os.fspath(value)
-    looks_like_path = (
-        isinstance(value, os.PathLike) or os.sep in text or text.startswith((".", "~"))
-    )
     path = Path(text).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.yaml").exists():
             raise InvalidArgumentError(
                 f"{key}={text!r} is not a FunASR model directory: it has no config.yaml"
             )
-        return
-    if looks_like_path:
+        return text
+    if isinstance(value, str) and _MODEL_ID.fullmatch(text):
+        return str(modelscope_snapshot(key, text))
+    if isinstance(value, os.PathLike) or os.sep in text or text.startswith((".", "~")):
         raise InvalidArgumentError(f"{key}={text!r} does not exist")
+    return text  # a FunASR alias ("fsmn-vad"): FunASR maps it to a hub id
+
+
+def modelscope_cache() -> Path:
+    """The ModelScope cache: ``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub``."""
+    override = os.environ.get("MODELSCOPE_CACHE")
+    root = override or os.path.join("~", ".cache", "modelscope", "hub")
+    return Path(root).expanduser()
+
+
+def modelscope_snapshot(key: str, model_id: str) -> Path:
+    """The local directory of ModelScope model ``model_id``, in any layout the SDK has used.
+
+    ``models/{org}--{name}/snapshots/{revision}/`` (the revision ``refs/master``
+    names, else the newest), then the older ``models/{org}/{name}/``,
+    ``{org}/{name}/`` and ``hub/{org}/{name}/``. A directory counts when it
+    holds a ``config.yaml`` (or ModelScope's ``configuration.json``) and
+    belongs to this user (a model file is code to ``torch.load``).
+
+    Raises:
+        MissingModelError: The model is in none of them.
+    """
+    root = modelscope_cache()
+    owner, name = model_id.split("/", 1)
+    repo = root / "models" / f"{owner}--{name}"
+    candidates = [*_snapshots(repo)]
+    candidates += [
+        root / "models" / owner / name.replace(".", "___"),
+        root / "models" / owner / name,
+        root / owner / name,
+        root / "hub" / owner / name,
+    ]
+    for candidate in candidates:
+        if _is_model_dir(candidate):
+            return candidate
+    raise MissingModelError(
+        f"{key}={model_id!r} is a ModelScope model id that is not in the local ModelScope "
+        f"cache (looked in {root}, set by MODELSCOPE_CACHE); vramkit never downloads, so that "
+        f"a reload cannot depend on the network: download it once (`modelscope download "
+        f"--model {model_id}`) or pass the model's directory"
+    )
+
+
+def _snapshots(repo: Path) -> list[Path]:
+    snapshots = repo / "snapshots"
+    try:
+        ref = (repo / "refs" / "master").read_text().strip()
+    except OSError:
+        ref = ""
+    try:
+        found = sorted(
+            (p for p in snapshots.iterdir() if p.is_dir()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.name != ref)  # the referenced revision first
+
+
+def _is_model_dir(path: Path) -> bool:
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    owned = not hasattr(os, "getuid") or info.st_uid in (os.getuid(), 0)
+    has_config = (path / "config.yaml").is_file() or (path / "configuration.json").is_file()
+    return path.is_dir() and owned and has_config
 
 
 def funasr_loader(
@@ -199,12 +283,12 @@ def funasr_loader(
     device: str,
     disable_update: bool,
     automodel_kwargs: Mapping[str, Any],
-) -> tuple[Callable[[], Any], dict[str, Any], str]:
+) -> tuple[Callable[[], Any], dict[str, Any]]:
     """The loader ``from_funasr`` manages: an ``AutoModel`` built with the same arguments each time.
 
     Returns:
-        The loader, the configuration it closes over (``model`` and every
-        ``AutoModel`` argument), and a default name (the directory's name).
+        The loader, and the configuration it closes over (``model`` and every
+        ``AutoModel`` argument).
     """
     kwargs = dict(automodel_kwargs)
     kwargs.setdefault("ncpu", torch.get_num_threads())
@@ -217,4 +301,4 @@ def funasr_loader(
         with funasr_side_effects_undone():
             return funasr.AutoModel(model=model_ref, **kwargs)
 
-    return load_funasr, {"model": model_ref, **kwargs}, Path(model_ref).name or "funasr"
+    return load_funasr, {"model": model_ref, **kwargs}

@@ -1,4 +1,11 @@
-"""``torch.nn.Module``: size from parameters and buffers; survivors moved to ``meta``."""
+"""``torch.nn.Module``: size from parameters and buffers; survivors freed and made loud.
+
+Models dispatched by accelerate (``dispatch_model``, ``cpu_offload``,
+``load_checkpoint_and_dispatch``) are recognised by the hooks accelerate puts
+on their modules: they are never moved (accelerate placed them), the weights
+the hooks keep in memory count in their size, and the offload tiers drop and
+rebuild them, since their parameters are ``meta`` placeholders.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,15 @@ from typing import Any
 import torch
 
 from vramkit.adapters._base import AdapterBase
-from vramkit.adapters._torch_util import module_tensors, neutralise_torch, storage_bytes
-from vramkit.errors import InvalidArgumentError
+from vramkit.adapters._torch_util import (
+    is_tombstone,
+    module_tensors,
+    neutralise_torch,
+    storage_bytes,
+)
+from vramkit.errors import InvalidArgumentError, ModelStateError
 
-__all__ = ["TorchAdapter", "check_torch_factory", "torch_loader"]
+__all__ = ["TorchAdapter", "check_torch_factory", "dispatched", "torch_loader"]
 
 
 class TorchAdapter(AdapterBase):
@@ -28,14 +40,14 @@ class TorchAdapter(AdapterBase):
         return storage_bytes(self.tensors(obj))
 
     def tensors(self, obj: object) -> Sequence[torch.Tensor]:
-        """Parameters, buffers and plain tensor attributes of every submodule."""
+        """Parameters, buffers and plain tensor attributes, and what accelerate's hooks hold."""
         assert isinstance(obj, torch.nn.Module)
-        return list(module_tensors(obj))
+        return [*module_tensors(obj), *_hook_tensors(obj)]
 
     def modules(self, obj: object) -> Mapping[str, torch.nn.Module]:
-        """The module itself."""
+        """The module itself; none for a model accelerate dispatched (its weights are hooks')."""
         assert isinstance(obj, torch.nn.Module)
-        return {"": obj}
+        return {} if dispatched(obj) else {"": obj}
 
     def neutralise(self, survivors: Sequence[object], message: str) -> int:
         """Surviving modules go to ``meta`` and refuse to run; surviving tensors are emptied."""
@@ -86,8 +98,52 @@ def torch_loader(
             raise InvalidArgumentError(
                 f"from_torch factory must return a torch.nn.Module; got {type(module).__name__}"
             )
-        module = module.to(device=torch.device(device), dtype=dtype)
+        if any(is_tombstone(t) for t in module_tensors(module)):
+            raise ModelStateError(
+                "the factory returned the object vramkit unloaded before (its memory was "
+                "freed); a factory must build a new module at each call, so drop the cache that "
+                "keeps it (functools.lru_cache, a global)"
+            )
+        if dispatched(module):
+            if dtype is not None:
+                raise InvalidArgumentError(
+                    "from_torch: the factory returned a model dispatched by accelerate (its "
+                    "weights live in hooks), which cannot be cast with dtype=; load it in the "
+                    "dtype wanted instead (from_pretrained(..., torch_dtype=...))"
+                )
+        else:  # accelerate placed a dispatched model: moving it would break its hooks
+            module = module.to(device=torch.device(device), dtype=dtype)
         return module.eval() if use_eval else module
 
     config = {"factory": getattr(factory, "__qualname__", repr(factory)), "dtype": dtype}
     return load_torch, config
+
+
+def dispatched(module: torch.nn.Module) -> bool:
+    """Whether accelerate's hooks manage ``module`` (placement, offloaded weights)."""
+    return any("_hf_hook" in vars(sub) for sub in module.modules())
+
+
+def _hook_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights accelerate's hooks keep in memory (not those in its disk folder)."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for sub in module.modules():
+        for hook in _hooks(vars(sub).get("_hf_hook")):
+            dataset = getattr(getattr(hook, "weights_map", None), "dataset", None)
+            # cpu_offload keeps a dict; disk offload an OffloadedWeightsLoader whose
+            # state_dict holds what is in memory (the rest is read from files).
+            in_memory = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", 0)
+            if not isinstance(in_memory, dict) or id(in_memory) in seen:
+                continue
+            seen.add(id(in_memory))
+            found.extend(v for v in in_memory.values() if isinstance(v, torch.Tensor))
+    return found
+
+
+def _hooks(hook: object) -> list[object]:
+    """A hook, or the hooks of accelerate's SequentialHook."""
+    if hook is None:
+        return []
+    inner = getattr(hook, "hooks", None)
+    return list(inner) if isinstance(inner, list | tuple) else [hook]

@@ -2,10 +2,15 @@
 
 An unload hands the object over in a one-item list that :func:`release_and_prove`
 empties, so that no frame of the caller keeps the model alive through the
-proof. Death is judged on the object, its native handles and its tensors; a
-survivor is named (who holds it, as referrer chains) and, if asked, freed
-anyway through its adapter. Then the device is cleaned and, on drivers that
-free asynchronously, the driver's reading is awaited (bounded).
+proof. Death is judged on the object, its native handles and the *storages* of
+its tensors: a view, ``.data``, a detached copy or a ``state_dict()`` entry is
+a new tensor object on the same storage, so the memory lives while any of them
+does. Reference counting frees most models the moment vramkit lets go; then
+the weak references are already dead and no collection runs. Otherwise the
+collector runs once, and what still lives is named (who holds it, as referrer
+chains) and, if asked, freed anyway: every tensor on those storages is emptied
+and made a tombstone that raises at its next use. Then the device is cleaned
+and, on drivers that free asynchronously, the driver's reading is awaited.
 """
 
 from __future__ import annotations
@@ -13,22 +18,28 @@ from __future__ import annotations
 import gc
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from vramkit._gc import tensors_in_heap
 from vramkit._units import format_bytes
 from vramkit._utils import clear_frames
 from vramkit.adapters import Adapter
+from vramkit.adapters._torch_util import (
+    StorageRefs,
+    free_storages,
+    storage_bytes,
+    storage_key,
+)
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceBackend, DeviceMemory
 from vramkit.memory import DeviceMemoryDelta
 from vramkit.model.reports import ModelState, UnloadReport
-from vramkit.referrers import ReferrerChain, find_referrers
+from vramkit.referrers import ReferrerChain, find_holders
 
-__all__ = ["Unload", "await_driver", "release_and_prove"]
+__all__ = ["Tracked", "Unload", "await_driver", "release_and_prove"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,9 @@ class Unload:
         before: The device's reading before anything was released.
         expected: Bytes the unload should give back on the device.
         free_survivors: Free what outlives the unload (see ``ManagedModel``).
+        owns: Whether the object is vramkit's to free (``owns=False``: the
+            caller keeps it, and vramkit only lets go of its reference).
+        advice: What a stale reference's error tells its user to do instead.
         driver_wait: Seconds to wait for the driver to show the memory back.
         state_before: The model's state before the unload.
         started: ``time.perf_counter()`` when the unload was asked for.
@@ -55,10 +69,65 @@ class Unload:
     before: DeviceMemory
     expected: int | None
     free_survivors: bool
+    owns: bool
+    advice: str
     driver_wait: float
     state_before: ModelState
     started: float
     waited: float
+
+
+class Tracked:
+    """Weak references to what a loaded object holds: itself, its native handles, its storages.
+
+    Taken just before vramkit drops its reference; nothing here keeps anything
+    alive. Modules are followed too, so a holder search can climb the trees
+    of those that survive without a pass over the whole heap.
+    """
+
+    __slots__ = ("labels", "modules", "objects", "storages", "verified")
+
+    def __init__(self, obj: object, adapter: Adapter) -> None:
+        self.objects: list[weakref.ref[Any]] = []
+        self.labels: dict[int, str] = {}
+        self.verified = True
+        self.modules: list[weakref.ref[Any]] = []
+        if obj is None:
+            self.storages = StorageRefs(())
+            return
+        candidates = [(obj, type(obj).__name__)]
+        candidates += [(h, f"native {type(h).__name__}") for h in adapter.handles(obj)]
+        for candidate, label in candidates:
+            ref = _weak(candidate)
+            if ref is None:
+                self.verified = self.verified and candidate is not obj
+                continue
+            self.objects.append(ref)
+            self.labels[id(candidate)] = label
+        self.storages = StorageRefs(adapter.tensors(obj))
+        for root in adapter.modules(obj).values():
+            self.modules.extend(weakref.ref(m) for m in root.modules())
+
+    def dead(self) -> bool:
+        """Whether the object, its handles and every storage are gone."""
+        return all(ref() is None for ref in self.objects) and self.storages.all_dead()
+
+    def live_objects(self) -> list[Any]:
+        """The object and handles still alive."""
+        found = [ref() for ref in self.objects]
+        return [obj for obj in found if obj is not None]
+
+    def live_modules(self) -> list[Any]:
+        """The object's modules still alive."""
+        found = [ref() for ref in self.modules]
+        return [module for module in found if module is not None]
+
+
+@dataclass(slots=True)
+class _Freed:
+    neutralised: int = 0
+    held: int = 0
+    reasons: tuple[str, ...] = ()
 
 
 def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> UnloadReport:
@@ -81,36 +150,25 @@ def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> Unloa
         error = f"{type(exc).__name__} during release"
         clear_frames(exc.__traceback__)
         interrupted = exc
-    refs, verified, labels = _track(obj, adapter)
+    tracked = Tracked(obj, adapter)
     obj = None  # the only strong reference vramkit had
-    gc.collect()
-    survivors = [ref() for ref in refs]
-    survivors = [s for s in survivors if s is not None]
+    # Reference counting frees most models here and now: a full collection
+    # (hundreds of milliseconds on a large heap) only when something survived.
+    died = tracked.dead()
+    if not died:
+        gc.collect()
+        died = tracked.dead()
     holders: tuple[ReferrerChain, ...] = ()
     described: tuple[str, ...] = ()
-    neutralised = 0
-    if survivors:
-        # Collected into lists first: a tuple filled from a generator must not be
-        # seen by a heap walk before it is complete (see vramkit._gc).
-        found = list(_holders_of(survivors))
-        holders = tuple(found)
-        described = tuple(list(_describe_survivors(survivors, labels)))  # noqa: C414
-        if unload.free_survivors:
-            message = (
-                f"{unload.name} was unloaded by vramkit and its memory freed, but this "
-                f"reference outlived it (held by: {holders[0] if holders else 'unknown'}); "
-                f"borrow the model with `{unload.name}.use()` instead of keeping it"
-            )
-            neutralised = adapter.neutralise(survivors, message)
-        survivors.clear()
-        del survivors
-        gc.collect()
+    freed = _Freed()
+    if not died:
+        holders, described, freed = _survivors(tracked, adapter, unload)
     if interrupted is not None:
         # Stop promptly, but only after our reference is gone: the model is
         # UNLOADED (the caller's finally says so) and pins nothing of ours.
         cleanup(unload.device, gc_collect=False)
         raise interrupted.with_traceback(None)
-    report_cleanup = cleanup(unload.device, gc_collect=False)  # collected just above
+    report_cleanup = cleanup(unload.device, gc_collect=False)  # collected above if needed
     cleaned = report_cleanup.after.readings[0]
     after = await_driver(unload, cleaned)
     return UnloadReport(
@@ -118,11 +176,13 @@ def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> Unloa
         device=str(unload.device),
         state_before=unload.state_before,
         state_after=ModelState.UNLOADED,
-        died=not described,
-        verified=verified,
+        died=died,
+        verified=tracked.verified,
         holders=holders,
         survivors=described,
-        neutralised_bytes=neutralised,
+        neutralised_bytes=freed.neutralised,
+        held_bytes=freed.held,
+        held=freed.reasons,
         expected_bytes=unload.expected,
         freed_bytes=DeviceMemoryDelta.between(unload.before, after).freed(),
         memory_before=unload.before,
@@ -132,6 +192,90 @@ def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> Unloa
         seconds=time.perf_counter() - unload.started,
         error=error,
     )
+
+
+def _survivors(
+    tracked: Tracked, adapter: Adapter, unload: Unload
+) -> tuple[tuple[ReferrerChain, ...], tuple[str, ...], _Freed]:
+    """Name what survived, and free it unless told not to."""
+    objects = tracked.live_objects()
+    alive = tracked.storages.alive()
+    # One scan of the heap serves the survivors, the search and the freeing.
+    heap = tensors_in_heap() if alive else []
+    tensors = _on_storages(heap, alive)
+    described = tuple(_describe(objects, tensors, tracked, alive))
+    held = sum(alive.values())
+    if not unload.owns:  # the caller's object: not ours to search for, free or break
+        why = f"{format_bytes(held)}: left to its owner (owns=False)"
+        return (), described, _Freed(held=held, reasons=(why,) if held else ())
+    holders = _holders_of(objects, tensors, tracked, heap)
+    if not unload.free_survivors:
+        why = f"{format_bytes(held)}: not freed (free_survivors=False)"
+        return holders, described, _Freed(held=held, reasons=(why,) if held else ())
+    where = str(holders[0]) if holders else "holder not found"
+    message = (
+        f"{unload.name} was unloaded by vramkit but this reference outlived it "
+        f"(held by: {where}); {unload.advice}"
+    )
+    neutralised = adapter.neutralise(objects, message) if objects else 0
+    result = free_storages(tracked.storages, message, survivors=tensors)
+    objects.clear()
+    tensors.clear()
+    heap.clear()
+    return (
+        holders,
+        described,
+        _Freed(neutralised + result.freed_bytes, result.held_bytes, result.held),
+    )
+
+
+def _on_storages(heap: list[torch.Tensor], alive: dict[int, int]) -> list[torch.Tensor]:
+    with torch._C.DisableTorchFunctionSubclass():
+        return [t for t in heap if storage_key(t) in alive]
+
+
+def _describe(
+    objects: list[Any], tensors: list[torch.Tensor], tracked: Tracked, alive: dict[int, int]
+) -> list[str]:
+    found = [tracked.labels.get(id(obj), type(obj).__name__) for obj in objects]
+    if alive:
+        count = f"{len(tensors)} tensor{'s' if len(tensors) != 1 else ''}"
+        found.append(f"{count} on {len(alive)} storages, {format_bytes(sum(alive.values()))}")
+    return found
+
+
+def _holders_of(
+    objects: list[Any], tensors: list[torch.Tensor], tracked: Tracked, heap: list[torch.Tensor]
+) -> tuple[ReferrerChain, ...]:
+    """Referrer chains of the most telling survivors: the object first, then the largest tensor.
+
+    One search for both, sharing each heap scan; a tensor held through the
+    surviving object itself adds nothing, so its chains that start where the
+    object's do are dropped.
+    """
+    largest = sorted(tensors, key=_storage_nbytes, reverse=True)[:1]
+    targets = objects[:1] + largest if objects else largest
+    if not targets:
+        return ()
+    modules = tracked.live_modules()
+    chains = find_holders(
+        targets,
+        ignore=[objects, tensors, targets, heap, modules, largest],
+        max_chains=3,
+        modules=modules,
+        heap_tensors=heap,
+    )
+    modules.clear()
+    targets.clear()
+    found: list[ReferrerChain] = []
+    for chain in chains:
+        if not any(chain.steps[0] == seen.steps[0] for seen in found):
+            found.append(chain)
+    return tuple(found)
+
+
+def _storage_nbytes(tensor: torch.Tensor) -> int:
+    return storage_bytes([tensor])
 
 
 def await_driver(unload: Unload, after: DeviceMemory) -> DeviceMemory:
@@ -156,55 +300,3 @@ def _weak(obj: object) -> weakref.ref[Any] | None:
         return weakref.ref(obj)
     except TypeError:
         return None
-
-
-def _track(obj: object, adapter: Adapter) -> tuple[list[weakref.ref[Any]], bool, dict[int, str]]:
-    """Weak references to ``obj``, its native handles and its tensors, with labels."""
-    if obj is None:
-        return [], True, {}
-    refs: list[weakref.ref[Any]] = []
-    labels: dict[int, str] = {}
-    verified = True
-    candidates: list[tuple[object, str]] = [(obj, type(obj).__name__)]
-    candidates += [(h, f"native {type(h).__name__}") for h in adapter.handles(obj)]
-    candidates += [(t, "tensor") for t in adapter.tensors(obj)]
-    for candidate, label in candidates:
-        ref = _weak(candidate)
-        if ref is None:
-            verified = verified and candidate is not obj
-            continue
-        refs.append(ref)
-        labels[id(candidate)] = label
-    return refs, verified, labels
-
-
-def _describe_survivors(survivors: list[Any], labels: dict[int, str]) -> Iterator[str]:
-    tensors = [s for s in survivors if isinstance(s, torch.Tensor)]
-    for survivor in survivors:
-        if not isinstance(survivor, torch.Tensor):
-            yield labels.get(id(survivor), type(survivor).__name__)
-    if tensors:
-        from vramkit.adapters._torch_util import storage_bytes
-
-        yield f"{len(tensors)} tensors, {format_bytes(storage_bytes(tensors))}"
-
-
-def _holders_of(survivors: list[Any]) -> Iterator[ReferrerChain]:
-    """Referrer chains of the most telling survivors: an object first, then the largest tensor."""
-    objects = [s for s in survivors if not isinstance(s, torch.Tensor)]
-    tensors = sorted(
-        (s for s in survivors if isinstance(s, torch.Tensor) and not s.is_meta),
-        key=lambda t: t.untyped_storage().nbytes(),
-        reverse=True,
-    )
-    targets = objects[:1] + tensors[:1] if objects else tensors[:2]
-    seen: set[tuple[str, ...]] = set()
-    roots: set[str] = set()
-    for target in targets:
-        for chain in find_referrers(target, ignore=[survivors, targets], max_chains=3):
-            # A tensor held through the surviving module itself adds nothing new.
-            if chain.steps in seen or (target is not targets[0] and chain.steps[0] in roots):
-                continue
-            seen.add(chain.steps)
-            roots.add(chain.steps[0])
-            yield chain

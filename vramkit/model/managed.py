@@ -56,6 +56,7 @@ from vramkit.errors import (
 )
 from vramkit.model import tiers
 from vramkit.model._lease import InferenceFunction, Lease
+from vramkit.model._loader import check_loaded, remember
 from vramkit.model._unload import Unload, release_and_prove
 from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
 
@@ -103,7 +104,10 @@ class ManagedModel(Generic[T]):
             session, anything). What it closes over is the model's
             configuration: it survives unload, so a reload is the same model.
             The loader places the model on its device; the ``from_*``
-            constructors do that for you.
+            constructors do that for you. It must build a *new* object at
+            each call: ``None``, a generator, a module whose weights are all
+            on ``meta``, an object it closes over or one it returned before
+            (a ``functools.lru_cache``) are refused at load (see ``owns``).
         name: A name for reports, events and pools (default: the loader's name).
         device: The device the model lives on (default: the best available).
         keep_alive: Seconds an idle model stays loaded after its last lease
@@ -121,8 +125,13 @@ class ManagedModel(Generic[T]):
         strict: Make ``unload()`` raise :class:`VramLeakError` when something
             still held the model (default: report it).
         free_survivors: Free the memory of objects that outlive unloading
-            (torch weights to ``meta``, ONNX sessions detached) so a stale
-            reference pins nothing and fails loudly when used.
+            (every tensor on the model's storages emptied and made to raise,
+            ONNX sessions detached) so a stale reference pins nothing and
+            fails loudly when used.
+        owns: ``False`` when the loader hands out an object you keep and own
+            (``lambda: prebuilt``): vramkit then lends it out and offloads it,
+            but an unload only lets go of vramkit's reference, never frees or
+            breaks the object, and does not search for its holders.
         driver_wait: On accelerators, seconds to wait after unloading for the
             driver to show the memory back (polled every 0.25 s).
         offload_dir: Where the disk tier writes (default: ``$VRAMKIT_CACHE_DIR``,
@@ -155,6 +164,7 @@ class ManagedModel(Generic[T]):
         cleanup: CleanupPolicy | None = None,
         strict: bool = False,
         free_survivors: bool = True,
+        owns: bool = True,
         driver_wait: float = 5.0,
         offload_dir: str | os.PathLike[str] | None = None,
         size_hint: int | str | None = None,
@@ -187,6 +197,8 @@ class ManagedModel(Generic[T]):
         self._inference_mode = bool(inference_mode)
         self._strict = bool(strict)
         self._free_survivors = bool(free_survivors)
+        self._owns = bool(owns)
+        self._last: weakref.ref[Any] | None = None  # the object of the last load, if alive
         self._driver_wait = float(driver_wait)
         self._config = MappingProxyType(dict(config or {}))
         self._policy = cleanup
@@ -281,8 +293,11 @@ class ManagedModel(Generic[T]):
         the global random generators, and configures the root logger.
 
         Args:
-            model: A model directory (``config.yaml`` + ``model.pt``) or a
-                FunASR hub name (downloaded at load; not offline).
+            model: A model directory (``config.yaml`` + ``model.pt``), a
+                ModelScope id such as ``"iic/SenseVoiceSmall"`` (found in the
+                local ModelScope cache, ``$MODELSCOPE_CACHE`` or
+                ``~/.cache/modelscope/hub``; vramkit never downloads), or a
+                FunASR alias such as ``"fsmn-vad"`` (left to FunASR).
             device: Where the networks go (default: the best available device).
             name: Name for reports (default: the directory's name).
             disable_update: Skip FunASR's version check against PyPI.
@@ -294,19 +309,20 @@ class ManagedModel(Generic[T]):
             InvalidArgumentError: A path (for ``model``, ``vad_model``,
                 ``punc_model``, ``spk_model``) that does not exist or is not a
                 FunASR model directory.
+            MissingModelError: A ModelScope id that is not in the local cache.
             MissingDependencyError: funasr is not installed.
         """
-        check_funasr(model, automodel_kwargs)
+        directory, kwargs = check_funasr(model, automodel_kwargs)
         target = resolve_device(device)
-        loader, config, default_name = funasr_loader(
-            model,
+        loader, config = funasr_loader(
+            directory,
             device=str(target),
             disable_update=disable_update,
-            automodel_kwargs=automodel_kwargs,
+            automodel_kwargs=kwargs,
         )
         return cls(
             loader,
-            name=name or default_name,
+            name=name or Path(os.fspath(model)).name or "funasr",
             device=target,
             config=config,
             **dict(manager_options or {}),
@@ -718,6 +734,7 @@ class ManagedModel(Generic[T]):
             adapter = self._adapter_override or adapter_for(obj)
             after = backend.read(index)
             size = adapter.size_bytes(obj)
+            check_loaded(self._name, self._loader, obj, adapter, size, self._last, self._owns)
             if size is None:
                 size = _grew_by(before, after)
         except BaseException as exc:
@@ -741,6 +758,7 @@ class ManagedModel(Generic[T]):
             )
             raise
         seconds = time.perf_counter() - started
+        self._last = remember(obj)
         with self._cond:
             self._obj = obj
             self._adapter = adapter
@@ -929,6 +947,10 @@ class ManagedModel(Generic[T]):
                 obj,
                 chosen,
                 directory,
+                message=(
+                    f"{self._name} is offloaded to {chosen} by vramkit: this reference "
+                    f"cannot run it until it wakes; {self._advice()}"
+                ),
                 rewrite=rewrite,
                 previous=previous,
                 file=self._disk_cache,
@@ -941,7 +963,9 @@ class ManagedModel(Generic[T]):
                 self._busy_thread = None
                 self._cond.notify_all()
             raise
+        dropped = None
         if state.method == "rebuild":
+            dropped = remember(obj)
             obj = None  # dropped: the loader rebuilds it (the cleanup below collects)
         if previous is not None:
             tiers.release_host_copies(previous)
@@ -958,6 +982,9 @@ class ManagedModel(Generic[T]):
             )
         obj = None
         cleaned = cleanup(self._device, gc_collect=state.method == "rebuild")
+        if dropped is not None and dropped() is not None:
+            self._neutralise_dropped(dropped(), chosen)
+            cleaned = cleanup(self._device, gc_collect=False)
         report = replace(report, memory_after=cleaned.after.readings[0])
         if self._owner is not None:
             self._owner._freed(self)
@@ -974,6 +1001,20 @@ class ManagedModel(Generic[T]):
         if self._keep_alive is not None:
             self._schedule_expiry(stamp)
         return report
+
+    def _neutralise_dropped(self, survivor: object, tier: str) -> None:
+        """A dropped (rebuild-tier) object that something still holds: free it, make it loud.
+
+        A wake builds a new object, so the old one is never coming back.
+        """
+        adapter = self.adapter
+        if adapter is None or not self._owns or not self._free_survivors:
+            return
+        message = (
+            f"{self._name} was offloaded to {tier} by vramkit (dropped, to be rebuilt at the "
+            f"next lease) but this reference outlived it; {self._advice()}"
+        )
+        adapter.neutralise([survivor], message)
 
     def wake(self) -> WakeReport | None:
         """Bring an offloaded model back now (a lease would do it too).
@@ -1165,6 +1206,14 @@ class ManagedModel(Generic[T]):
             self._stamp += 1
             return state, box
 
+    def _advice(self) -> str:
+        """What a stale reference's error tells its user to do instead."""
+        if self._owner is not None:
+            way = f"`pool.use({self._name!r})` (pool {self._owner.name!r})"
+        else:
+            way = f"`{self._name}.use()`"
+        return f"borrow it with {way} instead of keeping a reference"
+
     def _busy_message(self) -> str:
         if not self._leases:
             return f"{self._name} is {self._state.value.lower()}; unload(wait=True) waits for it"
@@ -1205,6 +1254,8 @@ class ManagedModel(Generic[T]):
                 before=before,
                 expected=expected,
                 free_survivors=self._free_survivors,
+                owns=self._owns,
+                advice=self._advice(),
                 driver_wait=self._driver_wait,
                 state_before=state_before,
                 started=started,

@@ -64,15 +64,21 @@ class UnloadReport:
         device: The device it was on.
         state_before: Its state before the unload (``UNLOADED`` when there was nothing to do).
         state_after: ``UNLOADED``.
-        died: Whether every tracked object (the model, its tensors, native
-            handles) was proven dead by weak references after vramkit dropped
-            its reference. ``False`` when something else still held one.
+        died: Whether the model, its native handles and every storage its
+            tensors used were proven dead by weak references after vramkit
+            dropped its reference. ``False`` when anything still held one: the
+            model, or only a view, a ``.detach()`` copy or a ``state_dict()``
+            entry of a weight (they share its storage, so its bytes live).
         verified: Whether death could be checked at all (objects that cannot be
             weakly referenced cannot be proven dead).
         holders: Who held the survivors, as referrer chains (empty when ``died``).
         survivors: Short descriptions of what survived.
-        neutralised_bytes: Bytes freed anyway in survivors (moved to ``meta``,
-            emptied) so a stale reference pins nothing.
+        neutralised_bytes: Bytes of surviving storages freed anyway (every
+            tensor on them emptied and made to raise at its next use).
+        held_bytes: Bytes still held after everything vramkit could do:
+            storages only C++ holds that torch cannot resize (a memory-mapped
+            file, numpy memory). ``0`` when all came back.
+        held: One line per storage in ``held_bytes``: its bytes, device and why.
         expected_bytes: The model's size as measured at load.
         freed_bytes: Bytes given back per layer: ``allocated``, ``reserved``,
             ``used`` (device-wide, driver or OS), ``process`` (this process per
@@ -95,6 +101,8 @@ class UnloadReport:
     holders: tuple[ReferrerChain, ...] = ()
     survivors: tuple[str, ...] = ()
     neutralised_bytes: int = 0
+    held_bytes: int = 0
+    held: tuple[str, ...] = ()
     expected_bytes: int | None = None
     freed_bytes: Mapping[str, int | None] = field(default_factory=dict)
     memory_before: DeviceMemory | None = None
@@ -145,6 +153,7 @@ class UnloadReport:
                 f"  freed anyway: {format_bytes(self.neutralised_bytes)} "
                 "(stale references now fail loudly)"
             )
+        lines.extend(f"  still held: {why}" for why in self.held)
         if self.error:
             lines.append(f"  release failed: {self.error}")
         return "\n".join(lines)

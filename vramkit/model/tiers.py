@@ -5,19 +5,23 @@ rebuilds the module (random initialisation) and copies bytes through
 ``torch.load``. Most of that work is unnecessary to get the same weights back.
 
 - ``cpu`` tier: weights move to host RAM (pinned when the model lives on CUDA
-  and host RAM allows, so the way back is a fast DMA); the module objects stay.
+  and host RAM allows, so the way back is a fast DMA).
 - ``disk`` tier: weights are written once to a safetensors file in a cache
-  directory and the module becomes a ``meta`` skeleton; waking maps the file
-  back (file-backed pages: no swap, and the kernel may drop them) and assigns
-  the tensors into the skeleton, then moves them to the device. A model woken
-  from disk keeps its file: offloading it again unchanged writes nothing.
-- Objects without torch modules (ONNX Runtime sessions, generic handles) cannot
-  be offloaded live: their tier is "drop and rebuild" through the loader, and
-  the report says so.
+  directory; waking maps the file back (file-backed pages: no swap, and the
+  kernel may drop them), then moves them to the device. A model woken from
+  disk keeps its file: offloading it again unchanged writes nothing.
+- Objects without torch modules (ONNX Runtime sessions, generic handles) and
+  models whose weights accelerate's hooks hold cannot be offloaded live: their
+  tier is "drop and rebuild" through the loader, and the report says so.
 
-Every round trip restores the same tensors: dtypes, ``requires_grad``,
-buffers (persistent or not), plain tensor attributes, and tied weights (one
-Parameter under several names wakes as one Parameter).
+The model's tensor objects stay the same through a round trip: offloading
+empties each one (its storage swapped out from under it) and makes it a
+tombstone that raises :class:`~vramkit.errors.ModelStateError` at any use,
+so a bound ``forward``, a kept submodule or a kept weight fails loudly while
+the model is away; waking gives each its original class and its data back.
+Dtypes, ``requires_grad``, buffers (persistent or not), plain tensor
+attributes and tied weights (one Parameter under several names) come back as
+they were, and a reference kept across the offload works again.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from vramkit._units import format_bytes
 from vramkit.adapters import Adapter
+from vramkit.adapters._torch_util import bury, empty_tensor, restore, set_data, storage_bytes
 from vramkit.devices import Device, DeviceMemory, get_backend
 from vramkit.errors import InvalidArgumentError, OffloadError
 from vramkit.model._tierfile import default_offload_dir, forget, read_file, write_file
@@ -165,25 +170,17 @@ class TierCost:
 
 
 @dataclass(slots=True)
-class _Slot:
-    """One place a tensor lives: ``module._parameters[name]``, a buffer, or a plain attribute."""
-
-    module: torch.nn.Module
-    kind: Literal["param", "buffer", "attr"]
-    name: str
-    key: str  # the tensor's key in the file (tied slots share one)
-    requires_grad: bool
-    param_type: type
-
-
-@dataclass(slots=True)
 class _Offloaded:
-    """What an OFFLOADED model keeps besides its object."""
+    """What an OFFLOADED model keeps besides its object.
+
+    ``tensors`` are the model's own tensor objects (tombstones while
+    offloaded), by key; ``host`` the cpu tier's copies of their data.
+    """
 
     tier: Tier
     method: Literal["move", "file", "rebuild"]
-    slots: list[_Slot] = field(default_factory=list)
-    host: dict[str, torch.Tensor] = field(default_factory=dict)  # cpu tier: key -> host tensor
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # cpu tier: key -> host copy
     devices: dict[str, torch.device] = field(default_factory=dict)  # key -> where it lived
     path: Path | None = None
     weight_bytes: int = 0
@@ -239,64 +236,52 @@ class _DiskCache:
 # ---------------------------------------------------------------------- collecting tensors
 
 
-def _slots(modules: Mapping[str, torch.nn.Module]) -> tuple[list[_Slot], dict[str, torch.Tensor]]:
-    """Every tensor slot of ``modules`` and the distinct tensors by key (ties share a key)."""
-    slots: list[_Slot] = []
+def _distinct_tensors(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The distinct tensors of ``modules`` by key (the first name of each; ties share one).
+
+    Parameters, buffers and plain tensor attributes (FunASR's CMVN) are all
+    covered. Keys are the file's keys: a plain attribute's is marked ``@``.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    key_of: dict[int, str] = {}
+    seen: set[int] = set()
     seen_modules: set[int] = set()
     for prefix, root in modules.items():
         for path, module in root.named_modules(prefix=prefix, remove_duplicate=False):
             if id(module) in seen_modules:
                 continue
             seen_modules.add(id(module))
-            entries: list[tuple[Literal["param", "buffer", "attr"], str, torch.Tensor]] = []
-            entries += [("param", n, p) for n, p in module._parameters.items() if p is not None]
-            entries += [("buffer", n, b) for n, b in module._buffers.items() if b is not None]
+            entries = [(n, p) for n, p in module._parameters.items() if p is not None]
+            entries += [(n, b) for n, b in module._buffers.items() if b is not None]
             entries += [
-                ("attr", n, v) for n, v in vars(module).items() if isinstance(v, torch.Tensor)
+                (f"@{n}", v) for n, v in vars(module).items() if isinstance(v, torch.Tensor)
             ]
-            for kind, name, tensor in entries:
-                key = key_of.get(id(tensor))
-                if key is None:
-                    key = f"{path}.{name}" if path else name
-                    if kind == "attr":
-                        key = f"{path}.@{name}" if path else f"@{name}"
-                    key_of[id(tensor)] = key
-                    tensors[key] = tensor
-                slots.append(_Slot(module, kind, name, key, tensor.requires_grad, type(tensor)))
-    return slots, tensors
+            for name, tensor in entries:
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    tensors[f"{path}.{name}" if path else name] = tensor
+    return tensors
 
 
-def _assign(slots: Iterable[_Slot], values: Mapping[str, torch.Tensor]) -> None:
-    """Put ``values[slot.key]`` in every slot; tied slots get the very same Parameter."""
-    params: dict[str, torch.Tensor] = {}
-    for slot in slots:
-        value = values[slot.key]
-        if slot.kind == "param":
-            param = params.get(slot.key)
-            if param is None:
-                param = _as_parameter(value, slot)
-                params[slot.key] = param
-            slot.module._parameters[slot.name] = param  # type: ignore[assignment]
-        elif slot.kind == "buffer":
-            slot.module._buffers[slot.name] = value
-        else:
-            object.__setattr__(slot.module, slot.name, value)
+def _put_away(tensors: Mapping[str, torch.Tensor], message: str, *, empty: bool) -> None:
+    """Make each tensor a tombstone saying ``message``; ``empty`` frees its memory too."""
+    with torch._C.DisableTorchFunctionSubclass():
+        for tensor in tensors.values():
+            bury(tensor, message)
+            if empty:
+                empty_tensor(tensor)
 
 
-def _as_parameter(value: torch.Tensor, slot: _Slot) -> torch.Tensor:
-    param_type = slot.param_type if issubclass(slot.param_type, torch.nn.Parameter) else None
-    cls = param_type or torch.nn.Parameter
-    try:
-        return cls(value, requires_grad=slot.requires_grad)
-    except TypeError:  # a Parameter subclass with its own constructor
-        return torch.nn.Parameter(value, requires_grad=slot.requires_grad)
+def _bring_back(tensors: Mapping[str, torch.Tensor], data: Mapping[str, torch.Tensor]) -> None:
+    """Give each tensor its class back and ``data[key]`` as its contents (the same object)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        for key, tensor in tensors.items():
+            restore(tensor)
+            source = data[key]
+            if source is not tensor:
+                set_data(tensor, source)
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    from vramkit.adapters._torch_util import storage_bytes
-
     return storage_bytes(tensors)
 
 
@@ -336,6 +321,7 @@ def offload_object(
     tier: Tier,
     directory: Path,
     *,
+    message: str,
     rewrite: bool = False,
     previous: _Offloaded | None = None,
     file: _DiskCache | None = None,
@@ -346,6 +332,7 @@ def offload_object(
     moves on to disk: its weights are written from host RAM, and the devices
     they wake to are still the ones they originally left. ``file`` is the file
     the model last woke from, reused when its weights are unchanged.
+    ``message`` is what the model's tensors say if used while offloaded.
 
     Returns:
         The offloaded state, the report, and the file still worth reusing
@@ -356,7 +343,7 @@ def offload_object(
     index = owner.device.index or 0
     before = backend.read(index)
     modules = modules_of(owner.adapter, obj)
-    if not modules:
+    if not modules and previous is None:
         state = _Offloaded(tier, "rebuild", weight_bytes=owner.size_bytes or 0)
         note = (
             f"{type(obj).__name__} cannot be offloaded live; it was dropped and the loader "
@@ -375,16 +362,21 @@ def offload_object(
             ),
             file,
         )
-    slots, tensors = _slots(modules)
-    meta = [k for k, t in tensors.items() if t.is_meta]
-    if meta:
-        raise OffloadError(f"{owner.name}: tensors already on meta, cannot offload: {meta[:3]}")
-    weight_bytes = _nbytes(tensors.values())
+    if previous is not None:  # cpu -> disk: the data is in the host copies
+        tensors, data = previous.tensors, previous.host
+    else:
+        with torch._C.DisableTorchFunctionSubclass():
+            tensors = _distinct_tensors(modules)
+            meta = [k for k, t in tensors.items() if t.is_meta]
+        if meta:
+            raise OffloadError(f"{owner.name}: tensors on meta, cannot offload: {meta[:3]}")
+        data = tensors
+    weight_bytes = _nbytes(data.values())
     if tier == "cpu":
-        state, note = _to_host(owner, slots, tensors, weight_bytes)
+        state, note = _to_host(owner, tensors, weight_bytes, message)
     else:
         state, note, file = _to_disk(
-            owner, slots, tensors, weight_bytes, directory, rewrite=rewrite, file=file
+            owner, tensors, data, weight_bytes, directory, message, rewrite=rewrite, file=file
         )
     state.weight_bytes = weight_bytes
     if previous is not None:
@@ -405,16 +397,14 @@ def offload_object(
 
 
 def _to_host(
-    owner: Owner,
-    slots: list[_Slot],
-    tensors: dict[str, torch.Tensor],
-    weight_bytes: int,
+    owner: Owner, tensors: dict[str, torch.Tensor], weight_bytes: int, message: str
 ) -> tuple[_Offloaded, str]:
     devices = {k: t.device for k, t in tensors.items()}
-    on_host = all(d.type == "cpu" for d in devices.values())
-    if on_host:
+    if all(d.type == "cpu" for d in devices.values()):
+        # Nothing moves, but a use while offloaded still fails loudly.
+        _put_away(tensors, message, empty=False)
         return (
-            _Offloaded("cpu", "move", slots, dict(tensors), devices),
+            _Offloaded("cpu", "move", dict(tensors), dict(tensors), devices),
             "already in host RAM: the cpu tier frees nothing on this device",
         )
     pin = owner.device.kind == "cuda" and _host_has_room(weight_bytes)
@@ -422,9 +412,9 @@ def _to_host(
     for key, tensor in tensors.items():
         copy = tensor.detach().to("cpu")
         host[key] = copy.pin_memory() if pin else copy
-    _assign(slots, host)
+    _put_away(tensors, message, empty=True)  # only once every copy exists
     note = "" if pin or owner.device.kind != "cuda" else "host RAM too tight to pin: pageable"
-    return _Offloaded("cpu", "move", slots, host, devices, pinned=pin), note
+    return _Offloaded("cpu", "move", dict(tensors), host, devices, pinned=pin), note
 
 
 def _host_has_room(nbytes: int) -> bool:
@@ -434,24 +424,26 @@ def _host_has_room(nbytes: int) -> bool:
 
 def _to_disk(
     owner: Owner,
-    slots: list[_Slot],
     tensors: dict[str, torch.Tensor],
+    data: dict[str, torch.Tensor],
     weight_bytes: int,
     directory: Path,
+    message: str,
     *,
     rewrite: bool,
     file: _DiskCache | None,
 ) -> tuple[_Offloaded, str, _DiskCache | None]:
-    devices = {k: t.device for k, t in tensors.items()}
     note = ""
-    if not rewrite and file is not None and _unchanged(file, tensors) and file.path.exists():
-        path, note = file.path, "reused"
-    else:
-        path = write_file(owner.name, owner.token, tensors, weight_bytes, directory)
-        file = None
-    skeleton = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
-    _assign(slots, skeleton)
-    return _Offloaded("disk", "file", slots, {}, devices, path=path), note, file
+    # The data may be tombstones whose bytes stayed (a cpu tier on a cpu device).
+    with torch._C.DisableTorchFunctionSubclass():
+        devices = {k: t.device for k, t in data.items()}
+        if not rewrite and file is not None and _unchanged(file, data) and file.path.exists():
+            path, note = file.path, "reused"
+        else:
+            path = write_file(owner.name, owner.token, data, weight_bytes, directory)
+            file = None
+    _put_away(tensors, message, empty=True)  # only once the file is written
+    return _Offloaded("disk", "file", dict(tensors), {}, devices, path=path), note, file
 
 
 def _unchanged(cache: _DiskCache, tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -484,10 +476,11 @@ def wake_object(
     """
     started = time.perf_counter()
     file = None
-    if state.method == "move":
-        _from_host(state, device)
-    else:
-        file = _from_disk(state, device)
+    with torch._C.DisableTorchFunctionSubclass():  # the tensors are tombstones until restored
+        if state.method == "move":
+            _from_host(state, device)
+        else:
+            file = _from_disk(state, device)
     report = WakeReport(
         name, state.tier, state.method, time.perf_counter() - started, state.weight_bytes
     )
@@ -512,45 +505,28 @@ def _from_host(state: _Offloaded, target: Device) -> None:
         if state.pinned:
             torch.cuda.synchronize()
     except BaseException:
-        moved.clear()  # nothing was assigned yet: the host copies are intact
+        moved.clear()  # nothing was given back yet: the host copies are intact
         raise
-    _assign(state.slots, moved)
+    _bring_back(state.tensors, moved)
 
 
 def _from_disk(state: _Offloaded, target: Device) -> _DiskCache:
     assert state.path is not None
     loaded = read_file(state.path)
     on_host = all(d.type == "cpu" for d in state.devices.values())
-    missing = {s.key for s in state.slots} - set(loaded)
+    missing = set(state.tensors) - set(loaded)
     if missing:
         raise OSError(f"cache file {state.path} lacks {sorted(missing)[:3]}")
     if not on_host:
         loaded = {k: t.to(_device_for(state, k, target)) for k, t in loaded.items()}
-    _assign(state.slots, loaded)
-    return _DiskCache(state.path, {k: _Stamp.of(t) for k, t in _current(state.slots).items()})
-
-
-def _current(slots: Iterable[_Slot]) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for slot in slots:
-        if slot.key in found:
-            continue
-        value: torch.Tensor | None
-        if slot.kind == "param":
-            value = slot.module._parameters[slot.name]
-        elif slot.kind == "buffer":
-            value = slot.module._buffers[slot.name]
-        else:
-            value = getattr(slot.module, slot.name)
-        if value is not None:
-            found[slot.key] = value
-    return found
+    _bring_back(state.tensors, loaded)
+    return _DiskCache(state.path, {k: _Stamp.of(t) for k, t in state.tensors.items()})
 
 
 def release_host_copies(state: _Offloaded) -> None:
     """Drop a cpu-tier state's host copies (pinned memory included) once they moved on."""
     state.host.clear()
-    state.slots.clear()
+    state.tensors.clear()
 
 
 def discard(state: _Offloaded | None, file: _DiskCache | None) -> None:
