@@ -176,3 +176,60 @@ def test_an_lru_cached_loader_is_named_as_the_holder(hf_paths: dict[str, Path]) 
     # The cache now hands out the unloaded object: the next load must say so.
     with pytest.raises(ModelStateError, match="returned the object vramkit unloaded before"):
         mm.load()
+
+
+def _funasr_failing(automodel: Any) -> None:
+    def transcribe(automodel: Any) -> None:
+        raise ValueError("bad audio")
+
+    try:
+        transcribe(automodel)
+    except ValueError as error:
+        KEPT.append(error)
+
+
+def _generate(held: Any) -> Any:
+    from vramkit.testing.models import synthetic_audio
+
+    return held(input=synthetic_audio(_models.AUDIO_SECONDS))
+
+
+FUNASR_CASES = {
+    "automodel": (lambda am: KEPT.append(am), f"{_HERE}.KEPT[0]", _models.funasr_text),
+    "vad-model": (
+        lambda am: KEPT.append(am.vad_model),
+        f"{_HERE}.KEPT[0] -> FsmnVADStreaming.",
+        lambda vad: next(vad.parameters()) * 2,
+    ),
+    "bound-generate": (
+        lambda am: KEPT.append(am.generate),
+        f"{_HERE}.KEPT[0] -> bound method AutoModel.generate",
+        _generate,
+    ),
+    "state-dict": (
+        lambda am: KEPT.append(am.model.state_dict()),
+        f"{_HERE}.KEPT[0]['",
+        lambda weights: next(iter(weights.values())) * 2,
+    ),
+    "traceback": (
+        _funasr_failing,
+        f"{_HERE}.KEPT[0] -> ValueError.__traceback__ -> traceback",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("plant", "expected", "use"), FUNASR_CASES.values(), ids=FUNASR_CASES.keys()
+)
+def test_a_holder_of_a_funasr_pipeline_is_named_freed_and_loud(
+    funasr_pipeline: Any,
+    plant: Callable[[Any], None],
+    expected: str,
+    use: Callable[[Any], Any] | None,
+) -> None:
+    mm = ManagedModel.from_funasr(**funasr_pipeline.automodel_kwargs(), device="cpu", name="asr")
+    refs = _lease_and_plant(mm, plant)
+    _check_unload(mm, refs, expected)
+    if use is not None:
+        _stale_use_is_loud(mm.name, lambda: use(KEPT[0]))

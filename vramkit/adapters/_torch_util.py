@@ -51,6 +51,8 @@ __all__ = [
     "module_tensors",
     "modules_in",
     "neutralise_torch",
+    "owns_tensors",
+    "refuse_calls",
     "restore",
     "set_data",
     "storage_bytes",
@@ -516,15 +518,25 @@ def disable_module(module: torch.nn.Module, message: str) -> list[Any]:
     Returns:
         The hook handles (``handle.remove()`` undoes it).
     """
+    return refuse_calls([m for m in module.modules() if m is module or _owns_tensors(m)], message)
+
+
+def refuse_calls(modules: Iterable[torch.nn.Module], message: str) -> list[Any]:
+    """Make calling each of ``modules`` raise :class:`ModelStateError` with ``message``.
+
+    Returns:
+        The hook handles (``handle.remove()`` undoes it).
+    """
 
     def refuse(_module: torch.nn.Module, _args: object) -> None:
         raise ModelStateError(message)
 
-    return [
-        sub.register_forward_pre_hook(refuse)
-        for sub in module.modules()
-        if sub is module or _owns_tensors(sub)
-    ]
+    return [module.register_forward_pre_hook(refuse) for module in modules]
+
+
+def owns_tensors(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself holds tensors (parameters, buffers, tensor attributes)."""
+    return _owns_tensors(module)
 
 
 def _owns_tensors(module: torch.nn.Module) -> bool:

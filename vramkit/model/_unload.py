@@ -30,6 +30,8 @@ from vramkit.adapters import Adapter
 from vramkit.adapters._torch_util import (
     StorageRefs,
     free_storages,
+    owns_tensors,
+    refuse_calls,
     storage_bytes,
     storage_key,
 )
@@ -217,7 +219,13 @@ def _survivors(
         f"{unload.name} was unloaded by vramkit but this reference outlived it "
         f"(held by: {where}); {unload.advice}"
     )
-    neutralised = adapter.neutralise(objects, message) if objects else 0
+    if objects:  # the adapter makes the object and its modules refuse
+        neutralised = adapter.neutralise(objects, message)
+    else:
+        # A kept submodule (FunASR's vad_model, a transformer block) refuses to be
+        # called, as the model would; ones without tensors may be shared: left alone.
+        neutralised = 0
+        refuse_calls([m for m in tracked.live_modules() if owns_tensors(m)], message)
     result = free_storages(tracked.storages, message, survivors=tensors)
     objects.clear()
     tensors.clear()
