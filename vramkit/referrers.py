@@ -73,6 +73,7 @@ _EXCEPTION_FIELDS: dict[str, Any] = {
     name: vars(BaseException)[name]
     for name in ("__traceback__", "__context__", "__cause__", "args")
 }
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 _SUSPENDABLE = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
 
 
@@ -272,6 +273,7 @@ class _Search:
         self.given_modules: list[Any] | None = None
         self.given_heap = False
         self.levels = 0
+        self.native: list[_Path] = []  # paths ending at objects only native code holds
         self.module_dicts = _module_dicts()
         self.locals, self.other_threads, snapshots = _running_frames(self.own_frame, thread_names)
         self._own(snapshots)
@@ -303,7 +305,10 @@ class _Search:
         frontier = self._climb(frontier, seen)
         chains = self._direct_roots(frontier)
         for _ in range(max_depth):
-            if len(chains) >= enough or self.examined >= self.max_objects:
+            # Locals of running frames are found for free and are often the
+            # caller's own: only chains from other roots end the walk early.
+            rooted = sum(1 for _, chain in chains if chain.root != "frame")
+            if rooted >= enough or self.examined >= self.max_objects:
                 break
             if self.deadline is not None and time.perf_counter() > self.deadline:
                 break
@@ -313,9 +318,11 @@ class _Search:
             frontier = following
             if not frontier:
                 break
-        if frontier and all(chain.root == "frame" for _, chain in chains):
-            # Cut short before a global root: show how far the walk got.
-            chains += [(p.target, _partial(p)) for p in frontier[:3] if p.tokens]
+        if all(chain.root == "frame" for _, chain in chains):
+            # No global root: name the objects only native code holds (a Ray
+            # actor's deployment instance), then show how far a cut walk got.
+            ends = [*self.native, *frontier][:3]
+            chains += [(p.target, _partial(p)) for p in ends if p.tokens]
         return chains
 
     def _own(self, container: Any) -> None:
@@ -349,10 +356,12 @@ class _Search:
                 current = id(module)
                 if (path.target, current) in seen:
                     break
-                seen.add((path.target, current))  # its holders: searched through the top's
                 climbed_any = True
-            if not climbed_any:
+            # The modules on the way stay unseen: the scan still walks up through
+            # them, so a holder of a submodule (a kept block) is found too.
+            if not climbed_any or (path.target, current) in seen:
                 continue
+            seen.add((path.target, current))
             self.held[current] = self.modules[current]
             climbed.append(_Path(current, tokens, path.target, " -> ".join(_render(tokens))))
         return climbed
@@ -422,9 +431,21 @@ class _Search:
         self.levels += 1
         candidates = by_id if self.given_heap or first else orphans
         for holder, child, tokens in self._autograd_edges([self.held[i] for i in candidates]):
+            orphans.pop(id(child), None)
             for path in by_id[id(child)]:
                 self._extend(holder, path, tokens, None, seen, chains, following)
+        self.native += [
+            path for oid, paths in orphans.items() if self._native(oid) for path in paths
+        ]
         return chains, _narrow(following)
+
+    def _native(self, oid: int) -> bool:
+        """Whether an object no Python object holds is held by native code (a holder to name).
+
+        A bare container nobody refers to is a running function's local (those
+        are invisible to the gc since Python 3.11), most often a caller's own.
+        """
+        return not issubclass(type(self.held[oid]), _CONTAINERS) and oid not in self.locals
 
     def _extend(
         self,
