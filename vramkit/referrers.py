@@ -166,6 +166,7 @@ def find_holders(
     ignore: Iterable[object] = (),
     modules: Iterable[object] | None = None,
     heap_tensors: list[Any] | None = None,
+    first_only: bool = False,
 ) -> list[ReferrerChain]:
     """Like :func:`find_referrers` for several targets at once, sharing each heap scan.
 
@@ -183,9 +184,19 @@ def find_holders(
             heap). A caller that knows the model's modules saves that pass.
         heap_tensors: The heap's tensors, when the caller already has them
             (for autograd holders and views).
+        first_only: Stop at the level where every target got its first chain
+            from a root (a faster answer, for reports that show one or two).
     """
     pairs = _search(
-        targets, max_depth, max_chains, max_objects, seconds, ignore, modules, heap_tensors
+        targets,
+        max_depth,
+        max_chains,
+        max_objects,
+        seconds,
+        ignore,
+        modules,
+        heap_tensors,
+        first_only=first_only,
     )
     return _best(pairs, max_chains)
 
@@ -201,10 +212,13 @@ def find_holders_each(
 ) -> list[list[ReferrerChain]]:
     """The chains of each of ``targets`` (same order), found in one shared search.
 
-    Arguments as for :func:`find_holders`; ``max_chains`` applies per target.
+    Arguments as for :func:`find_holders`; ``max_chains`` applies per target,
+    and the walk stops at the level where every target has a chain from a root.
     """
     enough = max_chains * len(targets)
-    pairs = _search(targets, max_depth, enough, max_objects, seconds, ignore, None, None)
+    pairs = _search(
+        targets, max_depth, enough, max_objects, seconds, ignore, None, None, first_only=True
+    )
     return [
         _best([pair for pair in pairs if pair[0] == index], max_chains)
         for index in range(len(targets))
@@ -220,6 +234,8 @@ def _search(
     ignore: Iterable[object],
     modules: Iterable[object] | None,
     heap_tensors: list[Any] | None,
+    *,
+    first_only: bool,
 ) -> list[tuple[int, ReferrerChain]]:
     # Thread names before the walk: threading.enumerate() takes a lock.
     names = {t.ident: t.name for t in threading.enumerate()}
@@ -227,6 +243,7 @@ def _search(
     try:
         with exclusive():
             search = _Search(targets, ignore, names, max_objects, deadline)
+            search.first_only = first_only
             if modules is not None:
                 search.given_modules = list(modules)
                 search._own(search.given_modules)
@@ -272,6 +289,7 @@ class _Search:
         self.modules: dict[int, Any] = {}
         self.given_modules: list[Any] | None = None
         self.given_heap = False
+        self.first_only = False
         self.levels = 0
         self.native: list[_Path] = []  # paths ending at objects only native code holds
         self.module_dicts = _module_dicts()
@@ -305,10 +323,13 @@ class _Search:
         frontier = self._climb(frontier, seen)
         chains = self._direct_roots(frontier)
         for _ in range(max_depth):
-            # Locals of running frames are found for free and are often the
-            # caller's own: only chains from other roots end the walk early.
-            rooted = sum(1 for _, chain in chains if chain.root != "frame")
-            if rooted >= enough or self.examined >= self.max_objects:
+            # Enough once there are ``enough`` chains from roots other than a
+            # running frame's local (those come for free and are often the
+            # caller's own), or, asked for a first answer, one per target.
+            rooted = [target for target, chain in chains if chain.root != "frame"]
+            if len(rooted) >= enough or (self.first_only and len(set(rooted)) == len(self.targets)):
+                break
+            if self.examined >= self.max_objects:
                 break
             if self.deadline is not None and time.perf_counter() > self.deadline:
                 break

@@ -272,6 +272,7 @@ def _holders_of(
         max_chains=3,
         modules=modules,
         heap_tensors=heap,
+        first_only=True,
     )
     modules.clear()
     targets.clear()
