@@ -217,14 +217,14 @@ def test_out_of_memory_in_the_middle_of_a_wake(
     mm = pool.register("m", build, offload_dir=tmp_path)
     assert same_model(mm)
     mm.offload("disk")
-    original = tiers._assign
+    original = tiers._bring_back
     calls = [0]
 
-    def assign_then_fail(slots: Any, values: Any) -> None:
+    def bring_back_then_fail(tensors: Any, data: Any) -> None:
         calls[0] += 1
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(tiers, "_assign", assign_then_fail)
+    monkeypatch.setattr(tiers, "_bring_back", bring_back_then_fail)
     with pytest.raises(torch.OutOfMemoryError):
         mm.wake()
     assert calls[0] == 1
@@ -232,7 +232,7 @@ def test_out_of_memory_in_the_middle_of_a_wake(
     assert mm.tier == "disk"
     assert pool.status().charged_bytes == 0
     assert pool._reserved == {}
-    monkeypatch.setattr(tiers, "_assign", original)
+    monkeypatch.setattr(tiers, "_bring_back", original)
     assert same_model(mm)  # the file was intact: the next wake works
     assert mm.stats.loads == 1  # without falling back to the loader
     pool.close()
