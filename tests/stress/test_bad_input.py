@@ -7,6 +7,7 @@ and of the model's state machine.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -232,10 +233,303 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         InvalidArgumentError,
         "every_calls",
     ),
+    # Round 2: what a careless caller got through before.
+    (
+        "parse_bytes(Arabic-Indic digits)",
+        lambda: vramkit.parse_bytes("\u0661\u0662MiB"),
+        InvalidArgumentError,
+        "'16MiB'",
+    ),
+    (
+        "parse_bytes('1e99GiB')",
+        lambda: vramkit.parse_bytes("1e99GiB"),
+        InvalidArgumentError,
+        "too large",
+    ),
+    ("parse_bytes(2**70)", lambda: vramkit.parse_bytes(2**70), InvalidArgumentError, "too large"),
+    (
+        "format_bytes(nan)",
+        lambda: vramkit.format_bytes(math.nan),
+        InvalidArgumentError,
+        "value must be",
+    ),
+    (
+        "format_bytes('1GiB')",
+        lambda: vramkit.format_bytes("1GiB"),
+        InvalidArgumentError,
+        "value must be",
+    ),  # type: ignore[arg-type]
+    (
+        "format_bytes(precision=-1)",
+        lambda: vramkit.format_bytes(1, precision=-1),
+        InvalidArgumentError,
+        "precision",
+    ),
+    (
+        "format_bytes(signed='no')",
+        lambda: vramkit.format_bytes(1, signed="no"),
+        InvalidArgumentError,
+        "signed must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "resolve_device(' cpu')",
+        lambda: vramkit.resolve_device(" cpu"),
+        InvalidArgumentError,
+        "device",
+    ),
+    (
+        "resolve_device('CPU')",
+        lambda: vramkit.resolve_device("CPU"),
+        InvalidArgumentError,
+        "lower case",
+    ),
+    (
+        "resolve_device('cpu:00')",
+        lambda: vramkit.resolve_device("cpu:00"),
+        InvalidArgumentError,
+        "leading zero",
+    ),
+    (
+        "resolve_device(Arabic-Indic index)",
+        lambda: vramkit.resolve_device("cuda:\u0660"),
+        InvalidArgumentError,
+        "device",
+    ),
+    (
+        "cleanup(gc_collect='false')",
+        lambda: vramkit.cleanup("cpu", gc_collect="false"),
+        InvalidArgumentError,
+        "gc_collect must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "cleanup(trim=1)",
+        lambda: vramkit.cleanup("cpu", trim=1),
+        InvalidArgumentError,
+        "trim must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "gpu_session(cleanup='false')",
+        lambda: vramkit.gpu_session(cleanup="false"),
+        InvalidArgumentError,
+        "cleanup must be True or False",
+    ),  # type: ignore[call-overload]
+    (
+        "ManagedModel(strict='false')",
+        lambda: ManagedModel(tiny, strict="false"),
+        InvalidArgumentError,
+        "strict must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "ManagedModel(inference_mode='no')",
+        lambda: ManagedModel(tiny, inference_mode="no"),
+        InvalidArgumentError,
+        "inference_mode must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "ManagedModel(free_survivors=None)",
+        lambda: ManagedModel(tiny, free_survivors=None),
+        InvalidArgumentError,
+        "free_survivors must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "unload(wait='no')",
+        lambda: loaded().unload(wait="no"),
+        InvalidArgumentError,
+        "wait must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "unload(strict='false')",
+        lambda: loaded().unload(strict="false"),
+        InvalidArgumentError,
+        "strict must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "offload(wait='yes')",
+        lambda: loaded().offload("cpu", wait="yes"),
+        InvalidArgumentError,
+        "wait must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "offload(rewrite='yes')",
+        lambda: loaded().offload("cpu", rewrite="yes"),
+        InvalidArgumentError,
+        "rewrite must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "inference(inference_mode='x')",
+        lambda: loaded().inference(inference_mode="x"),
+        InvalidArgumentError,
+        "inference_mode must be True or False",
+    ),  # type: ignore[call-overload]
+    (
+        "from_torch(eval='false')",
+        lambda: ManagedModel.from_torch(tiny, eval="false"),
+        InvalidArgumentError,
+        "eval must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "from_onnx(arena='false')",
+        lambda: ManagedModel.from_onnx(__file__, arena="false"),
+        InvalidArgumentError,
+        "arena must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "from_funasr(disable_update='false')",
+        lambda: ManagedModel.from_funasr(".", disable_update="false"),
+        InvalidArgumentError,
+        "disable_update must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "pool.register(pin='no')",
+        lambda: ModelPool("cpu", budget="1GiB").register("m", tiny, pin="no"),
+        InvalidArgumentError,
+        "pin must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "pool.add(pin='no')",
+        lambda: ModelPool("cpu", budget="1GiB").add(ManagedModel(tiny, device="cpu"), pin="no"),
+        InvalidArgumentError,
+        "pin must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "ModelPool(start_threads='no')",
+        lambda: ModelPool("cpu", start_threads="no"),
+        InvalidArgumentError,
+        "start_threads must be True or False",
+    ),  # type: ignore[arg-type]
+    (
+        "ModelPool(timeout=nan)",
+        lambda: ModelPool("cpu", timeout=math.nan),
+        InvalidArgumentError,
+        "timeout must be",
+    ),
+    (
+        "ModelPool(keep_alive=nan)",
+        lambda: ModelPool("cpu", keep_alive=math.nan),
+        InvalidArgumentError,
+        "keep_alive must be",
+    ),
+    (
+        "unload(timeout=nan)",
+        lambda: loaded().unload(timeout=math.nan),
+        InvalidArgumentError,
+        "timeout must be",
+    ),
+    (
+        "offload(timeout=nan)",
+        lambda: loaded().offload("cpu", timeout=math.nan),
+        InvalidArgumentError,
+        "timeout must be",
+    ),
+    (
+        "ManagedModel(driver_wait=nan)",
+        lambda: ManagedModel(tiny, driver_wait=math.nan),
+        InvalidArgumentError,
+        "driver_wait must be",
+    ),
+    (
+        "ManagedModel(driver_wait=inf)",
+        lambda: ManagedModel(tiny, driver_wait=math.inf),
+        InvalidArgumentError,
+        "driver_wait must be",
+    ),
+    (
+        "ManagedModel(cleanup='x')",
+        lambda: ManagedModel(tiny, cleanup="x"),
+        InvalidArgumentError,
+        "cleanup must be a CleanupPolicy",
+    ),  # type: ignore[arg-type]
+    (
+        "ManagedModel(config=5)",
+        lambda: ManagedModel(tiny, config=5),
+        InvalidArgumentError,
+        "config must be",
+    ),  # type: ignore[arg-type]
+    (
+        "ManagedModel(offload_dir=5)",
+        lambda: ManagedModel(tiny, offload_dir=5),
+        InvalidArgumentError,
+        "offload_dir must be",
+    ),  # type: ignore[arg-type]
+    (
+        "pool.plan(0)",
+        lambda: ModelPool("cpu", budget="1GiB").plan(0),
+        InvalidArgumentError,
+        "names must be",
+    ),  # type: ignore[arg-type]
+    (
+        "pool.evict_idle(exclude=0)",
+        lambda: ModelPool("cpu", budget="1GiB").evict_idle(exclude=0),
+        InvalidArgumentError,
+        "exclude must be",
+    ),  # type: ignore[arg-type]
+    (
+        "find_referrers(max_depth='a')",
+        lambda: vramkit.find_referrers(object(), max_depth="a"),
+        InvalidArgumentError,
+        "max_depth must be",
+    ),  # type: ignore[arg-type]
+    (
+        "find_referrers(ignore=5)",
+        lambda: vramkit.find_referrers(object(), ignore=5),
+        InvalidArgumentError,
+        "ignore must be",
+    ),  # type: ignore[arg-type]
 ]
 
+# Found in round 2 and fixed in code that was being moved at the time: each
+# case fails on the old code (strict xfail) until its fix lands.
+_ROUND2_PENDING = {
+    "parse_bytes(Arabic-Indic digits)",
+    "parse_bytes('1e99GiB')",
+    "parse_bytes(2**70)",
+    "format_bytes(nan)",
+    "format_bytes('1GiB')",
+    "format_bytes(precision=-1)",
+    "format_bytes(signed='no')",
+    "resolve_device(' cpu')",
+    "resolve_device('CPU')",
+    "resolve_device('cpu:00')",
+    "resolve_device(Arabic-Indic index)",
+    "cleanup(gc_collect='false')",
+    "cleanup(trim=1)",
+    "ManagedModel(strict='false')",
+    "ManagedModel(inference_mode='no')",
+    "ManagedModel(free_survivors=None)",
+    "unload(wait='no')",
+    "unload(strict='false')",
+    "offload(wait='yes')",
+    "offload(rewrite='yes')",
+    "inference(inference_mode='x')",
+    "from_torch(eval='false')",
+    "from_onnx(arena='false')",
+    "from_funasr(disable_update='false')",
+    "pool.register(pin='no')",
+    "pool.add(pin='no')",
+    "ModelPool(start_threads='no')",
+    "ModelPool(timeout=nan)",
+    "unload(timeout=nan)",
+    "offload(timeout=nan)",
+    "ManagedModel(driver_wait=nan)",
+    "ManagedModel(driver_wait=inf)",
+    "ManagedModel(cleanup='x')",
+    "ManagedModel(config=5)",
+    "ManagedModel(offload_dir=5)",
+    "pool.plan(0)",
+    "pool.evict_idle(exclude=0)",
+    "find_referrers(max_depth='a')",
+    "find_referrers(ignore=5)",
+}
 
-@pytest.mark.parametrize(("label", "call", "error", "fragment"), CASES, ids=[c[0] for c in CASES])
+
+def _case(case: tuple[str, Callable[[], Any], type[BaseException], str]) -> Any:
+    label = case[0]
+    pending = label in _ROUND2_PENDING
+    marks = [pytest.mark.xfail(strict=True, reason="round 2: not fixed yet")] if pending else []
+    return pytest.param(*case, id=label, marks=marks)
+
+
+@pytest.mark.parametrize(("label", "call", "error", "fragment"), [_case(c) for c in CASES])
 def test_bad_input_table(
     label: str, call: Callable[[], Any], error: type[BaseException], fragment: str
 ) -> None:
