@@ -28,8 +28,6 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GP
     ("spec", "expected"),
     [
         ("cpu", "cpu"),
-        ("CPU", "cpu"),
-        (" cpu ", "cpu"),
         ("cpu:0", "cpu"),
         (torch.device("cpu"), "cpu"),
         (Device("cpu"), "cpu"),
@@ -50,6 +48,14 @@ def test_resolve_device_accepts_torch_spellings(spec: object, expected: str) -> 
         (True, InvalidArgumentError, "got True (bool)"),
         (["cpu"], InvalidArgumentError, "(list)"),
         ("cpu:1", DeviceUnavailableError, "there is one cpu"),
+        # torch refuses these spellings; so does vramkit, saying what to write instead
+        ("CPU", InvalidArgumentError, "lower case: 'cpu'"),
+        (" cpu", InvalidArgumentError, "no spaces: 'cpu'"),
+        ("cpu ", InvalidArgumentError, "no spaces: 'cpu'"),
+        ("cpu:00", InvalidArgumentError, "no leading zeros: 'cpu:0'"),
+        ("cuda:01", InvalidArgumentError, "no leading zeros: 'cuda:1'"),
+        ("cuda:\u0660", InvalidArgumentError, "not a device name"),
+        ("cpu:\uff10", InvalidArgumentError, "not a device name"),
     ],
 )
 def test_resolve_device_rejects_bad_names(spec: object, error: type, fragment: str) -> None:

@@ -1,12 +1,20 @@
 import datetime
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vramkit import InvalidArgumentError, format_bytes, parse_bytes
-from vramkit._units import format_part_of, parse_seconds
+from vramkit._units import (
+    MAX_BYTES,
+    check_flag,
+    check_seconds,
+    format_part_of,
+    parse_seconds,
+    parse_timeout,
+)
 
 
 @pytest.mark.parametrize(
@@ -155,3 +163,84 @@ def test_parse_seconds_accepts(value: float | str | datetime.timedelta, expected
 def test_parse_seconds_rejects_naming_the_parameter(value: object) -> None:
     with pytest.raises(InvalidArgumentError, match=r"^every must be a non-negative duration"):
         parse_seconds(value, what="every")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(8e9, "7.5 GiB"), (1536.4, "1.5 KiB"), (-2.0, "-2 B"), (0.4, "0 B")],
+)
+def test_format_bytes_rounds_floats_to_whole_bytes(value: float, expected: str) -> None:
+    assert format_bytes(value) == expected
+
+
+def test_format_bytes_takes_numpy_integers() -> None:
+    import numpy as np
+
+    assert format_bytes(np.int64(1024)) == "1.0 KiB"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda: format_bytes(math.nan), "value must be a number of bytes"),
+        (lambda: format_bytes(math.inf), "value must be a number of bytes"),
+        (lambda: format_bytes("5"), "value must be a number of bytes"),
+        (lambda: format_bytes(True), "value must be a number of bytes"),
+        (lambda: format_bytes(1, precision=-1), "precision must be"),
+        (lambda: format_bytes(1, precision=1.5), "precision must be"),
+        (lambda: format_bytes(1, signed=1), "signed must be True or False"),
+        (lambda: format_part_of(1, math.nan), "whole must be"),
+    ],
+)
+def test_format_bytes_rejects_what_is_not_a_byte_count(call: Any, fragment: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="must be") as info:
+        call()
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["\u0661\u0662MiB", "\uff11\uff12MiB", "1\u00a0MiB", "1e99GiB", "1e19", 2**63]
+)
+def test_parse_bytes_refuses_other_scripts_digits_and_absurd_sizes(text: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="size must be"):
+        parse_bytes(text)  # type: ignore[arg-type]
+
+
+def test_parse_bytes_takes_the_largest_size_a_counter_holds() -> None:
+    assert parse_bytes(MAX_BYTES) == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), (0, 0.0), (2.5, 2.5), (math.inf, None), (1e308, None), (1e10, None)],
+)
+def test_parse_timeout_means_no_limit_past_what_a_lock_can_wait(
+    value: float | None, expected: float | None
+) -> None:
+    assert parse_timeout(value) == expected
+
+
+@pytest.mark.parametrize("value", [math.nan, -1, "5", True, [1]])
+def test_parse_timeout_refuses_nan_negatives_and_non_numbers(value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="wait_for must be seconds >= 0"):
+        parse_timeout(value, "wait_for")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.5, "1", False, None])
+def test_check_seconds_wants_a_finite_number(value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="pause must be a finite number of seconds"):
+        check_seconds(value, "pause")
+
+
+def test_check_seconds_with_and_without_zero() -> None:
+    assert check_seconds(0, "pause") == 0.0
+    with pytest.raises(InvalidArgumentError, match="more than 0"):
+        check_seconds(0, "pause", allow_zero=False)
+
+
+@pytest.mark.parametrize("value", ["false", "True", 0, 1, None, 1.0])
+def test_check_flag_takes_only_true_and_false(value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"strict must be True or False; got"):
+        check_flag(value, "strict")
+    assert check_flag(True, "strict") is True
+    assert check_flag(False, "strict") is False

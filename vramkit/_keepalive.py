@@ -10,6 +10,12 @@ The thread holds no lock while it unloads: it pops what is due, releases its
 lock, then asks each model to expire itself. Each pool owns one scheduler;
 models outside a pool share a process-wide one. Threads are daemons, stopped by
 :meth:`KeepAliveScheduler.close` and at interpreter exit.
+
+One thread serves every model of a pool (or of the process), so no single
+entry may stop it: an infinite delay is "never" and is not queued, a delay
+longer than a lock can wait is waited for in slices, a NaN or negative delay
+is refused in the caller's thread, and anything that still goes wrong in the
+thread is logged and survived.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import atexit
 import datetime
 import heapq
 import logging
+import math
 import threading
 import time
 import weakref
@@ -29,6 +36,34 @@ from vramkit.errors import InvalidArgumentError
 __all__ = ["Expirable", "KeepAliveScheduler", "default_scheduler", "keep_alive_seconds"]
 
 _log = logging.getLogger("vramkit")
+
+_LONGEST_WAIT = threading.TIMEOUT_MAX / 2  # past this a lock's wait overflows: wait in slices
+_RETRY_AFTER_ERROR = 1.0  # seconds the thread rests after an unexpected error
+
+
+def keep_alive_seconds(value: object) -> float | None:
+    """Check a ``keep_alive`` setting: seconds >= 0 or a timedelta; ``None`` or infinity = never.
+
+    Returns:
+        The seconds, or ``None`` for "never expire".
+
+    Raises:
+        InvalidArgumentError: NaN, a negative number, a bool or anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise InvalidArgumentError(
+            f"keep_alive must be seconds >= 0 (0 unloads when idle), a timedelta, or None "
+            f"(never expire); got {value!r}"
+        )
+    if value < 0:
+        raise InvalidArgumentError(
+            f"keep_alive must be >= 0 seconds, or None to never expire; got {value!r}"
+        )
+    return None if math.isinf(value) else float(value)
 
 
 class Expirable(Protocol):
@@ -71,8 +106,17 @@ class KeepAliveScheduler:
         """The clock deadlines are measured on."""
         return self._clock
 
-    def schedule(self, model: Expirable, delay: float, stamp: int) -> None:
-        """Ask ``model`` to expire ``delay`` seconds from now unless used since ``stamp``."""
+    def schedule(self, model: Expirable, delay: float | None, stamp: int) -> None:
+        """Ask ``model`` to expire ``delay`` seconds from now unless used since ``stamp``.
+
+        ``None`` or infinity schedules nothing (never).
+
+        Raises:
+            InvalidArgumentError: ``delay`` is NaN, negative or not a number.
+        """
+        delay = keep_alive_seconds(delay)
+        if delay is None:
+            return
         with self._cond:
             if self._closed:
                 return
@@ -116,18 +160,29 @@ class KeepAliveScheduler:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._closed:
-                    if self._heap:
-                        wait = self._heap[0][0] - self._clock()
-                        if wait <= 0:
-                            break
-                        self._cond.wait(wait)
-                    else:
-                        self._cond.wait()
-                if self._closed:
+            try:
+                if not self._wait_until_due():
                     return
-            self.run_due()  # outside the lock: unloading may take seconds and re-schedule
+                self.run_due()  # outside the lock: unloading may take seconds and re-schedule
+            except Exception:  # the thread serves every model: it must outlive any one error
+                _log.exception("keep-alive thread %s: unexpected error; it carries on", self._name)
+                with self._cond:
+                    if self._closed:
+                        return
+                    self._cond.wait(_RETRY_AFTER_ERROR)
+
+    def _wait_until_due(self) -> bool:
+        """Block until the first deadline passes. Returns ``False`` once closed."""
+        with self._cond:
+            while not self._closed:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                wait = self._heap[0][0] - self._clock()
+                if wait <= 0:
+                    return True
+                self._cond.wait(min(wait, _LONGEST_WAIT))
+            return False
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread (pending expiries are dropped) and wait for it to end."""
@@ -162,21 +217,3 @@ def default_scheduler() -> KeepAliveScheduler:
             _default = KeepAliveScheduler()
             atexit.register(_default.close)
         return _default
-
-
-def keep_alive_seconds(value: float | datetime.timedelta | None) -> float | None:
-    """Check a ``keep_alive`` setting; returns seconds as a float, or ``None`` (never expire)."""
-    if value is None:
-        return None
-    if isinstance(value, datetime.timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise InvalidArgumentError(
-            f"keep_alive must be seconds >= 0 (0 unloads when idle), a timedelta, or None "
-            f"(never expire); got {value!r}"
-        )
-    if value < 0:
-        raise InvalidArgumentError(
-            f"keep_alive must be >= 0 seconds, or None to never expire; got {value!r}"
-        )
-    return float(value)

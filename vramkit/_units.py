@@ -2,7 +2,11 @@
 
 Inside vramkit every amount of memory is an ``int`` of bytes. Human units
 appear only at the edges (reprs, the CLI, pytest messages, user arguments), and
-they go through :func:`format_bytes` and :func:`parse_bytes` alone.
+they go through :func:`format_bytes` and :func:`parse_bytes` alone. The other
+quantities people pass in are checked here too, once for every parameter that
+takes them: seconds (:func:`parse_seconds` for durations spelled by a person,
+:func:`check_seconds` for plain numbers, :func:`parse_timeout` for bounds on a
+wait) and on/off flags (:func:`check_flag`).
 
 Units are IEC binary (KiB = 1024 B). SI decimal units are accepted on input and
 mean exactly what the SI says (``"1GB"`` is 10**9 bytes, not 2**30), because
@@ -14,12 +18,22 @@ from __future__ import annotations
 
 import datetime
 import math
+import numbers
 import re
+import threading
 from typing import Final
 
 from vramkit.errors import InvalidArgumentError
 
-__all__ = ["format_bytes", "format_part_of", "parse_bytes", "parse_seconds"]
+__all__ = [
+    "check_flag",
+    "check_seconds",
+    "format_bytes",
+    "format_part_of",
+    "parse_bytes",
+    "parse_seconds",
+    "parse_timeout",
+]
 
 _IEC: Final = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -38,8 +52,9 @@ _MULTIPLIERS: Final[dict[str, int]] = {
     "pb": 1000**5,
 }
 
+# ASCII only: Python's \d and float() also take the digits of other scripts (Arabic-Indic...).
 _PATTERN: Final = re.compile(
-    r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.I
+    r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.I | re.ASCII
 )
 
 _SECONDS: Final[dict[str, float]] = {
@@ -57,6 +72,9 @@ _ACCEPTED_SECONDS: Final = (
     "a non-negative duration: seconds as a number (30, 0.5), a datetime.timedelta, or a "
     "string with a unit ('500ms', '30s', '5min', '1.5h', '1d')"
 )
+
+MAX_BYTES: Final = 2**63 - 1
+"""The largest size accepted: what a signed 64-bit counter (torch's, the driver's) holds."""
 
 _ACCEPTED: Final = (
     "a non-negative number of bytes: an int (16777216), or a string with an IEC unit "
@@ -95,11 +113,11 @@ def parse_bytes(value: int | float | str, *, what: str = "size") -> int:
     if isinstance(value, float):
         if not math.isfinite(value) or value < 0 or not value.is_integer():
             raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r}")
-        return int(value)
+        return _within_range(int(value), value, what)
     if isinstance(value, int):
         if value < 0:
             raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r} (negative)")
-        return value
+        return _within_range(value, value, what)
     match = _PATTERN.match(value)
     if match is None:
         raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r}")
@@ -121,35 +139,54 @@ def parse_bytes(value: int | float | str, *, what: str = "size") -> int:
         raise InvalidArgumentError(
             f"{what} must be {_ACCEPTED}; got {value!r} (a fraction of a byte)"
         )
-    return round(number * multiplier)
+    return _within_range(round(number * multiplier), value, what)
 
 
-def format_bytes(value: int | None, *, precision: int = 1, signed: bool = False) -> str:
+def _within_range(size: int, value: object, what: str) -> int:
+    if size > MAX_BYTES:
+        raise InvalidArgumentError(
+            f"{what} must be {_ACCEPTED}; got {value!r} (too large: more than 8 EiB)"
+        )
+    return size
+
+
+def format_bytes(value: int | float | None, *, precision: int = 1, signed: bool = False) -> str:
     """Format a byte count for people, in IEC units.
 
     Args:
-        value: Bytes; may be negative (a delta). ``None`` (a reading that does
-            not exist on this machine) prints as ``"n/a"``.
+        value: Bytes; may be negative (a delta). A float (``0.9 * total``)
+            is rounded to whole bytes. ``None`` (a reading that does not exist
+            on this machine) prints as ``"n/a"``.
         precision: Digits after the decimal point for units above bytes.
         signed: Prefix positive values with ``+`` (for deltas).
 
     Returns:
         A string such as ``"5.2 GiB"``, ``"-12.0 MiB"``, ``"+512 B"`` or ``"n/a"``.
 
+    Raises:
+        InvalidArgumentError: ``value`` is not a number (or is NaN or
+            infinite), ``precision`` is not a whole number from 0 to 20, or
+            ``signed`` is not a bool.
+
     Examples:
         >>> format_bytes(5 * 1024**3 + 200 * 1024**2)
         '5.2 GiB'
         >>> format_bytes(-12 * 1024**2, signed=True)
         '-12.0 MiB'
+        >>> format_bytes(8e9)
+        '7.5 GiB'
     """
+    check_flag(signed, "signed")
+    _check_precision(precision)
     if value is None:
         return "n/a"
+    value = _whole_bytes(value, "value")
     sign = "-" if value < 0 else ("+" if signed and value > 0 else "")
     exponent = _exponent(abs(value), precision)
     return f"{sign}{_scaled(abs(value), exponent, precision)} {_IEC[exponent]}"
 
 
-def format_part_of(part: int, whole: int, *, precision: int = 1) -> str:
+def format_part_of(part: int | float, whole: int | float, *, precision: int = 1) -> str:
     """Format ``part`` of ``whole`` in the unit that suits ``whole``: ``"5.2 / 16.0 GiB"``.
 
     Args:
@@ -160,6 +197,8 @@ def format_part_of(part: int, whole: int, *, precision: int = 1) -> str:
     Returns:
         Both numbers in one IEC unit, the unit written once.
     """
+    _check_precision(precision)
+    part, whole = _whole_bytes(part, "part"), _whole_bytes(whole, "whole")
     exponent = _exponent(abs(whole), precision)
     return (
         f"{_scaled(part, exponent, precision)} / "
@@ -221,3 +260,114 @@ def parse_seconds(value: float | str | datetime.timedelta, *, what: str = "durat
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidArgumentError(f"{what} must be {_ACCEPTED_SECONDS}; got {value!r}")
     return seconds
+
+
+def _whole_bytes(value: object, what: str) -> int:
+    """A byte count to format: an int, or a finite float rounded to whole bytes."""
+    if not isinstance(value, bool):
+        if isinstance(value, numbers.Integral):
+            return int(value)  # numpy integers too
+        if isinstance(value, float) and math.isfinite(value):
+            return round(value)
+    raise InvalidArgumentError(
+        f"{what} must be a number of bytes (an int, or a finite float) or None; got {value!r}"
+    )
+
+
+def _check_precision(precision: object) -> None:
+    if isinstance(precision, bool) or not isinstance(precision, int) or not 0 <= precision <= 20:
+        raise InvalidArgumentError(
+            f"precision must be a whole number of decimal places from 0 to 20; got {precision!r}"
+        )
+
+
+# ---------------------------------------------------------------------- seconds and flags
+
+_NO_LIMIT: Final = threading.TIMEOUT_MAX
+"""Longer than any lock can wait (about 292 years): a bound this long is no bound."""
+
+
+def check_seconds(value: object, what: str, *, allow_zero: bool = True) -> float:
+    """Check a finite, non-negative number of seconds given as a number.
+
+    Unlike :func:`parse_seconds`, no strings or timedeltas: for parameters
+    typed and stored as plain seconds.
+
+    Args:
+        value: An int or float.
+        what: The parameter's name, for the error message.
+        allow_zero: Whether ``0`` is allowed.
+
+    Returns:
+        The seconds, as a float.
+
+    Raises:
+        InvalidArgumentError: A bool, a non-number, NaN, infinity, a negative
+            number (or zero when not allowed).
+    """
+    bound = "0 or more" if allow_zero else "more than 0"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        raise InvalidArgumentError(
+            f"{what} must be a finite number of seconds, {bound}; got {value!r}"
+        )
+    return float(value)
+
+
+def parse_timeout(value: object, what: str = "timeout") -> float | None:
+    """Check a bound on a wait: seconds >= 0, where ``None`` and infinity mean no limit.
+
+    A bound longer than any lock can wait (``threading.TIMEOUT_MAX``, about
+    292 years) is no bound either: ``1e308`` waits like ``None`` instead of
+    overflowing inside the lock.
+
+    Args:
+        value: ``None``, an int or a float.
+        what: The parameter's name, for the error message.
+
+    Returns:
+        The seconds, or ``None`` for no limit.
+
+    Raises:
+        InvalidArgumentError: A bool, a non-number, NaN or a negative number.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or math.isnan(value)
+        or value < 0
+    ):
+        raise InvalidArgumentError(
+            f"{what} must be seconds >= 0, or None (or infinity) for no limit; got {value!r}"
+        )
+    return None if value >= _NO_LIMIT else float(value)
+
+
+def check_flag(value: object, what: str) -> bool:
+    """Check an on/off parameter: only ``True`` and ``False`` pass.
+
+    ``bool(value)`` would take ``"false"`` for True and ``None`` for False;
+    a flag given as anything but a bool is a mistake worth naming.
+
+    Args:
+        value: The flag.
+        what: The parameter's name, for the error message.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        InvalidArgumentError: ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(
+            f"{what} must be True or False; got {value!r} ({type(value).__name__})"
+        )
+    return value

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from vramkit._units import format_bytes
+from vramkit._units import check_flag, format_bytes
 from vramkit.devices import DeviceLike, get_backend
 from vramkit.devices.cpu import malloc_trim
 from vramkit.memory import MemoryDelta, MemorySnapshot, read_devices, target_devices
@@ -117,6 +117,8 @@ def cleanup(
     Returns:
         A :class:`CleanupReport` with snapshots before and after.
     """
+    check_flag(gc_collect, "gc_collect")
+    check_flag(trim, "trim")
     started = time.perf_counter()
     devices = target_devices(device)
     before = read_devices(devices)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
+from vramkit._units import check_seconds
 from vramkit._utils import wrap_calls
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, resolve_device
@@ -90,10 +91,10 @@ class CleanupPolicy:
                 f"got {self.every_calls!r}"
             )
         if self.every_seconds is not None:
-            _check_seconds(self.every_seconds, "every_seconds", allow_zero=False)
+            check_seconds(self.every_seconds, "every_seconds", allow_zero=False)
         if self.above_fraction is not None:
             _check_fraction(self.above_fraction, "above_fraction")
-        _check_seconds(self.check_every_seconds, "check_every_seconds", allow_zero=True)
+        check_seconds(self.check_every_seconds, "check_every_seconds")
         if self.on_pressure is not None and not callable(self.on_pressure):
             raise InvalidArgumentError(
                 f"on_pressure must be a callable taking a MemorySnapshot, or None; "
@@ -134,18 +135,6 @@ class CleanupPolicy:
             A new :class:`CleanupTracker` with its own counters.
         """
         return CleanupTracker(self, device, clock=clock)
-
-
-def _check_seconds(value: object, what: str, *, allow_zero: bool) -> None:
-    bound = "0 or more" if allow_zero else "more than 0"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        raise InvalidArgumentError(f"{what} must be a number of seconds, {bound}; got {value!r}")
 
 
 def _check_fraction(value: object, what: str) -> None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
-from vramkit._units import format_bytes, parse_bytes
+from vramkit._units import check_flag, format_bytes, parse_bytes
 from vramkit._utils import qualname, wrap_calls
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
@@ -401,8 +401,7 @@ class GpuSession:
             raise InvalidArgumentError(
                 f'leak_check must be "raise", "warn" or None; got {leak_check!r}'
             )
-        if not isinstance(cleanup, bool):
-            raise InvalidArgumentError(f"cleanup must be True or False; got {cleanup!r}")
+        check_flag(cleanup, "cleanup")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidArgumentError(
                 f"retries must be a whole number of re-checks, 0 or more; got {retries!r}"

@@ -480,19 +480,6 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
 # Found in round 2 and fixed in code that was being moved at the time: each
 # case fails on the old code (strict xfail) until its fix lands.
 _ROUND2_PENDING = {
-    "parse_bytes(Arabic-Indic digits)",
-    "parse_bytes('1e99GiB')",
-    "parse_bytes(2**70)",
-    "format_bytes(nan)",
-    "format_bytes('1GiB')",
-    "format_bytes(precision=-1)",
-    "format_bytes(signed='no')",
-    "resolve_device(' cpu')",
-    "resolve_device('CPU')",
-    "resolve_device('cpu:00')",
-    "resolve_device(Arabic-Indic index)",
-    "cleanup(gc_collect='false')",
-    "cleanup(trim=1)",
     "ManagedModel(strict='false')",
     "ManagedModel(inference_mode='no')",
     "ManagedModel(free_survivors=None)",

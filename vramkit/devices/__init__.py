@@ -48,7 +48,8 @@ DeviceLike = Union[str, "torch.device", int, Device]
 _lock = threading.Lock()
 _backends: dict[str, DeviceBackend] = {}
 _available: tuple[Device, ...] | None = None  # cached: devices do not come and go
-_SPEC = re.compile(r"^([a-z_][a-z0-9_]*)(?::(-?\d+))?$")
+# Exactly torch's spelling: lower case, no spaces, ASCII digits, no leading zeros.
+_SPEC = re.compile(r"^([a-z_][a-z0-9_]*)(?::(-?(?:0|[1-9][0-9]*)))?$", re.ASCII)
 
 
 def register_backend(backend: DeviceBackend, *, replace: bool = False) -> None:
@@ -168,15 +169,28 @@ def resolve_device(spec: DeviceLike | None = None) -> Device:
     elif isinstance(spec, int):
         kind, index = "cuda", spec
     else:
-        match = _SPEC.match(str(spec).strip().lower())
-        if match is None:
-            raise InvalidArgumentError(
-                f"device {spec!r} is not a device name; expected 'kind' or 'kind:index' "
-                "such as 'cuda', 'cuda:1', 'mps' or 'cpu'"
-            )
-        kind = match.group(1)
-        index = int(match.group(2)) if match.group(2) is not None else None
+        kind, index = _parse_name(str(spec))
     return _check(kind, index, spec)
+
+
+def _parse_name(text: str) -> tuple[str, int | None]:
+    """Split a device name the way torch does, refusing what torch refuses."""
+    match = _SPEC.fullmatch(text)
+    if match is None:
+        hint = ""
+        if text != text.strip():
+            hint = f" (no spaces: {text.strip()!r})"
+        elif text != text.lower() and _SPEC.fullmatch(text.lower()):
+            hint = f" (device names are lower case: {text.lower()!r})"
+        elif re.fullmatch(r"[a-z_][a-z0-9_]*:-?0[0-9]+", text, re.ASCII):
+            kind, _, number = text.partition(":")
+            hint = f" (no leading zeros: '{kind}:{int(number)}')"
+        raise InvalidArgumentError(
+            f"device {text!r} is not a device name; expected 'kind' or 'kind:index' "
+            f"such as 'cuda', 'cuda:1', 'mps' or 'cpu'{hint}"
+        )
+    index = match.group(2)
+    return match.group(1), None if index is None else int(index)
 
 
 def _is_torch_device(value: object) -> bool:
