@@ -9,6 +9,13 @@ the model needed furthest in the future); pinned models last; models with
 leases never. If nothing can be evicted it waits, bounded, then raises
 :class:`~vramkit.errors.BudgetExceededError` naming who holds what.
 
+A model whose size nobody knows yet (no ``size_hint``, no checkpoint to
+measure) loads alone: one such first load at a time, holding all the room the
+budget has left until it is measured. If the pool is then over its budget it
+evicts idle models until it fits again, at once or as the leases that pinned
+them are returned; a model that alone needs more than the whole budget is
+unloaded again and refused.
+
 >>> import torch, vramkit
 >>> pool = vramkit.ModelPool("cpu", budget="64MiB", headroom=0)
 >>> pool.register("small", lambda: torch.nn.Linear(64, 64))
@@ -24,6 +31,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -38,7 +46,7 @@ from typing import Any, Literal, TypeVar
 
 from vramkit import events
 from vramkit._keepalive import KeepAliveScheduler, keep_alive_seconds
-from vramkit._units import format_bytes, format_part_of, parse_bytes
+from vramkit._units import check_flag, format_bytes, format_part_of, parse_bytes, parse_timeout
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
 from vramkit.errors import (
@@ -191,7 +199,8 @@ class ModelPool:
             :meth:`register` (Ollama semantics: ``0`` unloads when idle, ``None``
             never).
         timeout: Seconds a load waits for leased models to be returned before
-            raising :class:`BudgetExceededError`.
+            raising :class:`BudgetExceededError`; ``None`` (or infinity) waits
+            as long as it takes.
         evict_to: How to evict: ``"auto"`` (each model's cheapest tier from its
             measured costs), ``"cpu"``, ``"disk"`` or ``"unload"``.
         name: A name for reports and events.
@@ -208,19 +217,18 @@ class ModelPool:
         budget: int | float | str | None = None,
         headroom: int | str | None = None,
         keep_alive: float | datetime.timedelta | None = None,
-        timeout: float = 30.0,
+        timeout: float | None = 30.0,
         evict_to: EvictTo = "auto",
         name: str = "pool",
         clock: Callable[[], float] = time.monotonic,
         start_threads: bool = True,
     ) -> None:
+        check_flag(start_threads, "start_threads")
         self._device = resolve_device(device)
         self._budget = _parse_budget(budget)
         self._fixed_headroom = None if headroom is None else parse_bytes(headroom, what="headroom")
         self._keep_alive = keep_alive_seconds(keep_alive)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
-            raise InvalidArgumentError(f"timeout must be seconds >= 0; got {timeout!r}")
-        self._timeout = float(timeout)
+        self._timeout = parse_timeout(timeout)
         if evict_to not in ("auto", "cpu", "disk", "unload"):
             raise InvalidArgumentError(
                 f"evict_to must be 'auto', 'cpu', 'disk' or 'unload'; got {evict_to!r}"
@@ -233,6 +241,10 @@ class ModelPool:
         self._members: dict[str, _Member] = {}
         self._reserved: dict[str, int] = {}  # loads and wakes in progress
         self._evicting: set[str] = set()
+        self._sizing: str | None = None  # the one first load of unknown size in progress
+        self._overshoot = False  # over budget after a load: fit again as leases return
+        self._entering: collections.Counter[str] = collections.Counter()  # leases being taken
+        self._leaving: set[str] = set()  # models being removed
         self._plan: collections.deque[str] = collections.deque()
         self._closed = False
         self._loads = 0
@@ -269,6 +281,7 @@ class ModelPool:
         Returns:
             The new model.
         """
+        check_flag(pin, "pin")
         alive = self._keep_alive if keep_alive == "pool" else keep_alive
         model = ManagedModel(loader, name=name, device=self._device, keep_alive=alive, **options)
         return self.add(model, pin=pin)
@@ -282,6 +295,7 @@ class ModelPool:
         """
         if not isinstance(model, ManagedModel):
             raise InvalidArgumentError(f"add() takes a ManagedModel; got {model!r}")
+        check_flag(pin, "pin")
         if model.device != self._device:
             raise InvalidArgumentError(
                 f"{model.name} lives on {model.device}; this pool manages {self._device}"
@@ -294,22 +308,50 @@ class ModelPool:
                 raise InvalidArgumentError(f"{model.name} already belongs to another pool")
             model._owner = self
             model._scheduler = self._scheduler
-            self._members[model.name] = _Member(model, bool(pin))
+            self._members[model.name] = _Member(model, pin)
             self._peak = max(self._peak, self._charged())
         return model
 
     def remove(self, name: str) -> ManagedModel[Any]:
-        """Unload a model (waiting for its leases) and take it out of the pool."""
+        """Unload a model (waiting for its leases) and take it out of the pool.
+
+        From the call on, the pool starts nothing new on the model: a prefetch
+        still queued skips it, and a lease object made earlier with
+        :meth:`use` raises :class:`~vramkit.errors.ModelStateError` instead of
+        loading it. Leases already taken are waited for.
+
+        Returns:
+            The model, unloaded and free to join another pool.
+
+        Raises:
+            UnknownModelError: No model of that name (or it is being removed).
+            ModelBusyError: Called from inside one of the model's own leases.
+        """
         model = self[name]
-        model.unload(wait=True)
         with self._lock:
-            self._members.pop(name, None)
+            if name in self._leaving:
+                raise UnknownModelError(f"{name!r} is already being removed from {self._name!r}")
+            self._leaving.add(name)
+            while self._entering[name]:  # a lease or prefetch between its check and its lease
+                self._lock.wait()
+        try:
+            model.unload(wait=True)
+        except BaseException:
+            with self._lock:
+                self._leaving.discard(name)
+                self._lock.notify_all()
+            raise
+        with self._lock:
+            self._leaving.discard(name)
+            del self._members[name]
             model._owner = None
             model._scheduler = None
             self._lock.notify_all()
         return model
 
     def __getitem__(self, name: str) -> ManagedModel[Any]:
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"name must be a model name (a str); got {name!r}")
         try:
             return self._members[name].model
         except KeyError:
@@ -319,7 +361,7 @@ class ModelPool:
             ) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._members
+        return isinstance(name, str) and name in self._members
 
     def __iter__(self) -> Iterator[ManagedModel[Any]]:
         return iter([m.model for m in self._members.values()])
@@ -390,7 +432,7 @@ class ModelPool:
         Raises:
             InvalidArgumentError: A name not in the pool.
         """
-        names = list(names)
+        names = _names(names, "names")
         unknown = [n for n in names if n not in self._members]
         if unknown:
             raise InvalidArgumentError(f"plan names models not in the pool: {unknown}")
@@ -427,19 +469,18 @@ class ModelPool:
         return executor.submit(self._prefetch, model)
 
     def _prefetch(self, model: ManagedModel[Any]) -> bool:
+        try:
+            with self._entering_model(model):
+                return self._prefetch_member(model)
+        except ModelStateError as exc:  # removed (or the pool closed) since it was queued
+            self._skipped(model, str(exc))
+            return False
+
+    def _prefetch_member(self, model: ManagedModel[Any]) -> bool:
         if model.state is ModelState.READY:
             return True
         if not self._room_without_waiting(model):
-            events.emit(
-                events.Event(
-                    "prefetch_skipped",
-                    model.name,
-                    str(self._device),
-                    model.state.value,
-                    model.state.value,
-                    detail={"reason": "no room in the budget right now"},
-                )
-            )
+            self._skipped(model, "no room in the budget right now")
             return False
         try:
             model.load()
@@ -448,8 +489,23 @@ class ModelPool:
         events.emit(events.Event("prefetch", model.name, str(self._device), "UNLOADED", "READY"))
         return True
 
+    def _skipped(self, model: ManagedModel[Any], reason: str) -> None:
+        state = model.state.value
+        events.emit(
+            events.Event(
+                "prefetch_skipped",
+                model.name,
+                str(self._device),
+                state,
+                state,
+                detail={"reason": reason},
+            )
+        )
+
     def _room_without_waiting(self, model: ManagedModel[Any]) -> bool:
         with self._lock:
+            if model.expected_bytes is None and self._sizing is not None:
+                return False  # another first load of unknown size holds the room
             need = (model.expected_bytes or 0) + self._headroom(self._whole_budget())
             idle = sum(m.model.device_bytes for m in self._candidates(exclude=model.name))
             return need <= self._available(exclude=model.name) + idle
@@ -469,13 +525,8 @@ class ModelPool:
         with self._lock:
             self._check_open()
             self._budget = parsed
-            over = self._over_budget()
-            victims: list[_Member] = []
-            if over > 0:
-                victims = self._pick(over, exclude="") or self._candidates(exclude="")
-                self._evicting.update(v.model.name for v in victims)
             self._lock.notify_all()
-        return self._evict_all(victims, reason="the budget shrank") if victims else []
+        return self._fit_budget(exclude="", reason="the budget shrank")
 
     def budget_bytes(self) -> int:
         """The budget now, in bytes (for ``budget=None``, recomputed from the driver)."""
@@ -547,56 +598,105 @@ class ModelPool:
     def _before_load(self, model: ManagedModel[Any]) -> None:
         """Admission, called by a member in its loading thread before its loader runs."""
         name = model.name
-        deadline = time.monotonic() + self._timeout
-        while True:
-            with self._lock:
-                self._check_open()
-                expected = model.expected_bytes
-                if expected is None:
-                    # Size unknown until the first load (no hint, no checkpoint to
-                    # measure): make all the room idle models allow, then correct
-                    # after the load (see _after_load).
-                    victims = self._candidates(exclude=name)
-                    if victims:
-                        self._evicting.update(v.model.name for v in victims)
-                    expected = 0
-                else:
-                    victims = []
-            if victims:
-                self._evict_all(victims, reason=f"making room for {name} (size unknown)")
-            with self._lock:
-                whole = self._whole_budget()
-                headroom = self._headroom(whole)
-                need = expected + headroom
-                if need > whole:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        try:
+            if model.expected_bytes is None:
+                self._claim_sizing(model, deadline)
+            while True:
+                with self._lock:
+                    victims = self._admit(model, deadline)
+                    if victims is None:
+                        return
+                    self._evicting.update(v.model.name for v in victims)
+                self._evict_all(victims, reason=f"making room for {name}")
+        except BaseException:
+            self._release_sizing(name)
+            raise
+
+    def _claim_sizing(self, model: ManagedModel[Any], deadline: float | None) -> None:
+        """Wait for the one slot for a first load of unknown size, then evict every idle model.
+
+        Nobody knows what such a load will take, so it loads alone, with all
+        the room idle models can give.
+        """
+        name = model.name
+        with self._lock:
+            while self._sizing is not None and self._sizing != name:
+                self._check_member(model)
+                if not self._wait_for_room(deadline):
                     raise BudgetExceededError(
-                        f"{name} needs {format_bytes(need)} ({format_bytes(expected)}"
-                        f" + {format_bytes(headroom)} headroom) but the whole budget of "
-                        f"pool {self._name!r} is {format_bytes(whole)}"
+                        f"{name} (size unknown: give it a size_hint) waited "
+                        f"{self._timeout:g} s for the first load of {self._sizing}, also of "
+                        f"unknown size, in pool {self._name!r}"
                     )
-                available = self._available(exclude=name)
-                if need <= available:
-                    self._reserved[name] = expected
-                    self._peak = max(self._peak, self._charged())
-                    if _log.isEnabledFor(logging.DEBUG):
-                        _log.debug(
-                            "pool %s admits %s: %s needed, %s available; %s",
-                            self._name,
-                            name,
-                            need,
-                            available,
-                            self._describe_members(),
-                        )
-                    return
-                picked = self._pick(need - available, exclude=name)
-                if picked is None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BudgetExceededError(self._no_room(name, need, available))
-                    self._lock.wait(min(remaining, 0.25))
-                    continue
-                self._evicting.update(v.model.name for v in picked)
-            self._evict_all(picked, reason=f"making room for {name}")
+            self._check_member(model)
+            self._sizing = name
+            victims = self._candidates(exclude=name)
+            self._evicting.update(v.model.name for v in victims)
+        if victims:
+            self._evict_all(victims, reason=f"making room for {name} (size unknown)")
+
+    def _release_sizing(self, name: str) -> None:
+        with self._lock:
+            if self._sizing == name:
+                self._sizing = None
+                self._lock.notify_all()
+
+    def _admit(self, model: ManagedModel[Any], deadline: float | None) -> list[_Member] | None:
+        """Reserve room for ``model`` (``None``), or pick victims to evict first (caller locks).
+
+        Raises:
+            BudgetExceededError: The model needs more than the whole budget,
+                or no room came free before ``deadline``.
+            ModelStateError: The pool closed or the model is being removed.
+        """
+        name = model.name
+        while True:
+            self._check_member(model)
+            expected = model.expected_bytes
+            whole = self._whole_budget()
+            headroom = self._headroom(whole)
+            need = (expected or 0) + headroom
+            if need > whole:
+                raise BudgetExceededError(self._too_big(name, need, whole))
+            available = self._available(exclude=name)
+            if need <= available:
+                # Unknown size: hold all the room left, so nothing else is admitted
+                # into bytes this load may turn out to need, until it is measured.
+                reserve = max(available - headroom, 0) if expected is None else expected
+                self._reserved[name] = reserve
+                self._peak = max(self._peak, self._charged())
+                if _log.isEnabledFor(logging.DEBUG):
+                    _log.debug(
+                        "pool %s admits %s: %s needed, %s available; %s",
+                        self._name,
+                        name,
+                        need,
+                        available,
+                        self._describe_members(),
+                    )
+                return None
+            picked = self._pick(need - available, exclude=name)
+            if picked is not None:
+                return picked
+            if not self._wait_for_room(deadline):
+                raise BudgetExceededError(self._no_room(name, need, available))
+
+    def _wait_for_room(self, deadline: float | None) -> bool:
+        """Wait (caller locks) for a change, a quarter second at most. False past ``deadline``."""
+        remaining = 0.25 if deadline is None else deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._lock.wait(min(remaining, 0.25))
+        return True
+
+    def _too_big(self, name: str, need: int, whole: int) -> str:
+        headroom = self._headroom(whole)
+        return (
+            f"{name} needs {format_bytes(need)} ({format_bytes(need - headroom)}"
+            f" + {format_bytes(headroom)} headroom) but the whole budget of "
+            f"pool {self._name!r} is {format_bytes(whole)}"
+        )
 
     def _evict_all(self, victims: list[_Member], *, reason: str) -> list[str]:
         """Evict ``victims`` (already marked in ``_evicting``) outside the pool lock."""
@@ -673,7 +773,7 @@ class ModelPool:
                 )
                 holders.append(f"{n} {format_bytes(resident)} ({why})")
         return (
-            f"no room for {name} in pool {self._name!r} after waiting {self._timeout:g} s: "
+            f"no room for {name} in pool {self._name!r} after waiting {self._timeout or 0:g} s: "
             f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free of "
             f"{format_bytes(self.budget_bytes())}; held by: {', '.join(holders) or 'nothing'}"
         )
@@ -731,7 +831,7 @@ class ModelPool:
         Returns:
             The names evicted.
         """
-        keep = set(exclude)
+        keep = set(_names(exclude, "exclude"))
         with self._lock:
             victims = [m for m in self._candidates(exclude="") if m.model.name not in keep]
             self._evicting.update(v.model.name for v in victims)
@@ -740,22 +840,48 @@ class ModelPool:
     # hooks called by member models -----------------------------------------
 
     def _after_load(self, model: ManagedModel[Any], *, ok: bool) -> None:
+        """A member's load or wake ended: its measured size replaces its reservation.
+
+        Raises:
+            BudgetExceededError: The model alone needs more than the whole
+                budget; it was unloaded again (unless a lease got to it first).
+        """
+        name = model.name
         with self._lock:
-            self._reserved.pop(model.name, None)
+            self._reserved.pop(name, None)
+            if self._sizing == name:
+                self._sizing = None
             if ok:
                 self._loads += 1
-            over = self._over_budget() if ok else 0
-            victims: list[_Member] = []
-            if over > 0:
-                # The measured size was larger than expected: get back under budget.
-                victims = self._pick(over, exclude=model.name) or self._candidates(
-                    exclude=model.name
-                )
-                self._evicting.update(v.model.name for v in victims)
+            whole = self._whole_budget() if ok else 0
+            need = (model.size_bytes or 0) + self._headroom(whole)
             self._peak = max(self._peak, self._charged())
             self._lock.notify_all()
-        if victims:
-            self._evict_all(victims, reason=f"{model.name} was larger than expected")
+        if ok and need > whole:
+            with contextlib.suppress(ModelBusyError):  # leased already: evicted when returned
+                model.unload()
+            raise BudgetExceededError(self._too_big(name, need, whole) + "; it was unloaded")
+        if ok:
+            self._fit_budget(exclude=name, reason=f"{name} was larger than expected")
+
+    def _fit_budget(self, *, exclude: str, reason: str) -> list[str]:
+        """Evict idle models until the pool fits its budget again. Returns the names evicted.
+
+        What cannot be evicted now (leased models) is evicted as its leases
+        return: :meth:`_freed` calls back here while the pool is over.
+        """
+        with self._lock:
+            over = 0 if self._closed else self._over_budget()
+            self._overshoot = over > 0
+            # Bytes already on their way out count as gone: evict nothing twice over.
+            over -= sum(
+                self._members[n].model.device_bytes for n in self._evicting if n in self._members
+            )
+            victims: list[_Member] = []
+            if over > 0:
+                victims = self._pick(over, exclude=exclude) or self._candidates(exclude=exclude)
+                self._evicting.update(v.model.name for v in victims)
+        return self._evict_all(victims, reason=reason) if victims else []
 
     def _over_budget(self) -> int:
         kind, _ = self._budget
@@ -767,6 +893,35 @@ class ModelPool:
         """A member unloaded, offloaded or went idle: wake admissions waiting for room."""
         with self._lock:
             self._lock.notify_all()
+            overshoot = self._overshoot
+        if overshoot:
+            try:
+                self._fit_budget(exclude="", reason="getting back under budget")
+            except Exception:  # a lease's return must not fail for another model's eviction
+                _log.exception("pool %s: evicting to fit the budget failed", self._name)
+
+    def _check_member(self, model: ManagedModel[Any]) -> None:
+        """Raise unless the pool is open and ``model`` is a member not being removed."""
+        self._check_open()
+        member = self._members.get(model.name)
+        if member is None or member.model is not model or model.name in self._leaving:
+            raise ModelStateError(f"{model.name} was removed from pool {self._name!r}")
+
+    @contextlib.contextmanager
+    def _entering_model(self, model: ManagedModel[Any]) -> Iterator[None]:
+        """Mark a lease or prefetch in progress on a member, so ``remove()`` waits for it."""
+        name = model.name
+        with self._lock:
+            self._check_member(model)
+            self._entering[name] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._entering[name] -= 1
+                if not self._entering[name]:
+                    del self._entering[name]
+                    self._lock.notify_all()
 
     # ------------------------------------------------------------------ status and lifetime
 
@@ -871,8 +1026,8 @@ class _PoolLease:
         self._lease = model.use()
 
     def __enter__(self) -> Any:
-        self._pool._check_open()
-        return self._lease.__enter__()
+        with self._pool._entering_model(self._model):
+            return self._lease.__enter__()
 
     def __exit__(
         self,
@@ -885,8 +1040,8 @@ class _PoolLease:
             self._make_room()
 
     async def __aenter__(self) -> Any:
-        self._pool._check_open()
-        return await self._lease.__aenter__()
+        with self._pool._entering_model(self._model):
+            return await self._lease.__aenter__()
 
     async def __aexit__(
         self,
@@ -902,6 +1057,19 @@ class _PoolLease:
         """After an out-of-memory error in the block: evict the other idle models, clean up."""
         self._pool.evict_idle(exclude=[self._model.name])
         cleanup(self._model.device)
+
+
+def _names(names: object, what: str) -> list[str]:
+    """A list of model names from an iterable of strings (a lone string is a mistake)."""
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise InvalidArgumentError(
+            f"{what} must be an iterable of model names, such as a list of str; got {names!r}"
+        )
+    listed = list(names)
+    wrong = [n for n in listed if not isinstance(n, str)]
+    if wrong:
+        raise InvalidArgumentError(f"{what} must hold model names (str); got {wrong[0]!r}")
+    return listed
 
 
 def _parse_budget(budget: int | float | str | None) -> tuple[str, float]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from vramkit import ModelPool, ModelState
-from vramkit.errors import BudgetExceededError, ModelStateError
+from vramkit.errors import BudgetExceededError, ModelStateError, UnknownModelError
 from vramkit.testing.models import TinyMLP
 
 from .conftest import Record, scale
@@ -31,8 +31,6 @@ from .conftest import Record, scale
 MiB = 1024**2
 WIDTH = 512
 SIZE = 4 * (WIDTH * WIDTH + WIDTH) * 4 + WIDTH * 4  # TinyMLP(512): ~4 MiB
-
-pending = pytest.mark.xfail(strict=True, reason="round 2: pool admission and remove() races")
 
 
 def mlp() -> torch.nn.Module:
@@ -69,7 +67,6 @@ class LoadCounter:
                 self.running -= 1
 
 
-@pending
 def test_concurrent_first_loads_of_unknown_size_stay_under_budget(reliability: Record) -> None:
     rounds = scale(3, 30)
     most = 0
@@ -109,7 +106,6 @@ def test_concurrent_first_loads_of_unknown_size_stay_under_budget(reliability: R
     }
 
 
-@pending
 def test_the_pool_gets_back_under_budget_when_the_leases_return() -> None:
     with pool_of("6MiB") as pool:
         pool.register("a", mlp)
@@ -126,14 +122,18 @@ def test_the_pool_gets_back_under_budget_when_the_leases_return() -> None:
         assert pool["b"].state is ModelState.READY
 
 
-@pending
 def test_a_model_larger_than_the_whole_budget_is_unloaded_and_refused() -> None:
     counter = LoadCounter()
     with pool_of("2MiB") as pool:
         pool.register("big", counter.loader)  # ~4 MiB, size unknown until loaded
-        with pytest.raises(BudgetExceededError, match="big") as info, pool.use("big"):
-            raise AssertionError("the block must not run")
-        assert "whole budget" in str(info.value)
+        message = ""
+        try:
+            with pool.use("big"):
+                raise AssertionError("the block must not run")
+        except BudgetExceededError as exc:
+            message = str(exc)  # (not pytest.raises: its record keeps the loading frames)
+        assert "big" in message
+        assert "whole budget" in message
         assert pool["big"].state is ModelState.UNLOADED
         assert pool.status().charged_bytes == 0
         gc.collect()
@@ -144,7 +144,6 @@ def test_a_model_larger_than_the_whole_budget_is_unloaded_and_refused() -> None:
         assert len(counter.built) == 1
 
 
-@pending
 def test_a_prefetch_queued_before_remove_does_not_load_the_removed_model() -> None:
     gate = threading.Event()
 
@@ -166,7 +165,6 @@ def test_a_prefetch_queued_before_remove_does_not_load_the_removed_model() -> No
         assert "m" not in pool
 
 
-@pending
 def test_a_lease_object_made_before_remove_does_not_load_the_removed_model() -> None:
     with pool_of("64MiB") as pool:
         model = pool.register("m", mlp, size_hint=SIZE)
@@ -190,7 +188,10 @@ def _remove_round(preload: bool, delays: list[float]) -> str:
         def prefetch() -> None:
             start.wait(5)
             time.sleep(delays[0])
-            outcome["prefetch"] = pool.prefetch("m")
+            try:
+                outcome["prefetch"] = pool.prefetch("m")
+            except UnknownModelError:  # removed before the call: nothing to prefetch
+                outcome["prefetch"] = None
 
         def remove() -> None:
             start.wait(5)
@@ -213,13 +214,13 @@ def _remove_round(preload: bool, delays: list[float]) -> str:
         for thread in threads:
             thread.join(30)
         assert not any(t.is_alive() for t in threads), "remove() raced into a hang"
-        outcome["prefetch"].result(timeout=30)
+        if outcome["prefetch"] is not None:
+            outcome["prefetch"].result(timeout=30)
         assert model.state is ModelState.UNLOADED, "the removed model was loaded"
         assert "m" not in pool
         return str(outcome["lease"])
 
 
-@pending
 def test_remove_racing_prefetch_and_leases_never_leaves_a_model_loaded(
     reliability: Record,
 ) -> None:
