@@ -25,6 +25,8 @@ boundary with ``raise ... from exc``, so the original stays on ``__cause__``.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BudgetExceededError",
     "DeviceUnavailableError",
@@ -85,7 +87,29 @@ class OutOfMemoryError(VramkitError, MemoryError):
 
 
 class OffloadError(VramkitError, OSError):
-    """An offload tier could not be written (disk full, unwritable cache directory)."""
+    """An offload tier could not be written (disk full, unwritable or untrusted cache directory).
+
+    ``errno`` is the operating system's error number when the OS refused
+    (``errno.ENOSPC`` for a full disk, ``errno.EFBIG`` past a file-size
+    limit), so handlers written for ``OSError`` keep working; ``None`` when
+    vramkit itself refused (a directory it does not trust).
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        """Build the error.
+
+        Args:
+            message: What failed and what state the model is in.
+            errno: The OS error number behind it, if any.
+        """
+        super().__init__(message)
+        # Set after the constructor: passed to it, OSError would print
+        # "[Errno 28] ..." instead of the message.
+        self.errno = errno
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep errno across pickling (multiprocessing, worker processes).
+        return (type(self), (str(self),), {"errno": self.errno})
 
 
 class VramLeakError(VramkitError, AssertionError):
