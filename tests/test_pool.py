@@ -438,7 +438,7 @@ def test_membership_rules() -> None:
             pool.register("a", mlp)
         with pytest.raises(InvalidArgumentError, match="another pool"):
             other.add(model)
-        with pytest.raises(InvalidArgumentError, match="takes a ManagedModel"):
+        with pytest.raises(InvalidArgumentError, match="model must be a ManagedModel"):
             pool.add("a")  # type: ignore[arg-type]
         with pytest.raises(KeyError, match="it has: a"):
             pool["zzz"]

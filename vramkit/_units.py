@@ -108,6 +108,10 @@ def parse_bytes(value: int | float | str, *, what: str = "size") -> int:
         >>> parse_bytes("2GB")
         2000000000
     """
+    if not isinstance(what, str) or not what:
+        raise InvalidArgumentError(
+            f"what must be a non-empty string naming the value for error messages; got {what!r}"
+        )
     if isinstance(value, bool) or not isinstance(value, int | str | float):
         raise InvalidArgumentError(f"{what} must be {_ACCEPTED}; got {value!r}")
     if isinstance(value, float):

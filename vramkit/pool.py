@@ -224,6 +224,8 @@ class ModelPool:
         start_threads: bool = True,
     ) -> None:
         check_flag(start_threads, "start_threads")
+        if not callable(clock):
+            raise InvalidArgumentError(f"clock must be a callable returning seconds; got {clock!r}")
         self._device = resolve_device(device)
         self._budget = _parse_budget(budget)
         self._fixed_headroom = None if headroom is None else parse_bytes(headroom, what="headroom")
@@ -294,7 +296,7 @@ class ModelPool:
                 another pool, or its name is taken here.
         """
         if not isinstance(model, ManagedModel):
-            raise InvalidArgumentError(f"add() takes a ManagedModel; got {model!r}")
+            raise InvalidArgumentError(f"model must be a ManagedModel; got {model!r}")
         check_flag(pin, "pin")
         if model.device != self._device:
             raise InvalidArgumentError(

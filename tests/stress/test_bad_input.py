@@ -235,6 +235,19 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ),
     # Round 2: what a careless caller got through before.
     (
+        "ModelPool(clock=5)",
+        lambda: ModelPool("cpu", clock=5),
+        InvalidArgumentError,
+        "clock must be",
+    ),  # type: ignore[arg-type]
+    ("pool.add(5)", lambda: ModelPool("cpu").add(5), InvalidArgumentError, "model must be"),  # type: ignore[arg-type]
+    (
+        "parse_bytes(what=5)",
+        lambda: vramkit.parse_bytes(1, what=5),
+        InvalidArgumentError,
+        "what must be",
+    ),  # type: ignore[arg-type]
+    (
         "parse_bytes(Arabic-Indic digits)",
         lambda: vramkit.parse_bytes("\u0661\u0662MiB"),
         InvalidArgumentError,
