@@ -805,10 +805,11 @@ class ManagedModel(Generic[T]):
             if owner is not None:
                 owner._after_load(self, ok=False)
             if isinstance(exc, Exception) and state.method == "file" and not _is_oom(exc):
-                # A cache file deleted or truncated behind our back: the loader
-                # still knows how to build the model. Say so, loudly.
+                # A cache file deleted, changed or replaced behind our back: the
+                # loader still knows how to build the model. Say so, loudly.
                 events.logger.warning(
-                    "%s: the disk tier could not be read (%s: %s); reloading with the loader",
+                    "%s: the disk tier could not be read or trusted (%s: %s); "
+                    "reloading with the loader",
                     self._name,
                     type(exc).__name__,
                     exc,
@@ -938,7 +939,7 @@ class ManagedModel(Generic[T]):
         obj = box[0]
         box.clear()
         directory = self._offload_dir or tiers.default_offload_dir()
-        owner = tiers.Owner(self._name, self._device, self.adapter, self.size_bytes, id(self))
+        owner = tiers.Owner(self._name, self._device, self.adapter, self.size_bytes)
         try:
             # From the cpu tier the weights are already in host RAM: they go to
             # disk from there, without a round trip through the device.

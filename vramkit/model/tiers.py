@@ -6,10 +6,13 @@ rebuilds the module (random initialisation) and copies bytes through
 
 - ``cpu`` tier: weights move to host RAM (pinned when the model lives on CUDA
   and host RAM allows, so the way back is a fast DMA).
-- ``disk`` tier: weights are written once to a safetensors file in a cache
-  directory; waking maps the file back (file-backed pages: no swap, and the
-  kernel may drop them), then moves them to the device. A model woken from
-  disk keeps its file: offloading it again unchanged writes nothing.
+- ``disk`` tier: weights are written once to a safetensors file in a private
+  cache directory; waking maps the file back (file-backed pages: no swap, and
+  the kernel may drop them), then moves them to the device. A wake trusts only
+  the file it wrote, unchanged, with every tensor's dtype and shape as it was
+  at the offload (see :mod:`vramkit.model._tierfile`). A model woken from disk
+  keeps its file: offloading it again writes nothing when its weights are
+  provably unchanged (every tensor's SHA-256 equals the file's).
 - Objects without torch modules (ONNX Runtime sessions, generic handles) and
   models whose weights accelerate's hooks hold cannot be offloaded live: their
   tier is "drop and rebuild" through the loader, and the report says so.
@@ -40,7 +43,14 @@ from vramkit.adapters import Adapter
 from vramkit.adapters._torch_util import bury, empty_tensor, restore, set_data, storage_bytes
 from vramkit.devices import Device, DeviceMemory, get_backend
 from vramkit.errors import InvalidArgumentError, OffloadError
-from vramkit.model._tierfile import default_offload_dir, forget, read_file, write_file
+from vramkit.model._tierfile import (
+    TierFile,
+    default_offload_dir,
+    forget,
+    read_file,
+    tensor_digests,
+    write_file,
+)
 from vramkit.model.reports import ModelStats
 
 __all__ = [
@@ -182,14 +192,22 @@ class _Offloaded:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # cpu tier: key -> host copy
     devices: dict[str, torch.device] = field(default_factory=dict)  # key -> where it lived
-    path: Path | None = None
+    file: TierFile | None = None
+    # disk tier: each tensor's dtype and shape at the offload (the emptied tensors keep
+    # no shape), which the file must match at the wake
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
     weight_bytes: int = 0
     pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class _Stamp:
-    """How to tell a woken tensor is unchanged since it came from the file."""
+    """A quick sign that a woken tensor changed since it came from the file.
+
+    A mismatch proves a change; a match proves nothing (a write through
+    ``.data`` or a numpy view moves neither the version nor the sampled
+    values), so an unchanged stamp is confirmed by the tensors' digests.
+    """
 
     ref: weakref.ref[torch.Tensor]
     version: int  # bumped by every in-place op through the tensor itself
@@ -229,7 +247,7 @@ def _sample(tensor: torch.Tensor, points: int = 64) -> bytes:
 class _DiskCache:
     """A file a woken model came from, valid while its tensors are unchanged."""
 
-    path: Path
+    file: TierFile
     stamps: dict[str, _Stamp]
 
 
@@ -297,14 +315,12 @@ class Owner:
         device: Where the weights live when the model is ready.
         adapter: The model's adapter (its ``modules()`` are what can be offloaded).
         size_bytes: The model's measured size, for a tier that drops the object.
-        token: Tells the files of two models with the same name apart.
     """
 
     name: str
     device: Device
     adapter: Adapter | None
     size_bytes: int | None
-    token: int
 
 
 def modules_of(adapter: Adapter | None, obj: object) -> dict[str, torch.nn.Module]:
@@ -388,7 +404,7 @@ def offload_object(
         time.perf_counter() - started,
         weight_bytes,
         pinned=state.pinned,
-        path=None if state.path is None else str(state.path),
+        path=None if state.file is None else str(state.file.path),
         reused_file=note == "reused",
         memory_before=before,  # memory_after: read by the caller once it has cleaned up
         note="" if note == "reused" else note,
@@ -437,19 +453,44 @@ def _to_disk(
     # The data may be tombstones whose bytes stayed (a cpu tier on a cpu device).
     with torch._C.DisableTorchFunctionSubclass():
         devices = {k: t.device for k, t in data.items()}
-        if not rewrite and file is not None and _unchanged(file, data) and file.path.exists():
-            path, note = file.path, "reused"
+        layout = {k: (t.dtype, tuple(t.shape)) for k, t in data.items()}
+        if not rewrite and file is not None and _unchanged(file, data):
+            written, note = file.file, "reused"
         else:
-            path = write_file(owner.name, owner.token, data, weight_bytes, directory)
+            written = write_file(owner.name, data, weight_bytes, directory)
+            if file is not None:
+                forget(file.file)  # stale: the weights moved on since it was written
             file = None
     _put_away(tensors, message, empty=True)  # only once the file is written
-    return _Offloaded("disk", "file", dict(tensors), {}, devices, path=path), note, file
+    state = _Offloaded("disk", "file", dict(tensors), {}, devices, file=written, layout=layout)
+    return state, note, file
 
 
 def _unchanged(cache: _DiskCache, tensors: Mapping[str, torch.Tensor]) -> bool:
-    if set(cache.stamps) != set(tensors):
+    """Whether ``tensors`` are provably the bytes of the file they woke from.
+
+    The stamps rule out most changes for free; what they cannot see (a write
+    through ``.data``, a numpy view) the digests catch, at the price of
+    reading every weight once (see benchmarks/bench_offload.py). The file
+    itself must also be the one written.
+    """
+    if set(cache.stamps) != set(tensors) or set(cache.file.entries) != set(tensors):
         return False
-    return all(cache.stamps[key].matches(tensor) for key, tensor in tensors.items())
+    if not all(cache.stamps[key].matches(tensor) for key, tensor in tensors.items()):
+        return False
+    if not cache.file.intact():
+        return False
+    recorded = cache.file.digests
+    differs: list[str] = []
+
+    def stop(key: str, digest: bytes) -> bool:
+        if digest != recorded[key]:
+            differs.append(key)
+        return bool(differs)
+
+    for _ in tensor_digests(tensors, stop):
+        pass
+    return not differs
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -511,16 +552,14 @@ def _from_host(state: _Offloaded, target: Device) -> None:
 
 
 def _from_disk(state: _Offloaded, target: Device) -> _DiskCache:
-    assert state.path is not None
-    loaded = read_file(state.path)
+    assert state.file is not None
+    # What each tensor was at the offload: a file that disagrees is not ours.
+    loaded = read_file(state.file, state.layout)
     on_host = all(d.type == "cpu" for d in state.devices.values())
-    missing = set(state.tensors) - set(loaded)
-    if missing:
-        raise OSError(f"cache file {state.path} lacks {sorted(missing)[:3]}")
     if not on_host:
         loaded = {k: t.to(_device_for(state, k, target)) for k, t in loaded.items()}
     _bring_back(state.tensors, loaded)
-    return _DiskCache(state.path, {k: _Stamp.of(t) for k, t in state.tensors.items()})
+    return _DiskCache(state.file, {k: _Stamp.of(t) for k, t in state.tensors.items()})
 
 
 def release_host_copies(state: _Offloaded) -> None:
@@ -538,10 +577,9 @@ def discard(state: _Offloaded | None, file: _DiskCache | None) -> None:
     """
     if state is not None:
         release_host_copies(state)
-        if state.path is not None:
-            forget(state.path)
+        forget(state.file)
     if file is not None:
-        forget(file.path)
+        forget(file.file)
 
 
 def check_tier(tier: object) -> Tier:
@@ -575,7 +613,7 @@ def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> 
     # page cache or disk, ~0.5 GB/s writing a file and syncing it.
     cpu_estimate = 0.0 if on_host else size / 8e9
     disk_estimate = size / 1.5e9 + (0.0 if on_host else size / 8e9)
-    reusable = file is not None and file.path.exists()
+    reusable = file is not None and file.file.intact()
     disk_write = 0.0 if reusable else written.get("disk", size / 0.5e9)
     return {
         "cpu": TierCost(
