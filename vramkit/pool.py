@@ -58,6 +58,7 @@ from vramkit.errors import (
     UnknownModelError,
 )
 from vramkit.model import ManagedModel, ModelState
+from vramkit.model._lease import Lease
 from vramkit.oom import is_oom_error
 
 __all__ = ["ModelPool", "PoolStatus", "PooledModel", "live_pools"]
@@ -346,7 +347,8 @@ class ModelPool:
         with self._lock:
             self._leaving.discard(name)
             del self._members[name]
-            model._owner = None
+            with model._cond:  # leases check their pool under the model's lock
+                model._owner = None
             model._scheduler = None
             self._lock.notify_all()
         return model
@@ -1025,7 +1027,7 @@ class _PoolLease:
     def __init__(self, pool: ModelPool, model: ManagedModel[Any]) -> None:
         self._pool = pool
         self._model = model
-        self._lease = model.use()
+        self._lease = Lease(model, pool)
 
     def __enter__(self) -> Any:
         with self._pool._entering_model(self._model):

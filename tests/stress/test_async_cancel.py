@@ -28,8 +28,6 @@ from vramkit.testing.models import TinyMLP
 
 from .conftest import LONG, Record, scale
 
-pending = pytest.mark.xfail(strict=True, reason="round 2: cancelled async leases leak")
-
 WIDTH = 64
 NAMES = ("asr", "llm", "tts")
 EXPECTED = (BudgetExceededError, ModelBusyError, ModelStateError)
@@ -133,7 +131,6 @@ def finishes(call: Any, within: float) -> bool:
     return not thread.is_alive()
 
 
-@pending
 def test_cancelled_async_requests_never_leak_a_lease(tmp_path: Path, reliability: Record) -> None:
     # CI runs a short version; the long one (VRAMKIT_STRESS=long) runs 60 s.
     seconds = scale(5, 60)
@@ -178,7 +175,6 @@ def test_cancelled_async_requests_never_leak_a_lease(tmp_path: Path, reliability
     assert traffic.counts["cancelled"] + traffic.counts["timed out"] > 0
 
 
-@pending
 def test_a_lease_cancelled_while_loading_is_given_back() -> None:
     started, finish = threading.Event(), threading.Event()
 
@@ -210,7 +206,6 @@ def test_a_lease_cancelled_while_loading_is_given_back() -> None:
     assert mm.state is ModelState.UNLOADED
 
 
-@pending
 def test_an_async_lease_belongs_to_its_task_not_to_a_worker_thread() -> None:
     mm = ManagedModel(lambda: TinyMLP(WIDTH), name="owned", device="cpu")
 

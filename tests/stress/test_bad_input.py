@@ -493,24 +493,6 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
 # Found in round 2 and fixed in code that was being moved at the time: each
 # case fails on the old code (strict xfail) until its fix lands.
 _ROUND2_PENDING = {
-    "ManagedModel(strict='false')",
-    "ManagedModel(inference_mode='no')",
-    "ManagedModel(free_survivors=None)",
-    "unload(wait='no')",
-    "unload(strict='false')",
-    "offload(wait='yes')",
-    "offload(rewrite='yes')",
-    "inference(inference_mode='x')",
-    "from_torch(eval='false')",
-    "from_onnx(arena='false')",
-    "from_funasr(disable_update='false')",
-    "unload(timeout=nan)",
-    "offload(timeout=nan)",
-    "ManagedModel(driver_wait=nan)",
-    "ManagedModel(driver_wait=inf)",
-    "ManagedModel(cleanup='x')",
-    "ManagedModel(config=5)",
-    "ManagedModel(offload_dir=5)",
     "find_referrers(max_depth='a')",
     "find_referrers(ignore=5)",
 }

@@ -324,7 +324,6 @@ def test_the_sweep_never_touches_user_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in cache.iterdir() if p.is_file()) == sorted(USER_FILES)
 
 
-@pytest.mark.xfail(strict=True, reason="round 2: checked with the other arguments")
 def test_an_empty_offload_dir_is_refused() -> None:
     from vramkit.errors import InvalidArgumentError
 

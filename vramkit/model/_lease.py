@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 
-from vramkit.model.reports import ModelState
+from vramkit._units import check_flag
 
 if TYPE_CHECKING:
     from vramkit.model.managed import ManagedModel
@@ -53,17 +53,24 @@ class _ExitOnDrop:  # pragma: no cover - fallback for the above
 
 
 class Lease(Generic[T]):
-    """One borrowing of the model; a context manager (sync and async)."""
+    """One borrowing of the model; a context manager (sync and async).
 
-    __slots__ = ("_grad", "_model", "_token")
+    Args:
+        model: The model borrowed.
+        pool: The pool it is borrowed through, if any: the lease is refused
+            (and nothing loads) once the model has left that pool.
+    """
 
-    def __init__(self, model: ManagedModel[T]) -> None:
+    __slots__ = ("_grad", "_model", "_pool", "_token")
+
+    def __init__(self, model: ManagedModel[T], pool: object = None) -> None:
         self._model = model
+        self._pool = pool
         self._token = 0
         self._grad: Any = None
 
     def __enter__(self) -> T:
-        obj, self._token = self._model._acquire()
+        obj, self._token = self._model._acquire(self._pool)
         if self._model._inference_mode:
             self._grad = inference_guard()
         return obj
@@ -78,15 +85,21 @@ class Lease(Generic[T]):
         self._model._return(self._token)
 
     async def __aenter__(self) -> T:
-        # A load can take seconds: do it off the event loop. Grad mode is
-        # thread-local and would leak into other tasks across an await, so
-        # async leases do not enter inference mode.
+        # A load can take seconds: it runs off the event loop, in a worker
+        # thread that takes no lease; the lease itself is taken here, in the
+        # loop's thread and owned by this task. So a task cancelled while the
+        # model loads leaves no lease behind (the load finishes for the next
+        # user), and the lease is never mistaken for one of the worker thread's.
+        # Grad mode is thread-local and would leak into other tasks across an
+        # await, so async leases do not enter inference mode.
         model = self._model
-        if model._state is ModelState.READY:
-            obj, self._token = model._acquire()
-        else:
-            obj, self._token = await asyncio.to_thread(model._acquire)
-        return obj
+        task = asyncio.current_task()
+        while True:
+            granted = model._try_acquire(task, self._pool)
+            if granted is not None:
+                obj, self._token = granted
+                return obj
+            await asyncio.to_thread(model._ensure_ready, self._pool)
 
     async def __aexit__(
         self,
@@ -109,7 +122,11 @@ class InferenceFunction(Generic[R]):
     ) -> None:
         self._model = model
         self._function = function
-        self._mode = model._inference_mode if inference_mode is None else bool(inference_mode)
+        self._mode = (
+            model._inference_mode
+            if inference_mode is None
+            else check_flag(inference_mode, "inference_mode")
+        )
         self._tracker = cleanup_policy.tracker(model.device) if cleanup_policy is not None else None
         self._is_async = inspect.iscoroutinefunction(function)
         functools.update_wrapper(self, function)

@@ -17,6 +17,7 @@ names the holder and the memory is freed anyway.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import gc
 import itertools
@@ -34,7 +35,7 @@ import torch
 
 from vramkit import _runtime, events
 from vramkit._keepalive import KeepAliveScheduler, default_scheduler, keep_alive_seconds
-from vramkit._units import format_bytes, parse_bytes
+from vramkit._units import check_flag, check_seconds, format_bytes, parse_bytes, parse_timeout
 from vramkit._utils import callable_name, clear_frames
 from vramkit.adapters import Adapter, GenericAdapter, adapter_for
 from vramkit.adapters._checkpoint import checkpoint_bytes
@@ -71,6 +72,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _SETTLED = frozenset({ModelState.UNLOADED, ModelState.READY, ModelState.OFFLOADED})
+_LOADING = frozenset({ModelState.LOADING, ModelState.WAKING})
+_LEASE_REENTERED = (
+    "{name}: a lease was requested while this thread is {doing} the model "
+    "(a loader or release that uses the model it is building?)"
+)
 
 _lease_ids = itertools.count(1)
 _get_ident = threading.get_ident
@@ -111,8 +117,8 @@ class ManagedModel(Generic[T]):
         name: A name for reports, events and pools (default: the loader's name).
         device: The device the model lives on (default: the best available).
         keep_alive: Seconds an idle model stays loaded after its last lease
-            (``0``: unload as soon as the last lease ends; ``None``: never
-            expire). A ``datetime.timedelta`` works too.
+            (``0``: unload as soon as the last lease ends; ``None`` or
+            infinity: never expire). A ``datetime.timedelta`` works too.
         adapter: How to measure and release the object (default: looked up
             from the loaded object's type).
         release: For objects with their own teardown: called with the object
@@ -133,9 +139,10 @@ class ManagedModel(Generic[T]):
             but an unload only lets go of vramkit's reference, never frees or
             breaks the object, and does not search for its holders.
         driver_wait: On accelerators, seconds to wait after unloading for the
-            driver to show the memory back (polled every 0.25 s).
-        offload_dir: Where the disk tier writes (default: ``$VRAMKIT_CACHE_DIR``,
-            else the user cache directory).
+            driver to show the memory back (polled every 0.25 s); finite.
+        offload_dir: Where the disk tier writes, in a private subdirectory of
+            its own (default: ``$VRAMKIT_CACHE_DIR``, else the user cache
+            directory). See "Security" in the docs for what it trusts.
         size_hint: Expected size (bytes or ``"1.5GiB"``) before the first load,
             for budgets; replaced by the measured size once loaded.
         config: The configuration the loader closes over, for display
@@ -186,20 +193,19 @@ class ManagedModel(Generic[T]):
             raise InvalidArgumentError(
                 f"adapter must implement vramkit.adapters.Adapter; got {adapter!r}"
             )
-        if not isinstance(driver_wait, int | float) or driver_wait < 0:
-            raise InvalidArgumentError(f"driver_wait must be seconds >= 0; got {driver_wait!r}")
+        _check_options(cleanup, config, offload_dir)
         self._loader = loader
         self._name = name
         self._device = resolve_device(device)
         self._keep_alive = keep_alive_seconds(keep_alive)
         self._adapter_override = adapter
         self._adapter: Adapter | None = None
-        self._inference_mode = bool(inference_mode)
-        self._strict = bool(strict)
-        self._free_survivors = bool(free_survivors)
-        self._owns = bool(owns)
+        self._inference_mode = check_flag(inference_mode, "inference_mode")
+        self._strict = check_flag(strict, "strict")
+        self._free_survivors = check_flag(free_survivors, "free_survivors")
+        self._owns = check_flag(owns, "owns")
         self._last: weakref.ref[Any] | None = None  # the object of the last load, if alive
-        self._driver_wait = float(driver_wait)
+        self._driver_wait = check_seconds(driver_wait, "driver_wait")
         self._config = MappingProxyType(dict(config or {}))
         self._policy = cleanup
         self._tracker: CleanupTracker | None = None
@@ -209,7 +215,8 @@ class ManagedModel(Generic[T]):
         self._cond = threading.Condition(self._lock)
         self._state = ModelState.UNLOADED
         self._obj: T | None = None
-        self._leases: dict[int, tuple[int, float]] = {}  # token -> (thread id, since)
+        # token -> (thread id, since, the asyncio task holding it or None for a sync lease)
+        self._leases: dict[int, tuple[int, float, object]] = {}
         self._last_used: float | None = None
         self._waiting = 0  # threads blocked in _wait(), so returns can skip notify_all
         self._busy_thread: int | None = None  # thread running a load / unload / offload
@@ -260,6 +267,7 @@ class ManagedModel(Generic[T]):
             A ``ManagedModel`` whose loaded object is the module.
         """
         check_torch_factory(factory, dtype)
+        check_flag(eval, "eval")
         target = resolve_device(device)
         loader, config = torch_loader(factory, device=str(target), dtype=dtype, eval=eval)
         return ManagedModel[torch.nn.Module](
@@ -312,6 +320,12 @@ class ManagedModel(Generic[T]):
             MissingModelError: A ModelScope id that is not in the local cache.
             MissingDependencyError: funasr is not installed.
         """
+        check_flag(disable_update, "disable_update")
+        if manager_options is not None and not isinstance(manager_options, Mapping):
+            raise InvalidArgumentError(
+                "manager_options must be a mapping of ManagedModel options "
+                f"(keep_alive=..., strict=...) or None; got {manager_options!r}"
+            )
         directory, kwargs = check_funasr(model, automodel_kwargs)
         target = resolve_device(device)
         loader, config = funasr_loader(
@@ -360,6 +374,7 @@ class ManagedModel(Generic[T]):
             InvalidArgumentError: ``path`` is not an existing file.
             MissingDependencyError: onnxruntime is not installed.
         """
+        check_flag(arena, "arena")
         file = check_onnx_path(path)
         target = resolve_device(device_from_providers(providers) if device is None else device)
         if providers is None:
@@ -575,6 +590,9 @@ class ManagedModel(Generic[T]):
             >>> predict(torch.ones(1, 4)).shape
             torch.Size([1, 2])
         """
+        if inference_mode is not None:
+            check_flag(inference_mode, "inference_mode")
+        _check_options(cleanup, None, None)
 
         def decorate(function: Callable[..., R]) -> Callable[..., R]:
             if not callable(function):
@@ -586,38 +604,73 @@ class ManagedModel(Generic[T]):
 
         return decorate(fn) if fn is not None else decorate
 
-    def _acquire(self) -> tuple[T, int]:
-        """Take a lease, loading or waking first if needed. Returns the object and a token."""
+    def _acquire(self, pool: object = None) -> tuple[T, int]:
+        """Take a lease, loading or waking first if needed. Returns the object and a token.
+
+        Args:
+            pool: The pool the lease is taken through: refused if the model
+                left it meanwhile.
+        """
         with self._lock:
-            if self._state is ModelState.READY:
+            if self._state is ModelState.READY and (pool is None or self._owner is pool):
                 token = next(_lease_ids)
-                self._leases[token] = (_get_ident(), _monotonic())
+                self._leases[token] = (_get_ident(), _monotonic(), None)
                 self._stamp += 1
                 return self._obj, token  # type: ignore[return-value]
-        return self._acquire_slow()
+        return self._acquire_slow(pool)
 
-    def _grant(self) -> tuple[T, int]:
+    def _grant(self, task: object = None) -> tuple[T, int]:
         # Caller holds the lock and has checked the state is READY.
         token = next(_lease_ids)
-        self._leases[token] = (_get_ident(), _monotonic())
+        self._leases[token] = (_get_ident(), _monotonic(), task)
         self._stamp += 1
         return cast("T", self._obj), token
 
-    def _acquire_slow(self) -> tuple[T, int]:
+    def _acquire_slow(self, pool: object) -> tuple[T, int]:
         while True:
             with self._cond:
-                state = self._claim_to_load(
-                    "{name}: a lease was requested while this thread is {doing} the model "
-                    "(a loader or release that uses the model it is building?)"
-                )
+                state = self._claim_to_load(_LEASE_REENTERED, pool)
                 if state is ModelState.READY:
                     return self._grant()
-            if state is ModelState.UNLOADED:
-                self._do_load()
-            else:
-                self._do_wake()
+            self._load_claimed(state)
 
-    def _claim_to_load(self, reentered: str) -> ModelState:
+    def _try_acquire(self, task: object, pool: object) -> tuple[T, int] | None:
+        """A lease for ``task`` if the model is ready now, without waiting; else ``None``.
+
+        Async leases take their lease here, in the event loop's thread, owned by
+        the task; the loading happens in a worker thread (:meth:`_ensure_ready`)
+        that takes no lease, so a cancelled task leaves none behind.
+        """
+        with self._lock:
+            self._check_open()
+            if pool is not None and self._owner is not pool:
+                raise self._removed(pool)
+            if self._state is ModelState.READY:
+                return self._grant(task)
+        return None
+
+    def _ensure_ready(self, pool: object = None) -> None:
+        """Load or wake the model (or wait for another thread to) without taking a lease."""
+        while True:
+            with self._cond:
+                state = self._claim_to_load(_LEASE_REENTERED, pool)
+            if state is ModelState.READY:
+                return
+            self._load_claimed(state)
+
+    def _load_claimed(self, state: ModelState) -> None:
+        """Run the load (from ``UNLOADED``) or wake (from ``OFFLOADED``) this thread claimed."""
+        if state is ModelState.UNLOADED:
+            self._do_load()
+        else:
+            self._do_wake()
+
+    def _removed(self, pool: object) -> ModelStateError:
+        return ModelStateError(
+            f"{self._name} was removed from pool {getattr(pool, 'name', pool)!r}"
+        )
+
+    def _claim_to_load(self, reentered: str, pool: object = None) -> ModelState:
         """Wait for ``READY`` or a settled state, and claim a settled one (caller holds the lock).
 
         A claimed model is ``LOADING`` (from ``UNLOADED``) or ``WAKING`` (from
@@ -627,6 +680,8 @@ class ManagedModel(Generic[T]):
         Args:
             reentered: The error when this thread is the one loading or waking
                 the model; ``{name}`` and ``{doing}`` are filled in.
+            pool: The pool the caller goes through: a model that left it is
+                not loaded on its behalf.
 
         Returns:
             ``READY`` (nothing claimed), or the state the claim started from.
@@ -634,6 +689,8 @@ class ManagedModel(Generic[T]):
         me = threading.get_ident()
         while True:
             self._check_open()
+            if pool is not None and self._owner is not pool:
+                raise self._removed(pool)
             state = self._state
             if state is ModelState.READY:
                 return state
@@ -769,6 +826,7 @@ class ManagedModel(Generic[T]):
                 load_seconds=seconds,
                 size_bytes=size,
             )
+        obj = None  # the model holds it now; a pool refusing it must be able to free it
         if owner is not None:
             owner._after_load(self, ok=True)
         report = LoadReport(self._name, str(self._device), seconds, size, before, after)
@@ -897,7 +955,8 @@ class ManagedModel(Generic[T]):
                 skeleton). Objects without torch modules (ONNX Runtime
                 sessions) are dropped and rebuilt on wake; the report says so.
             wait: With leases out, wait for them instead of raising.
-            timeout: Wait at most this long (implies ``wait``).
+            timeout: Wait at most this long (implies ``wait``); infinity waits
+                without limit.
             rewrite: Write the disk tier's file even if the one the model woke
                 from looks unchanged (see "the disk tier writes once" in the docs).
 
@@ -911,8 +970,9 @@ class ManagedModel(Generic[T]):
                 directory); the model is still ``READY`` and nothing was lost.
         """
         chosen = tiers.check_tier(tier)
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
-            raise InvalidArgumentError(f"timeout must be seconds >= 0 or None; got {timeout!r}")
+        waits = check_flag(wait, "wait") or timeout is not None
+        limit = parse_timeout(timeout)
+        check_flag(rewrite, "rewrite")
         with self._cond:
             if self._state is ModelState.OFFLOADED and self._tier == chosen:
                 return tiers.OffloadReport(
@@ -923,9 +983,7 @@ class ManagedModel(Generic[T]):
                     0,
                     note=f"already offloaded to {chosen}",
                 )
-        state_before, box = self._claim(
-            wait=wait or timeout is not None, timeout=timeout, action="offload"
-        )
+        state_before, box = self._claim(wait=waits, timeout=limit, action="offload")
         if state_before is ModelState.UNLOADED:
             raise ModelStateError(f"{self._name} is not loaded: nothing to offload")
         previous = box[1] if state_before is ModelState.OFFLOADED else None
@@ -1086,7 +1144,7 @@ class ManagedModel(Generic[T]):
             wait: With leases out, wait for the last one to be returned instead
                 of raising :class:`ModelBusyError`.
             timeout: Wait at most this many seconds (implies ``wait``), then
-                raise :class:`ModelBusyError`.
+                raise :class:`ModelBusyError`; infinity waits without limit.
             strict: Raise :class:`VramLeakError` when something else still held
                 the model (default: the model's ``strict`` setting).
 
@@ -1096,21 +1154,20 @@ class ManagedModel(Generic[T]):
 
         Raises:
             ModelBusyError: Leases are out (and not waiting, or the timeout
-                passed), or this thread itself holds a lease.
+                passed), another thread is loading or waking the model (and
+                not waiting), or this thread itself holds a lease.
             VramLeakError: ``strict`` and the model survived (the memory was
                 still freed; the report is on ``error.report``).
             ModelStateError: The adapter's release failed (the model is
                 ``UNLOADED`` anyway; the report is on ``error.report``).
         """
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
-            raise InvalidArgumentError(f"timeout must be seconds >= 0 or None; got {timeout!r}")
-        strict = self._strict if strict is None else bool(strict)
+        waits = check_flag(wait, "wait") or timeout is not None
+        limit = parse_timeout(timeout)
+        strict = self._strict if strict is None else check_flag(strict, "strict")
         started = time.perf_counter()
         # The object travels in a one-item list that _release_and_prove empties:
         # a local variable here would keep it alive through the proof of death.
-        state_before, box = self._claim(
-            wait=wait or timeout is not None, timeout=timeout, action="unload"
-        )
+        state_before, box = self._claim(wait=waits, timeout=limit, action="unload")
         waited = time.perf_counter() - started
         if state_before is ModelState.UNLOADED:
             return UnloadReport(
@@ -1174,14 +1231,25 @@ class ManagedModel(Generic[T]):
             (left ``UNLOADED`` when there was nothing to take).
         """
         me = threading.get_ident()
+        task = _current_task()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                mine = sum(1 for ident, _ in self._leases.values() if ident == me)
+                here = [owner for ident, _, owner in self._leases.values() if ident == me]
+                mine = sum(1 for owner in here if owner is None or owner is task)
                 if mine:
                     raise ModelBusyError(
                         f"{self._name}: cannot {action} from inside its own lease "
-                        f"(this thread holds {mine}); {action} after the `with` block ends"
+                        f"(this {'task' if task is not None else 'thread'} holds {mine}); "
+                        f"{action} after the `with` block ends"
+                    )
+                if here and wait:
+                    # Other tasks of this thread's event loop hold leases: they can
+                    # only return them if this thread does not block.
+                    raise ModelBusyError(
+                        f"{self._name}: {len(here)} leases are held by other tasks of the "
+                        f"event loop running in this thread, which waiting here would "
+                        f"block; use `await asyncio.to_thread(mm.{action}, wait=True)`"
                     )
                 if self._busy_thread == me:
                     raise ModelStateError(
@@ -1190,9 +1258,10 @@ class ManagedModel(Generic[T]):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if self._state in _SETTLED and not self._leases:
                     break
-                # Another thread's load, wake or unload is work in progress, not a
-                # lease: always wait for it to settle. Leases wait only if asked.
-                if self._state in _SETTLED and not wait:
+                # Leases, and another thread's load or wake (which can take as long
+                # as a load takes), are waited for only if asked; another thread's
+                # unload or offload is short and always waited for.
+                if not wait and (self._state in _SETTLED or self._state in _LOADING):
                     raise ModelBusyError(self._busy_message())
                 if remaining is not None and remaining <= 0:
                     raise ModelBusyError(self._busy_message() + f" (waited {timeout} s)")
@@ -1217,9 +1286,15 @@ class ManagedModel(Generic[T]):
 
     def _busy_message(self) -> str:
         if not self._leases:
-            return f"{self._name} is {self._state.value.lower()}; unload(wait=True) waits for it"
+            doing = self._state.value.lower()
+            where = (
+                ""
+                if self._busy_thread is None
+                else f" in thread {_thread_name(self._busy_thread)!r}"
+            )
+            return f"{self._name} is {doing}{where}; unload(wait=True) waits for it"
         now = time.monotonic()
-        ident, since = min(self._leases.values(), key=lambda lease: lease[1])
+        ident, since, _ = min(self._leases.values(), key=lambda lease: lease[1])
         count = len(self._leases)
         return (
             f"{self._name} has {count} lease{'s' if count != 1 else ''} out "
@@ -1328,6 +1403,33 @@ class ManagedModel(Generic[T]):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_options(cleanup: object, config: object, offload_dir: object) -> None:
+    """Refuse, at construction, options that would otherwise fail later (after a forward)."""
+    from vramkit.policy import CleanupPolicy
+
+    if cleanup is not None and not isinstance(cleanup, CleanupPolicy):
+        raise InvalidArgumentError(
+            f"cleanup must be a CleanupPolicy (vramkit.CleanupPolicy(...)) or None; got {cleanup!r}"
+        )
+    if config is not None and not isinstance(config, Mapping):
+        raise InvalidArgumentError(f"config must be a mapping (a dict) or None; got {config!r}")
+    if offload_dir is not None and (
+        not isinstance(offload_dir, str | os.PathLike) or not os.fspath(offload_dir)
+    ):
+        raise InvalidArgumentError(
+            "offload_dir must be a directory path (a non-empty str or os.PathLike) or None; "
+            f"got {offload_dir!r}"
+        )
+
+
+def _current_task() -> object:
+    """The asyncio task running in this thread, or ``None`` outside an event loop."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        return None
 
 
 def _is_oom(exc: BaseException) -> bool:
