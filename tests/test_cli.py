@@ -48,3 +48,20 @@ def test_python_dash_m_and_the_console_script_work() -> None:
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     assert "status" in capsys.readouterr().out
+
+
+def test_the_command_shows_no_process_column_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    # The command runs in its own process: its "process" figure was the CLI itself.
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("device"))
+    assert "process" not in header
+    assert main(["status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert all(d["process_used_bytes"] is None for d in data["devices"])
+    assert any("vramkit.status()" in note for note in data["notes"])
+
+
+def test_status_inside_an_application_shows_this_process() -> None:
+    header = status_text("cpu").splitlines()[1]
+    assert "this process" in header
