@@ -14,8 +14,17 @@ from vramkit._version import __version__
 __all__ = ["status", "status_data", "status_text"]
 
 
-def status_data(device: str | None) -> dict[str, Any]:
-    """Versions, one reading per device (``to_dict()``), and notes: what ``status`` shows."""
+_PROCESS_FIELDS = ("process_used_bytes", "process_peak_bytes")
+
+
+def status_data(device: str | None, *, this_process: bool = True) -> dict[str, Any]:
+    """Versions, one reading per device (``to_dict()``), and notes: what ``status`` shows.
+
+    Args:
+        device: One device to show, or ``None`` for all.
+        this_process: Include the calling process's own figures. The command
+            line does not: they would describe the command itself.
+    """
     import torch
 
     from vramkit.devices import _nvml, available_devices
@@ -34,30 +43,40 @@ def status_data(device: str | None) -> dict[str, Any]:
         notes.append(
             f"NVML unavailable ({nvml_reason}): driver numbers from CUDA where a context exists"
         )
+    devices = [reading.to_dict() for reading in snap.readings]
+    if not this_process:
+        for reading in devices:
+            reading.update(dict.fromkeys(_PROCESS_FIELDS))
+        notes.append(
+            "no per-process figures: this command is a process of its own; call "
+            "vramkit.status() inside an application to see its memory"
+        )
     return {
         "vramkit": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": bool(accelerators),
-        "devices": [reading.to_dict() for reading in snap.readings],
+        "devices": devices,
         "notes": notes,
     }
 
 
-def status_text(device: str | None = None) -> str:
+def status_text(device: str | None = None, *, this_process: bool = True) -> str:
     """The table ``vramkit status`` prints: one row per device, then notes.
 
     Args:
         device: One device to show, or ``None`` for all.
+        this_process: Include a column for the calling process (see :func:`status_data`).
 
     Returns:
         Multi-line text.
     """
     from vramkit._units import format_bytes, format_part_of
 
-    data = status_data(device)
-    header = ("device", "used / total", "free", "process", "allocated", "reserved")
-    rows = [header]
+    data = status_data(device, this_process=this_process)
+    header = ("device", "used / total", "free", "this process", "allocated", "reserved")
+    shown = [i for i in range(len(header)) if this_process or i != 3]
+    rows: list[tuple[str, ...]] = [header]
     for d in data["devices"]:
         used, total = d["used_bytes"], d["total_bytes"]
         share = (
@@ -75,7 +94,8 @@ def status_text(device: str | None = None) -> str:
                 format_bytes(d["reserved_bytes"]),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    rows = [tuple(row[i] for i in shown) for row in rows]  # the command shows no "this process"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(shown))]
     lines = [f"vramkit {data['vramkit']} · torch {data['torch']} · Python {data['python']}"]
     lines += [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

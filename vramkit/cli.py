@@ -17,14 +17,15 @@ __all__ = ["main", "status", "status_text"]
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    # This process is the command itself: its own memory would mean nothing.
     if args.watch:
         from vramkit._ps import watch_status
 
-        return watch_status(args, lambda: status_text(args.device))
+        return watch_status(args, lambda: status_text(args.device, this_process=False))
     if args.json:
-        print(json.dumps(status_data(args.device), indent=2))
+        print(json.dumps(status_data(args.device, this_process=False), indent=2))
     else:
-        print(status_text(args.device))
+        print(status_text(args.device, this_process=False))
     return 0
 
 
