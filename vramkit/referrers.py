@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramkit._gc import exclusive, tensors_in_heap
+from vramkit._units import check_flag, parse_timeout
+from vramkit.errors import InvalidArgumentError
 
 __all__ = ["ReferrerChain", "find_holders", "find_holders_each", "find_referrers"]
 
@@ -145,6 +147,11 @@ def find_referrers(
         Empty when nothing in Python holds ``target``. When the bounds are
         reached first, chains rooted at ``"unknown"`` show how far the search
         got; when the search itself fails, one ``"unknown"`` chain says so.
+
+    Raises:
+        InvalidArgumentError: A bound that is not a whole number >= 1, a
+            ``seconds`` that is not seconds >= 0 (or ``None``), or an
+            ``ignore`` that is not an iterable.
     """
     return find_holders(
         [target],
@@ -187,12 +194,14 @@ def find_holders(
         first_only: Stop at the level where every target got its first chain
             from a root (a faster answer, for reports that show one or two).
     """
+    limit = _check_search(targets, max_depth, max_chains, max_objects, seconds, ignore)
+    check_flag(first_only, "first_only")
     pairs = _search(
         targets,
         max_depth,
         max_chains,
         max_objects,
-        seconds,
+        limit,
         ignore,
         modules,
         heap_tensors,
@@ -215,9 +224,10 @@ def find_holders_each(
     Arguments as for :func:`find_holders`; ``max_chains`` applies per target,
     and the walk stops at the level where every target has a chain from a root.
     """
+    limit = _check_search(targets, max_depth, max_chains, max_objects, seconds, ignore)
     enough = max_chains * len(targets)
     pairs = _search(
-        targets, max_depth, enough, max_objects, seconds, ignore, None, None, first_only=True
+        targets, max_depth, enough, max_objects, limit, ignore, None, None, first_only=True
     )
     return [
         _best([pair for pair in pairs if pair[0] == index], max_chains)
@@ -262,6 +272,37 @@ def _search(
 
 def _not_found(why: str) -> ReferrerChain:
     return ReferrerChain("unknown", (f"holder not found ({why})",))
+
+
+def _check_search(
+    targets: object,
+    max_depth: object,
+    max_chains: object,
+    max_objects: object,
+    seconds: object,
+    ignore: object,
+) -> float | None:
+    """Check the search's arguments; returns the seconds it may take (``None``: no limit).
+
+    The search itself turns any failure into a "holder not found" chain (a report
+    must never fail the unload it explains), so a caller's mistake is caught here.
+    """
+    if isinstance(targets, str | bytes) or not isinstance(targets, Sequence):
+        raise InvalidArgumentError(
+            f"targets must be a sequence of objects (a list or tuple); got {targets!r}"
+        )
+    for what, value in (
+        ("max_depth", max_depth),
+        ("max_chains", max_chains),
+        ("max_objects", max_objects),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{what} must be a whole number, 1 or more; got {value!r}")
+    if isinstance(ignore, str | bytes) or not isinstance(ignore, Iterable):
+        raise InvalidArgumentError(
+            f"ignore must be an iterable of objects (a list or tuple); got {ignore!r}"
+        )
+    return parse_timeout(seconds, "seconds")
 
 
 class _Search:

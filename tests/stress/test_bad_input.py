@@ -490,22 +490,8 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ),  # type: ignore[arg-type]
 ]
 
-# Found in round 2 and fixed in code that was being moved at the time: each
-# case fails on the old code (strict xfail) until its fix lands.
-_ROUND2_PENDING = {
-    "find_referrers(max_depth='a')",
-    "find_referrers(ignore=5)",
-}
 
-
-def _case(case: tuple[str, Callable[[], Any], type[BaseException], str]) -> Any:
-    label = case[0]
-    pending = label in _ROUND2_PENDING
-    marks = [pytest.mark.xfail(strict=True, reason="round 2: not fixed yet")] if pending else []
-    return pytest.param(*case, id=label, marks=marks)
-
-
-@pytest.mark.parametrize(("label", "call", "error", "fragment"), [_case(c) for c in CASES])
+@pytest.mark.parametrize(("label", "call", "error", "fragment"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_table(
     label: str, call: Callable[[], Any], error: type[BaseException], fragment: str
 ) -> None:

@@ -637,7 +637,6 @@ def targets(tmp_path: Path) -> Iterator[Targets]:
     found.close()
 
 
-@pytest.mark.xfail(strict=True, reason="round 2: raw errors from code being moved")
 @pytest.mark.timeout(3600)
 def test_fuzz_every_public_entry_point(targets: Targets, reliability: Record) -> None:
     per_weight = scale(2, 35)  # examples per unit of weight: ~1,250 calls in CI, ~22,000 long
