@@ -235,6 +235,18 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ),
     # Round 2: what a careless caller got through before.
     (
+        "from_onnx(providers=[1])",
+        lambda: ManagedModel.from_onnx(__file__, providers=[1]),
+        InvalidArgumentError,
+        "providers must be",
+    ),
+    (
+        "from_funasr(None)",
+        lambda: ManagedModel.from_funasr(None),  # type: ignore[arg-type]
+        InvalidArgumentError,
+        "model must be",
+    ),
+    (
         "ModelPool(clock=5)",
         lambda: ModelPool("cpu", clock=5),
         InvalidArgumentError,

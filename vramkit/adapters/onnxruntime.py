@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -123,12 +123,62 @@ def check_onnx_path(path: object) -> Path:
 
 
 def device_from_providers(providers: list[Any] | None) -> str | None:
-    """The device execution providers point at: ``cuda:N``, ``cpu``, or ``None`` without any."""
-    for provider in providers or []:
-        name, options = (provider, {}) if isinstance(provider, str) else provider
+    """The device execution providers point at: ``cuda:N``, ``cpu``, or ``None`` without any.
+
+    Raises:
+        InvalidArgumentError: ``providers`` is not a list of names or
+            ``(name, options)`` pairs, as ONNX Runtime takes them.
+    """
+    for name, options in check_providers(providers):
         if name == "CUDAExecutionProvider":
-            return f"cuda:{int(options.get('device_id', 0))}"
+            return f"cuda:{options.get('device_id', 0)}"
     return "cpu" if providers else None
+
+
+def check_providers(providers: object) -> list[tuple[str, Mapping[str, Any]]]:
+    """``providers`` as ``(name, options)`` pairs, checked (an empty list for ``None``)."""
+    if providers is None:
+        return []
+    expected = (
+        "providers must be a list of execution provider names or (name, options) pairs, "
+        "such as ['CUDAExecutionProvider', 'CPUExecutionProvider']"
+    )
+    if isinstance(providers, str) or not isinstance(providers, list | tuple):
+        raise InvalidArgumentError(f"{expected}; got {providers!r}")
+    pairs: list[tuple[str, Mapping[str, Any]]] = []
+    for provider in providers:
+        if isinstance(provider, str):
+            pairs.append((provider, {}))
+        elif (
+            isinstance(provider, tuple | list)
+            and len(provider) == 2
+            and isinstance(provider[0], str)
+            and isinstance(provider[1], Mapping)
+        ):
+            pairs.append((provider[0], provider[1]))
+        else:
+            raise InvalidArgumentError(f"{expected}; got {provider!r} in it")
+    device_ids = [o.get("device_id", 0) for n, o in pairs if n == "CUDAExecutionProvider"]
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in device_ids):
+        raise InvalidArgumentError(
+            f"providers: device_id must be a whole number >= 0; got {providers!r}"
+        )
+    return pairs
+
+
+def check_provider_options(options: object, providers: list[Any] | None) -> None:
+    """``provider_options``: ``None``, or one dict per provider, as ONNX Runtime takes them."""
+    if options is None:
+        return
+    if not isinstance(options, list | tuple) or not all(isinstance(o, Mapping) for o in options):
+        raise InvalidArgumentError(
+            f"provider_options must be a list of dicts, one per provider, or None; got {options!r}"
+        )
+    if providers is not None and len(options) != len(providers):
+        raise InvalidArgumentError(
+            f"provider_options must have one dict per provider ({len(providers)}); "
+            f"got {len(options)}"
+        )
 
 
 def default_providers(kind: str, index: int | None) -> list[Any]:

@@ -42,6 +42,8 @@ from vramkit.adapters._checkpoint import checkpoint_bytes
 from vramkit.adapters.funasr import check_funasr, funasr_loader
 from vramkit.adapters.onnxruntime import (
     check_onnx_path,
+    check_provider_options,
+    check_providers,
     default_providers,
     device_from_providers,
     onnx_loader,
@@ -376,6 +378,8 @@ class ManagedModel(Generic[T]):
         """
         check_flag(arena, "arena")
         file = check_onnx_path(path)
+        check_providers(providers)
+        check_provider_options(provider_options, providers)
         target = resolve_device(device_from_providers(providers) if device is None else device)
         if providers is None:
             providers = default_providers(target.kind, target.index)
