@@ -8,7 +8,12 @@ from a checkpoint in a temporary directory. Timed, as medians in one run:
 - (b) the disk tier: ``offload("disk")``, then ``mm(x)`` (wake + first forward);
 - (c) the cpu tier: ``offload("cpu")``, then ``mm(x)``;
 - the same bytes read from the page cache (``readinto`` a preallocated buffer,
-  and ``mmap`` with every page touched): the bandwidth limit of a disk wake.
+  and ``mmap`` with every page touched): the bandwidth limit of a disk wake;
+- what the disk tier's checks cost: a re-offload of an unchanged model
+  (stamps, file identity, and a SHA-256 of every weight, which proves the
+  file can be kept) against rewriting the file; the trust check a wake runs
+  (the file's identity and layout) against what verifying a content hash at
+  every wake would add.
 
 The first forward of an MLP reads every weight, so "wake + first forward"
 counts the pages that the disk tier's lazy mmap reads at first touch. With CUDA,
@@ -125,6 +130,64 @@ def time_readinto(path: str, nbytes: int, runs: int) -> float:
     return median_seconds(lambda: read_into(path, buffer), runs=runs, warmup=0)
 
 
+def measure_checks(mm: ManagedModel[Any], runs: int) -> dict[str, float]:
+    """Medians of: re-offload reusing the file, re-offload rewriting it, the digest pass
+    alone, and the identity check a wake runs. The model is READY (woken from disk)."""
+    from vramkit.model._tierfile import tensor_digests
+
+    reuse, rewrite, digests, identity = [], [], [], []
+    for _ in range(runs):
+        mm.wake()
+        mm.offload("disk").reused_file or _fail("an unchanged model rewrote its file")
+        reuse.append(mm.stats.offload_seconds["disk"])
+        mm.wake()
+        mm.offload("disk", rewrite=True)
+        rewrite.append(mm.stats.offload_seconds["disk"])
+        mm.wake()
+        with mm.use() as module:
+            weights = dict(module.state_dict())
+        started = time.perf_counter()
+        dict(tensor_digests(weights))
+        digests.append(time.perf_counter() - started)
+        del weights
+        file = mm._disk_cache.file
+        identity.append(median_seconds(file.intact, runs=50, warmup=5))
+    return {
+        "reuse": median(reuse),
+        "rewrite": median(rewrite),
+        "digests": median(digests),
+        "identity": median(identity),
+    }
+
+
+def _fail(message: str) -> bool:
+    raise AssertionError(message)
+
+
+def print_checks(checks: dict[str, float], lazy_wake: float) -> None:
+    print("\nThe disk tier's checks (medians)")
+    print(
+        f"{'  re-offload, file kept (stamps + identity + SHA-256)':<56} "
+        f"{fmt_seconds(checks['reuse']):>10}"
+    )
+    print(
+        f"{'  re-offload, file rewritten (rewrite=True)':<56} {fmt_seconds(checks['rewrite']):>10}"
+    )
+    print(f"{'  of which: SHA-256 of every weight':<56} {fmt_seconds(checks['digests']):>10}")
+    print(
+        f"  keeping the file costs {checks['reuse'] / checks['rewrite']:.2f}x a rewrite "
+        f"({checks['rewrite'] / checks['reuse']:.1f}x cheaper), and proves the weights unchanged"
+    )
+    print(
+        f"{'  trust check at wake (identity + layout)':<56} {fmt_seconds(checks['identity']):>10}"
+    )
+    print(
+        f"  a content hash checked at every wake would add {fmt_seconds(checks['digests'])} "
+        f"to a {fmt_seconds(lazy_wake)} wake ({checks['digests'] / lazy_wake:.1f}x it); the "
+        f"identity check adds {checks['identity'] / lazy_wake:.4f}x"
+    )
+
+
 def make_loader(path: str, dim: int) -> Callable[[], torch.nn.Module]:
     def load_checkpoint() -> torch.nn.Module:
         model = TinyMLP(dim, LAYERS)  # build (random initialisation), then load over it
@@ -207,8 +270,11 @@ def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
         lazy_first.append(timed(lambda: mm(x)))
         lazy_second.append(timed(lambda: mm(x)))
 
+    checks = measure_checks(mm, tier_runs)
+
     # The same bytes from the page cache: the bandwidth limit of any disk wake.
-    mm.offload("disk")
+    path = mm.offload("disk").path  # (the checks above wrote new files)
+    assert path is not None
     file_bytes = os.path.getsize(path)
     readinto_s = time_readinto(path, file_bytes, read_runs)
     mapped_s = median_seconds(lambda: mmap_read_all(path), runs=read_runs, warmup=0)
@@ -258,7 +324,7 @@ def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
     )
 
     print(
-        "\nThe disk tier's wake is lazy: load_file maps the file and pages are read at first "
+        "\nThe disk tier's wake is lazy: it maps the file and pages are read at first "
         "touch,\nso wake() alone looks cheaper than it is; 'wake + first forward' is the honest "
         "figure."
     )
@@ -266,6 +332,8 @@ def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
     first_touch = fmt_seconds(median(lazy_first))
     print(f"{'  first forward after it (pages read here)':<50} {first_touch:>10}")
     print(f"{'  second forward':<50} {fmt_seconds(median(lazy_second)):>10}")
+
+    print_checks(checks, median(lazy_wake))
 
     print("\nHost memory held in each state (MiB vs before the first load)")
     header = f"{'state':<26} {'RSS':>8}"
