@@ -159,7 +159,11 @@ class _TierDir:
         return stats.f_bavail * stats.f_frsize
 
     def close(self) -> None:
-        """Release the lock, remove the lock file, and the directory too if nothing is left."""
+        """Release the lock and remove the lock file.
+
+        The (empty) directory stays: removing it could pull it from under
+        another process that has just opened it and not yet locked.
+        """
         if self.lock_fd >= 0:
             self.unlink(f"{self.token}.lock")
             with contextlib.suppress(OSError):
@@ -169,10 +173,6 @@ class _TierDir:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
-            # Leave the offload directory as we found it; another process still
-            # using the subdirectory keeps it non-empty (its lock file at least).
-            with contextlib.suppress(OSError):
-                os.rmdir(self.path)
 
 
 def _open_private_dir(base: Path, name: str) -> int:
@@ -203,23 +203,18 @@ def _open_private_dir(base: Path, name: str) -> int:
 
 
 def _make_and_open(outer: int, path: Path) -> int:
-    for attempt in range(3):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path.name, 0o700, dir_fd=outer)
-        try:
-            return os.open(path.name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=outer)
-        except FileNotFoundError:
-            if attempt == 2:  # another process removed it (empty) between our two calls
-                raise
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise OffloadError(
-                    f"{path} is not a directory (a symlink or a file planted there?); "
-                    "vramkit will not write through it",
-                    errno=exc.errno,
-                ) from exc
-            raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path.name, 0o700, dir_fd=outer)
+    try:
+        return os.open(path.name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=outer)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OffloadError(
+                f"{path} is not a directory (a symlink or a file planted there?); "
+                "vramkit will not write through it",
+                errno=exc.errno,
+            ) from exc
+        raise
 
 
 def _check_private(fd: int, path: Path) -> None:
