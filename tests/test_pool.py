@@ -461,3 +461,14 @@ def test_shrinking_the_budget_evicts_idle_models() -> None:
         assert pool.status().budget_bytes == 5 * MiB
         with pytest.raises(InvalidArgumentError, match="budget"):
             pool.set_budget("-1")
+
+
+def test_a_safetensors_header_gives_the_size_before_the_first_load(tmp_path: Any) -> None:
+    from safetensors.torch import save_file
+
+    from vramkit.adapters._checkpoint import checkpoint_bytes
+
+    save_file({"w": torch.zeros(256, 256), "b": torch.zeros(256)}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 16)  # unreadable header: its size
+    assert checkpoint_bytes({"path": str(tmp_path / "m.safetensors")}) == 4 * (256 * 256 + 256)
+    assert checkpoint_bytes({"model": str(tmp_path)}) == 4 * (256 * 256 + 256) + 16
