@@ -177,7 +177,8 @@ class Child:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")[-6000:]
 
     def cache_files(self) -> list[str]:
-        return sorted(p.name for p in self.cache.iterdir()) if self.cache.exists() else []
+        """Files left anywhere under the cache folder (vramkit writes in a subfolder)."""
+        return sorted(p.name for p in self.cache.rglob("*") if not p.is_dir())
 
 
 @functools.cache
