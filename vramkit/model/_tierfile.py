@@ -241,32 +241,43 @@ def _take_lock(directory: _TierDir) -> int:
     import fcntl
 
     fresh = f".{directory.token}.lock-new"
-    fd = directory.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # Only now does it get the name sweepers look at: a lock is never seen unheld.
-        directory.replace(fresh, f"{directory.token}.lock")
-    except BaseException:
-        directory.unlink(fresh)
-        os.close(fd)
-        raise
-    return fd
+    for attempt in range(3):
+        fd = directory.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Only now does it get the name sweepers take for proof of life.
+            directory.replace(fresh, f"{directory.token}.lock")
+        except FileNotFoundError:
+            # A sweeper took our fresh file for a dead process's in the instant
+            # before we locked it, and removed it: start again.
+            os.close(fd)
+            if attempt == 2:
+                raise
+            continue
+        except BaseException:
+            directory.unlink(fresh)
+            os.close(fd)
+            raise
+        return fd
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _sweep(directory: _TierDir) -> None:
     """Remove the files of processes that died without cleaning up (killed by a signal).
 
     A process's files carry its token, and it holds the flock on
-    ``<token>.lock`` as long as it lives; a lock that can be taken means its
-    holder is gone. Files whose token has no lock file at all are a dead
-    process's too (the lock goes last). Nothing else in the folder is touched.
+    ``<token>.lock`` (``.<token>.lock-new`` while it starts) as long as it
+    lives; a lock that can be taken means its holder is gone. Files whose token
+    has no lock file at all are a dead process's too (the lock goes last).
+    Nothing else in the folder is touched.
     """
     if not _POSIX:
         return
     names = directory.names()
     tokens = {m.group(1) for n in names if (m := _TOKEN.match(n))} - {directory.token}
     for token in tokens:
-        if not _holder_gone(directory, f"{token}.lock", present=f"{token}.lock" in names):
+        locks = [n for n in (f"{token}.lock", f".{token}.lock-new") if n in names]
+        if not all(_holder_gone(directory, lock) for lock in locks):
             continue
         for name in names:
             match = _TOKEN.match(name)
@@ -274,11 +285,9 @@ def _sweep(directory: _TierDir) -> None:
                 _remove_ours(directory, name)
 
 
-def _holder_gone(directory: _TierDir, lock: str, *, present: bool) -> bool:
+def _holder_gone(directory: _TierDir, lock: str) -> bool:
     import fcntl
 
-    if not present:
-        return True
     try:
         fd = directory.open(lock, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except FileNotFoundError:
