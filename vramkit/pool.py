@@ -580,6 +580,7 @@ class ModelPool:
             and n not in self._evicting
             and n not in self._reserved
             and m.model.leases == 0
+            and not m.model._lease_coming
             and m.model.state in (ModelState.READY, ModelState.OFFLOADED)
             and m.model.device_bytes > 0
         ]

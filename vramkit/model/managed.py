@@ -221,6 +221,10 @@ class ManagedModel(Generic[T]):
         self._leases: dict[int, tuple[int, float, object]] = {}
         self._last_used: float | None = None
         self._waiting = 0  # threads blocked in _wait(), so returns can skip notify_all
+        # Threads on their way to a lease through a load or wake: between the load's end
+        # and their lease the model is READY with no lease, and a pool must not evict it
+        # there (the lease would load it again, racing the very load that evicted it).
+        self._acquiring = 0
         self._busy_thread: int | None = None  # thread running a load / unload / offload
         self._stamp = 0  # bumped at every lease and load: a keep-alive expiry must match it
         self._closed = False
@@ -631,12 +635,23 @@ class ManagedModel(Generic[T]):
         return cast("T", self._obj), token
 
     def _acquire_slow(self, pool: object) -> tuple[T, int]:
-        while True:
-            with self._cond:
-                state = self._claim_to_load(_LEASE_REENTERED, pool)
-                if state is ModelState.READY:
-                    return self._grant()
-            self._load_claimed(state)
+        with self._lock:
+            self._acquiring += 1
+        try:
+            while True:
+                with self._cond:
+                    state = self._claim_to_load(_LEASE_REENTERED, pool)
+                    if state is ModelState.READY:
+                        return self._grant()
+                self._load_claimed(state)
+        finally:
+            with self._lock:
+                self._acquiring -= 1
+
+    @property
+    def _lease_coming(self) -> bool:
+        """Whether a thread is taking a lease through a load or wake (not to be evicted)."""
+        return self._acquiring > 0
 
     def _try_acquire(self, task: object, pool: object) -> tuple[T, int] | None:
         """A lease for ``task`` if the model is ready now, without waiting; else ``None``.
