@@ -406,7 +406,14 @@ class ModelPool:
 
         Returns:
             What ``fn`` returns.
+
+        Raises:
+            InvalidArgumentError: ``fn`` is not callable.
         """
+        if not callable(fn):
+            raise InvalidArgumentError(
+                f"fn must be a callable taking the model (and your arguments); got {fn!r}"
+            )
         for attempt in (1, 2):
             try:
                 with self.use(name) as model:

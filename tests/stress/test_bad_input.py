@@ -495,6 +495,24 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         "max_depth must be",
     ),  # type: ignore[arg-type]
     (
+        "pool.call('a', fn='x')",
+        lambda: ModelPool("cpu", budget="1GiB").call("a", "x"),
+        InvalidArgumentError,
+        "fn must be a callable",
+    ),  # type: ignore[arg-type]
+    (
+        "find_holders('abc')",
+        lambda: vramkit.referrers.find_holders("abc"),
+        InvalidArgumentError,
+        "targets must be a sequence",
+    ),
+    (
+        "find_holders_each([x], max_chains='a')",
+        lambda: vramkit.referrers.find_holders_each([object()], max_chains="a"),
+        InvalidArgumentError,
+        "max_chains must be",
+    ),  # type: ignore[arg-type]
+    (
         "find_referrers(ignore=5)",
         lambda: vramkit.find_referrers(object(), ignore=5),
         InvalidArgumentError,

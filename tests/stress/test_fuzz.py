@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 import vramkit
 from vramkit import ManagedModel, ModelPool, VramkitError, events
 from vramkit.errors import InvalidArgumentError, UnknownModelError
+from vramkit.referrers import find_holders, find_holders_each
 from vramkit.testing.models import TinyMLP
 
 from .conftest import LONG, Record, scale
@@ -246,6 +247,28 @@ def _entries() -> list[Entry]:
             weight=4,
         ),
         Entry(
+            "find_holders",
+            lambda t, k: find_holders(**k),
+            {
+                "targets": arg(st.builds(lambda: [object()])),
+                "max_depth": arg(st.integers(1, 3)),
+                "max_objects": arg(st.integers(1, 100)),
+                "seconds": arg(SECONDS),
+                "first_only": arg(FLAGS),
+            },
+            weight=2,
+        ),
+        Entry(
+            "find_holders_each",
+            lambda t, k: find_holders_each(**k),
+            {
+                "targets": arg(st.builds(lambda: [object(), object()])),
+                "max_chains": arg(st.integers(1, 3)),
+                "max_objects": arg(st.integers(1, 100)),
+            },
+            weight=2,
+        ),
+        Entry(
             "gpu_session",
             lambda t, k: vramkit.gpu_session(**k),
             {
@@ -341,6 +364,7 @@ def _entries() -> list[Entry]:
                 "inference_mode": arg(FLAGS),
                 "strict": arg(FLAGS),
                 "free_survivors": arg(FLAGS),
+                "owns": arg(FLAGS),
                 "driver_wait": arg(SECONDS),
                 "offload_dir": arg(st.none()),
                 "size_hint": arg(SIZES | st.none()),
