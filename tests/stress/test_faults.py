@@ -275,7 +275,8 @@ def test_memory_returns_after_every_fault(tmp_path: Path, reliability: Record) -
         same_model(mm)
         mm.offload("disk" if i % 2 else "cpu")
         if i % 3 == 0:
-            Path(mm._offloaded.path or tmp_path / "none").unlink(missing_ok=True)
+            file = mm._offloaded.file
+            Path(file.path if file else tmp_path / "none").unlink(missing_ok=True)
         same_model(mm)  # wake, falling back to the loader when the file was deleted
         mm.unload()
     vramkit.cleanup("cpu")
