@@ -495,6 +495,12 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         "max_depth must be",
     ),  # type: ignore[arg-type]
     (
+        "from_funasr(manager_options={'': 1})",
+        lambda: ManagedModel.from_funasr("model-dir", manager_options={"": 1}),
+        InvalidArgumentError,
+        "manager_options must be",
+    ),
+    (
         "pool.call('a', fn='x')",
         lambda: ModelPool("cpu", budget="1GiB").call("a", "x"),
         InvalidArgumentError,

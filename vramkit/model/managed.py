@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import gc
+import inspect
 import itertools
 import os
 import threading
@@ -101,6 +102,25 @@ def live_models() -> list[ManagedModel[Any]]:
     with _instances_lock:
         models = list(_instances)
     return sorted(models, key=lambda m: m._created)
+
+
+def _manager_options(options: object) -> dict[str, Any]:
+    """Check ``manager_options=``: a mapping of the constructor's own keyword options.
+
+    Passed on as ``**options``, a wrong key would fail inside the constructor
+    with a TypeError about an "unexpected keyword argument".
+    """
+    if options is None:
+        return {}
+    taken = ("loader", "name", "device", "config")  # the from_* method sets these itself
+    allowed = [p for p in inspect.signature(ManagedModel.__init__).parameters if p != "self"]
+    allowed = [p for p in allowed if p not in taken]
+    if not isinstance(options, Mapping) or not all(k in allowed for k in options):
+        raise InvalidArgumentError(
+            f"manager_options must be a mapping of ManagedModel options ({', '.join(allowed)}) "
+            f"or None; got {options!r}"
+        )
+    return dict(options)
 
 
 class ManagedModel(Generic[T]):
@@ -327,11 +347,7 @@ class ManagedModel(Generic[T]):
             MissingDependencyError: funasr is not installed.
         """
         check_flag(disable_update, "disable_update")
-        if manager_options is not None and not isinstance(manager_options, Mapping):
-            raise InvalidArgumentError(
-                "manager_options must be a mapping of ManagedModel options "
-                f"(keep_alive=..., strict=...) or None; got {manager_options!r}"
-            )
+        options = _manager_options(manager_options)
         directory, kwargs = check_funasr(model, automodel_kwargs)
         target = resolve_device(device)
         loader, config = funasr_loader(
@@ -345,7 +361,7 @@ class ManagedModel(Generic[T]):
             name=name or Path(os.fspath(model)).name or "funasr",
             device=target,
             config=config,
-            **dict(manager_options or {}),
+            **options,
         )
 
     @classmethod
