@@ -87,7 +87,9 @@ def _probe() -> dict[str, int]:
 
 
 def _cache_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    """Weight files anywhere under the cache folder (vramkit writes in a subfolder of its own,
+    beside a lock file that lives as long as the process has files there)."""
+    return sorted(p.name for p in directory.rglob("*") if p.suffix in (".safetensors", ".partial"))
 
 
 def _build(kind: str, dirs: dict[str, str]) -> tuple[Any, Callable[[Any], Any], Any]:
