@@ -11,6 +11,7 @@ Usage::
     python scripts/reliability_report.py                 # short mode, as CI runs it
     python scripts/reliability_report.py --long          # VRAMKIT_STRESS=long (by hand)
     python scripts/reliability_report.py -k soak -x      # other arguments go to pytest
+    python scripts/reliability_report.py --long --records r.jsonl -k soak   # a run in parts
 
 Exits with pytest's status when it failed, else 1 if any recorded test did not
 pass, else 0. The page is written either way, so failures are on it.
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_OUTPUT,
         help="the page to write (default: docs/reliability.md)",
     )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        help="keep the records in this JSON-lines file; those of tests this run does not "
+        "repeat are kept from earlier runs, so a long run can be done in parts (-k ...)",
+    )
     args, pytest_args = parser.parse_known_args(argv)
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
@@ -79,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         code, summary = _run(command, env)
         seconds = time.perf_counter() - started
         records = _read(records_path)
+    if args.records is not None:
+        records, summary = _merge(args.records, records, summary)
 
     page = render(records, mode=mode, summary=summary, seconds=seconds, machine=machine())
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         return code
     return 1 if failed else 0
+
+
+def _merge(path: Path, records: list[dict[str, Any]], summary: str) -> tuple[list[Any], str]:
+    """Records of ``path`` that this run did not repeat, then this run's; saved back to ``path``.
+
+    Returns:
+        The merged records, and the summary line saying what came from earlier runs.
+    """
+    repeated = {r["test"] for r in records}
+    kept = [r for r in _read(path) if r["test"] not in repeated]
+    merged = kept + records
+    path.write_text("".join(json.dumps(r) + "\n" for r in merged), encoding="utf-8")
+    if kept:
+        earlier = f"{len(kept)} tests recorded by earlier parts"
+        summary = f"{earlier}; this part: {summary or 'no pytest summary'}"
+    return merged, summary
 
 
 def _run(command: list[str], env: Mapping[str, str]) -> tuple[int, str]:
