@@ -286,7 +286,10 @@ def render(
         "$ python scripts/reliability_report.py --long",
         "```",
         "",
-        "Other arguments go to pytest (`-k soak`, `-x`). Without the script: "
+        "Other arguments go to pytest (`-k soak`, `-x`). `--records FILE` keeps the "
+        "records in FILE, where those of tests a run does not repeat stay from earlier "
+        "runs: on a busy machine the long run can be done in parts (`-k soak`, then "
+        '`-k "not soak"`) and the page still covers every test. Without the script: '
         "`VRAMKIT_STRESS=long python -m pytest tests/stress`.",
         "",
         "## Results",
