@@ -16,11 +16,11 @@ directory around it may be shared. Files are created ``0600`` with
 What a wake trusts: the file it wrote, unchanged. The file's identity
 (device, inode, size, modification and change times, recorded right after it
 was written) must match, and every tensor's dtype, shape and place in the
-file must match what the skeleton expects; anything else is refused, and the
-model falls back to its loader. A SHA-256 digest of every tensor is recorded
-at write time; it decides whether a woken model is unchanged and its file can
-be kept for the next offload (the check reads the weights once, which the
-benchmark shows against rewriting).
+file must match what the model had when it was offloaded; anything else is
+refused, and the model falls back to its loader. A SHA-256 digest of every
+tensor is recorded at write time; it decides whether a woken model is
+unchanged and its file can be kept for the next offload (the check reads the
+weights once, which the benchmark shows against rewriting).
 
 The sweep: a process holds an exclusive ``flock`` on a lock file of its own in
 the subdirectory for as long as it has files there; every file it writes
@@ -636,12 +636,12 @@ def read_file(
 
     Args:
         file: The file the offload wrote.
-        expected: The skeleton's dtype and shape for every key.
+        expected: Every key's dtype and shape as the model had them at the offload.
 
     Raises:
         FileNotFoundError: The file was deleted.
-        UntrustedFileError: It is not the file vramkit wrote, or does not fit
-            the skeleton.
+        UntrustedFileError: It is not the file vramkit wrote, or its tensors
+            are not what the model had at the offload.
         OSError: It could not be read.
     """
     try:
