@@ -108,8 +108,10 @@ def test_concurrent_first_loads_of_unknown_size_stay_under_budget(reliability: R
 
 def test_the_pool_gets_back_under_budget_when_the_leases_return() -> None:
     with pool_of("6MiB") as pool:
-        pool.register("a", mlp)
-        pool.register("b", mlp)
+        # Returned out of order in one thread, leases under inference mode would unwind
+        # its guards out of order too and leave this thread in inference mode.
+        pool.register("a", mlp, inference_mode=False)
+        pool.register("b", mlp, inference_mode=False)
         lease_a, lease_b = pool.use("a"), pool.use("b")
         lease_a.__enter__()
         lease_b.__enter__()  # a is leased: b's first load (size unknown) can only overshoot
