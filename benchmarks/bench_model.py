@@ -51,8 +51,11 @@ MIB = 1 << 20
 def overhead(quick: bool) -> None:
     x = torch.ones(1, 8)
     model = torch.nn.Linear(8, 8).eval()
-    mm = ManagedModel(lambda: model, name="linear", device="cpu")
-    mm_plain = ManagedModel(lambda: model, name="linear-grad", device="cpu", inference_mode=False)
+    # Both lend the one module the raw calls use: it stays the benchmark's (owns=False).
+    mm = ManagedModel(lambda: model, name="linear", device="cpu", owns=False)
+    mm_plain = ManagedModel(
+        lambda: model, name="linear-grad", device="cpu", inference_mode=False, owns=False
+    )
     mm.load()
     mm_plain.load()
 

@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vramkit import ModelPool
 
 LONG = os.environ.get("VRAMKIT_STRESS", "").lower() == "long"
 
@@ -31,3 +35,13 @@ def run_python(code: str, *, timeout: float = 120) -> str:
             f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result.stdout
+
+
+def reserved_bytes(pool: ModelPool) -> int:
+    """Bytes a pool holds for loads and wakes in progress, from its public status.
+
+    What it charges beyond what its models hold on the device: 0 whenever no
+    load is under way, and so after every failed one.
+    """
+    status = pool.status()
+    return status.charged_bytes - sum(m.device_bytes for m in status.models)

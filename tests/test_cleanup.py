@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import vramkit
-from vramkit import CleanupReport
+from vramkit import CleanupReport, InvalidArgumentError
 
 from .helpers import run_python
 
@@ -18,6 +19,9 @@ def test_cleanup_reports_steps_and_snapshots() -> None:
     assert list(report.before) == list(report.after)
     assert report.freed_bytes("cpu", "allocated") is None  # unknown on cpu
     assert isinstance(report.freed_bytes("cpu", "process"), int)
+    assert report.freed_bytes("cpu") == report.freed_bytes("cpu", "process")  # the headline
+    with pytest.raises(InvalidArgumentError, match="layer must be 'headline' or one of"):
+        report.freed_bytes("cpu", "rss")
     json.dumps(report.to_dict())
     assert "cleanup in" in str(report)
 

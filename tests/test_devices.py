@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -8,10 +9,12 @@ import torch
 import vramkit
 from vramkit import DeviceUnavailableError, InvalidArgumentError
 from vramkit.devices import (
+    BackendBase,
     Device,
     DeviceBackend,
     DeviceMemory,
     available_devices,
+    default_device,
     get_backend,
     register_backend,
     resolve_device,
@@ -218,6 +221,126 @@ def test_a_registered_backend_joins_snapshots_and_cleanup() -> None:
     finally:
         unregister_backend("scripted")
     assert all(d.kind != "scripted" for d in available_devices())
+
+
+class _CountedBackend(BackendBase):
+    """Counts the questions that checking a device name asks."""
+
+    kind = "counted"
+    indexed = True
+
+    def __init__(self, *, available: bool = True, preferred: bool = False) -> None:
+        self.checks = 0
+        self.available = available
+        self.preferred = preferred
+
+    def is_available(self) -> bool:
+        self.checks += 1
+        return self.available
+
+    def device_count(self) -> int:
+        self.checks += 1
+        return 2
+
+    def current_index(self) -> int:
+        return 1
+
+    def read(self, index: int) -> DeviceMemory:
+        return DeviceMemory(device=f"counted:{index}", allocated_bytes=0, total_bytes=100)
+
+    def empty_cache(self, index: int) -> None:
+        pass
+
+    def synchronize(self, index: int) -> None:
+        pass
+
+    def reset_peak(self, index: int) -> None:
+        pass
+
+
+@pytest.fixture
+def counted() -> Iterator[_CountedBackend]:
+    backend = _CountedBackend()
+    register_backend(backend)
+    try:
+        yield backend
+    finally:
+        unregister_backend("counted")
+
+
+def test_a_parsed_device_reads_itself_and_is_never_checked_again(
+    counted: _CountedBackend,
+) -> None:
+    device = resolve_device("counted")
+    assert device == Device("counted", 1)  # the backend's current device
+    available_devices()  # the device list, read once per change of the registry
+    checks = counted.checks
+    assert resolve_device(device) is device
+    assert device.read().device == "counted:1"
+    vramkit.snapshot(device)
+    vramkit.cleanup(device)
+    with vramkit.gpu_session(device, leak_check=None):
+        pass
+    assert counted.checks == checks
+    # A Device made by hand that names no device still gets the full check.
+    with pytest.raises(DeviceUnavailableError, match="this machine has 2 COUNTED devices"):
+        resolve_device(Device("counted", 5))
+
+
+def test_a_preferred_backend_becomes_the_default_at_its_current_index() -> None:
+    backend = _CountedBackend(preferred=True)
+    backend.kind = "accel"  # sorts before every built-in accelerator
+    register_backend(backend)
+    try:
+        assert default_device() == Device("accel", 1)
+    finally:
+        unregister_backend("accel")
+
+
+@no_cuda
+def test_a_device_that_is_not_preferred_never_becomes_the_default(
+    counted: _CountedBackend,
+) -> None:
+    assert Device("counted", 0) in available_devices()
+    assert default_device() == Device("cpu")
+
+
+def test_an_unavailable_backend_says_why() -> None:
+    backend = _CountedBackend(available=False)
+    register_backend(backend)
+    try:
+        with pytest.raises(DeviceUnavailableError, match="the 'counted' backend reports no device"):
+            resolve_device("counted")
+        backend.why_unavailable = lambda: "the board is unplugged"  # type: ignore[method-assign]
+        with pytest.raises(DeviceUnavailableError, match="the board is unplugged"):
+            resolve_device("counted:0")
+    finally:
+        unregister_backend("counted")
+
+
+def test_a_backend_that_does_not_derive_from_the_base_gets_its_defaults() -> None:
+    backend = _ScriptedBackend()
+    backend.why_unavailable = lambda: "its own reason"  # type: ignore[attr-defined]
+    register_backend(backend)
+    try:
+        registered = get_backend("scripted")
+        assert isinstance(registered, BackendBase)
+        assert not registered.host and not registered.preferred
+        assert registered.why_unavailable() == "its own reason"  # its own hook is kept
+        assert registered.clean(1) == "empty_cache"  # the default: synchronize, empty the cache
+        assert registered.emptied == [1]  # its other attributes pass through
+        report = vramkit.cleanup("scripted:0")
+        assert "empty_cache scripted:0" in report.steps
+        assert backend.emptied == [1, 0]
+    finally:
+        unregister_backend("scripted")
+
+
+def test_the_host_has_no_cleanup_step_of_its_own() -> None:
+    assert Device("cpu").is_host
+    assert Device("cpu").clean() is None
+    steps = vramkit.cleanup("cpu").steps
+    assert not any(step.startswith("empty_cache") for step in steps)
 
 
 def test_device_memory_str_and_dict() -> None:

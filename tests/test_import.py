@@ -35,3 +35,16 @@ def test_snapshot_and_cleanup_do_not_initialise_cuda() -> None:
         """
     )
     assert json.loads(out) is False
+
+
+def test_events_and_the_cross_process_commands_import_no_framework() -> None:
+    # `vramkit ps` answers in a fraction of a second because nothing it imports
+    # imports torch; events (which describe readings) are part of that.
+    out = run_python(
+        """
+        import json, sys
+        import vramkit.events, vramkit._layers, vramkit._ps
+        print(json.dumps(sorted(m for m in ("torch", "numpy") if m in sys.modules)))
+        """
+    )
+    assert json.loads(out) == []

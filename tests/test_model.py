@@ -512,23 +512,23 @@ def test_keep_alive_zero_unloads_when_the_last_lease_ends() -> None:
 
 
 def test_keep_alive_expiry_with_a_controlled_clock() -> None:
-    from vramkit._keepalive import KeepAliveScheduler
-
+    # A pool takes a clock and runs expiry when asked: the model's keep-alive, tested in time.
     now = [100.0]
-    scheduler = KeepAliveScheduler(clock=lambda: now[0], start=False)
-    mm = small("timed", keep_alive=30)
-    mm._scheduler = scheduler
-    mm(torch.ones(1, 512))
-    now[0] += 29
-    scheduler.run_due()
-    assert mm.state is ModelState.READY
-    mm(torch.ones(1, 512))  # used again: the first expiry is stale
-    now[0] += 29
-    scheduler.run_due()
-    assert mm.state is ModelState.READY
-    now[0] += 2
-    scheduler.run_due()
-    assert mm.state is ModelState.UNLOADED
+    with vramkit.ModelPool(
+        "cpu", budget="1GiB", headroom=0, clock=lambda: now[0], start_threads=False
+    ) as pool:
+        mm = pool.add(small("timed", keep_alive=30))
+        mm(torch.ones(1, 512))
+        now[0] += 29
+        assert pool.run_expiry() == 0
+        assert mm.state is ModelState.READY
+        mm(torch.ones(1, 512))  # used again: the first expiry is stale
+        now[0] += 29
+        pool.run_expiry()
+        assert mm.state is ModelState.READY
+        now[0] += 2
+        pool.run_expiry()
+        assert mm.state is ModelState.UNLOADED
 
 
 def test_events_and_logs_record_every_transition(caplog: pytest.LogCaptureFixture) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,17 @@ def test_round_trips_are_bit_identical(tier: str, tmp_path: Path) -> None:
 
 def test_disk_tier_makes_a_meta_skeleton_and_writes_once(tmp_path: Path) -> None:
     mm = rich(tmp_path)
-    mm.load()
+    with mm.use() as skeleton:  # the object itself: the tiers keep it through a round trip
+        pass
+    held = vramkit.live_tensors("cpu").total_bytes
     first = mm.offload("disk")
     assert first.method == "file"
     assert first.path is not None
     assert Path(first.path).exists()
-    with mm._cond:
-        skeleton = mm._obj
-    # The same objects, emptied: they hold no memory and refuse every use.
+    # Every weight, buffer and tensor attribute left host RAM: what stays is a skeleton,
+    # the same objects emptied: they hold no memory and refuse every use.
+    assert held - vramkit.live_tensors("cpu").total_bytes >= first.weight_bytes
+    assert first.weight_bytes >= (mm.size_bytes or 0)
     with torch._C.DisableTorchFunctionSubclass():
         assert all(p.numel() == 0 for p in skeleton.parameters())
         assert skeleton.stats.numel() == 0
@@ -311,8 +315,12 @@ def test_tier_costs_and_choice(tmp_path: Path) -> None:
     assert not costs["disk"].measured
     mm.offload("disk")
     mm.wake()
-    assert mm.tier_costs()["disk"].measured
-    assert mm.choose_tier(host_free_bytes=10**12) == "disk"  # cpu tier frees nothing here
+    costs = mm.tier_costs()
+    assert costs["disk"].measured
+    # The cpu tier frees nothing on a cpu device, however much RAM is free; between
+    # the others the measured wake times decide (which is faster depends on the machine).
+    faster = "disk" if costs["disk"].wake_seconds < costs["unload"].wake_seconds else "unload"
+    assert mm.choose_tier(host_free_bytes=10**12) == faster
 
 
 def test_offload_of_an_onnx_session_drops_and_rebuilds(tmp_path: Path) -> None:
@@ -324,12 +332,13 @@ def test_offload_of_an_onnx_session_drops_and_rebuilds(tmp_path: Path) -> None:
     x = {"x": np.ones((1, 16), dtype=np.float32)}
     with mm.use() as session:
         before = session.run(None, x)[0]
+        dropped = weakref.ref(session)
     del session
     report = mm.offload("disk")
     assert report.method == "rebuild"
     assert "cannot be offloaded live" in report.note
-    with mm._cond:
-        assert mm._obj is None
+    gc.collect()
+    assert dropped() is None  # nothing of the session is kept while offloaded
     wake = mm.wake()
     assert wake is not None
     assert wake.method == "rebuild"

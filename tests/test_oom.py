@@ -9,6 +9,7 @@ its RAM or overcommit setting, without touching a page: the real
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 
 from vramkit.devices import get_backend
 from vramkit.errors import DeviceUnavailableError, InvalidArgumentError, OutOfMemoryError
-from vramkit.oom import adaptive_batch_size, is_oom_error, oom_retry
+from vramkit.oom import OomRetry, adaptive_batch_size, is_oom_error, oom_retry
 
 MIB = 1 << 20
 IMPOSSIBLE = 1 << 60  # bytes: past every address space, refused without touching memory
@@ -338,6 +339,46 @@ def test_oom_retry_rejects_non_functions() -> None:
 
 
 # --------------------------------------------------------------------------- adaptive_batch_size
+
+
+class _Twice(OomRetry):
+    """Two attempts; records whether recovery runs with no exception being handled."""
+
+    def __init__(self) -> None:
+        super().__init__("step", translate=False)
+        self.outside: list[bool] = []
+
+    def again(self, exc: BaseException, attempt: int) -> bool:
+        return attempt < 2
+
+    def recover(self, exc: BaseException, attempt: int) -> None:
+        self.outside.append(sys.exc_info()[1] is None)
+
+
+def test_the_retry_loop_recovers_outside_the_except_block_and_can_re_raise_as_is() -> None:
+    raised: list[BaseException] = []
+
+    def attempt(number: int) -> None:
+        raised.append(real_cpu_oom())
+        raise raised[-1]
+
+    loop = _Twice()
+    with pytest.raises(RuntimeError) as info:
+        loop.run(attempt)
+    assert info.value is raised[1]  # the last error itself: translate=False
+    assert loop.outside == [True]
+
+    async def attempt_async(number: int) -> str:
+        if number == 1:
+            raise real_cpu_oom()
+        return "fits"
+
+    loop = _Twice()
+    assert asyncio.run(loop.run_async(attempt_async)) == "fits"
+    assert loop.outside == [True]
+    assert OomRetry("once").run(lambda number: number) == 1
+    with pytest.raises(OutOfMemoryError, match="once ran out of memory"):
+        OomRetry("once").run(lambda number: torch.empty(IMPOSSIBLE, dtype=torch.uint8))
 
 
 def test_adaptive_batch_size_backs_off_to_what_fits_and_remembers_it() -> None:

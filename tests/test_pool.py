@@ -22,6 +22,8 @@ from vramkit.errors import (
 )
 from vramkit.testing.models import TinyMLP
 
+from .helpers import reserved_bytes
+
 MiB = 1024**2
 SIZE = 4 * MiB + 4 * 512 * 4 + 512 * 4  # TinyMLP(512): 4 layers of weights and biases + buffer
 
@@ -206,7 +208,7 @@ def test_failure_mid_load_leaves_the_accounting_right() -> None:
             run(pool, "flaky")
         status = pool.status()
         assert status.charged_bytes == 0
-        assert pool._reserved == {}
+        assert reserved_bytes(pool) == 0
         run(pool, "b")
         run(pool, "flaky")
         assert pool.status().charged_bytes == 2 * SIZE
@@ -334,6 +336,22 @@ def test_out_of_memory_inside_a_lease_evicts_the_others_and_retries() -> None:
         assert attempts == [0, 1]
         assert pool["a"].state is ModelState.UNLOADED
         assert pool["b"].state is ModelState.UNLOADED
+        assert pool["c"].state is ModelState.READY
+
+
+def test_call_retries_once_then_raises_the_error_itself(recorded: list[events.Event]) -> None:
+    attempts = []
+
+    def infer(model: torch.nn.Module) -> None:
+        attempts.append(len(attempts))
+        torch.empty(1 << 60, dtype=torch.uint8)
+
+    with make_pool("20MiB") as pool:
+        pool.register("c", mlp, size_hint=SIZE)
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            pool.call("c", infer)
+        assert attempts == [0, 1]
+        assert [e.model for e in recorded if e.kind == "oom"] == ["c"]  # one retry announced
         assert pool["c"].state is ModelState.READY
 
 

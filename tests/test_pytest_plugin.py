@@ -114,7 +114,8 @@ def test_a_leaking_test_fails_naming_the_tensor_and_its_holder(project: pytest.P
     result.stdout.fnmatch_lines(
         [
             "test_leak.py L. *",
-            "leaked 32.0 MiB on cpu (live tensors +32.0 MiB, RSS *); tolerance 16.0 MiB",
+            "leaked 32.0 MiB on cpu (live tensors +32.0 MiB, process *, peak *); "
+            "tolerance 16.0 MiB",
             "*- vramkit leak -*",
             "measured 2 time(s) after the test and its function-scoped fixtures ended *",
             "tensors on cpu that appeared during the test and are still alive, largest first:",
@@ -308,7 +309,7 @@ def test_vram_limit_fails_a_test_whose_peak_exceeds_it(project: pytest.Pytester)
         [
             "test_limit.py M. *",
             "peak 6?.? MiB above the start on cpu exceeds vram_limit 32.0 MiB "
-            "(RSS * at the start, * at the peak)",
+            "(process * at the start, * at the peak)",
             "*- vramkit peak -*",
             "peak growth = peak resident set size since the start (reset then) minus *",
             "VRAM LIMIT test_limit.py::test_over - peak *",
@@ -396,10 +397,10 @@ def test_on_an_accelerator_the_driver_must_confirm_the_allocator(
         [
             "test_fake.py L..LM. *",
             "leaked 64.0 MiB on pluginfake:0 (allocated +64.0 MiB, reserved +64.0 MiB, "
-            "driver +64.0 MiB); tolerance 16.0 MiB",
-            "no new live tensors on pluginfake:0: the memory is held outside *",
-            "leaked 64.0 MiB on pluginfake:0 (allocated 0 B, reserved 0 B, driver +64.0 MiB); "
-            "tolerance 16.0 MiB, process tolerance 16.0 MiB",
+            "process +64.0 MiB, peak 64.0 MiB); tolerance 16.0 MiB",
+            "  no new live tensors on pluginfake:0: the memory is held outside *",
+            "leaked 64.0 MiB on pluginfake:0 (allocated 0 B, reserved 0 B, process +64.0 MiB, "
+            "peak *); tolerance 16.0 MiB, process tolerance 16.0 MiB",
             "peak 2.0 GiB above the start on pluginfake:0 exceeds vram_limit 1.0 GiB "
             "(allocated 128.0 MiB at the start, 2.1 GiB at the peak)",
             "*warnings summary*",
@@ -960,7 +961,7 @@ def test_a_cuda_leak_fails_the_test_and_a_clean_one_passes(pytester: pytest.Pyte
     }
     result.stdout.fnmatch_lines(
         [
-            "leaked 32.0 MiB on cuda:0 (allocated +32.0 MiB, reserved +*, driver +*); *",
+            "leaked 32.0 MiB on cuda:0 (allocated +32.0 MiB, reserved +*, peak *); *",
             "  Tensor[33554432] uint8 on cuda:0, 32.0 MiB",
             "    held by test_gpu.cache[0]",
             "peak 128.0 MiB above the start on cuda:0 exceeds vram_limit 64.0 MiB *",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import copy
 import gc
 import inspect
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +20,6 @@ from typing import Any
 import pytest
 import torch
 
-import vramkit.session as session_module
 from vramkit.devices import default_device
 from vramkit.errors import (
     DeviceUnavailableError,
@@ -46,6 +48,28 @@ def plant(nbytes: int) -> torch.Tensor:
     tensor = torch.empty(nbytes, dtype=torch.uint8)
     _PLANTED.append(tensor)
     return tensor
+
+
+@contextlib.contextmanager
+def heap_work() -> Iterator[collections.Counter[str]]:
+    """Count, in this thread, the calls that make a session slow: heap walks and collections.
+
+    A census of live tensors walks the heap with ``gc.get_referrers``; a cleanup
+    runs ``gc.collect``. Counted at the interpreter's boundary (``sys.setprofile``),
+    not by replacing vramkit's functions, so the count holds whatever calls them.
+    """
+    counts: collections.Counter[str] = collections.Counter()
+    watched = {gc.get_referrers: "heap walk", gc.collect: "collection"}
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        if event == "c_call" and arg in watched:
+            counts[watched[arg]] += 1  # type: ignore[index]
+
+    sys.setprofile(profile)
+    try:
+        yield counts
+    finally:
+        sys.setprofile(None)
 
 
 # --------------------------------------------------------------------------- host (CPU) leaks
@@ -113,13 +137,10 @@ def test_warn_warns_instead_of_raising() -> None:
     assert s.report.verdict == "leak"
 
 
-def test_none_only_reports(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_census(*args: object, **kwargs: object) -> None:
-        raise AssertionError("leak_check=None must not take a census")
-
-    monkeypatch.setattr(session_module, "live_tensors", no_census)
-    with gpu_session("cpu", leak_check=None, cleanup=False) as s:
+def test_none_only_reports() -> None:
+    with heap_work() as work, gpu_session("cpu", leak_check=None, cleanup=False) as s:
         plant(32 * MIB)
+    assert work == {}  # no census, no collection: numbers only
     report = s.report
     assert report.verdict == "unchecked"
     assert report.leaked_bytes is None
@@ -343,7 +364,7 @@ def test_accelerator_leak_needs_the_driver_to_confirm(fake: FakeDevice) -> None:
     with pytest.raises(VramLeakError) as info, gpu_session("fake:0", retries=0) as s:
         fake.allocate("64MiB")
     assert str(info.value).startswith(
-        "leaked 64.0 MiB on fake:0 (allocated +64.0 MiB, process +64.0 MiB"
+        "leaked 64.0 MiB on fake:0 (allocated +64.0 MiB, reserved +64.0 MiB, process +64.0 MiB"
     )
     assert s.report.verdict == "leak"
     assert s.report.driver_growth_bytes == 64 * MIB
@@ -387,6 +408,38 @@ def test_accelerator_cache_is_emptied_before_and_after(fake: FakeDevice) -> None
     assert fake.empty_cache_calls == 2
     assert s.report.verdict == "clean"
     assert s.report.before["fake:0"].reserved_bytes == 0
+
+
+class _WarmedFake(FakeDevice):
+    """A fake whose backend hooks record when a session calls them."""
+
+    def __init__(self) -> None:
+        super().__init__("warmed", total="1GiB")
+        self.calls: list[str] = []
+
+    def warm_up(self, index: int) -> None:
+        self.calls.append("warm_up")
+
+    def release_workspaces(self, index: int) -> None:
+        self.calls.append("release_workspaces")
+
+    def empty_cache(self, index: int = 0) -> None:
+        self.calls.append("empty_cache")
+        super().empty_cache(index)
+
+
+def test_a_leak_check_warms_the_device_and_frees_workspaces_through_its_backend() -> None:
+    # CUDA's context creation and cuBLAS workspaces are the cuda backend's
+    # hooks; a session calls them on whatever device it checks.
+    device = _WarmedFake()
+    with device.install(), gpu_session("warmed:0") as s:
+        assert device.calls == ["warm_up", "release_workspaces", "empty_cache"]
+        device.calls.clear()
+    assert device.calls == ["release_workspaces", "empty_cache"]
+    assert s.report.verdict == "clean"
+    with device.install(), gpu_session("warmed:0", leak_check=None, cleanup=False):
+        pass
+    assert device.calls == ["release_workspaces", "empty_cache"]  # nothing more unchecked
 
 
 def test_peak_is_the_blocks_and_survives_a_nested_reset(fake: FakeDevice) -> None:
@@ -469,25 +522,20 @@ def test_decorating_something_that_is_not_a_function() -> None:
 # --------------------------------------------------------------------------- cost
 
 
-def test_entering_and_leaving_without_leak_check_walks_no_heap(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Without a leak check a session costs its two snapshots: no census, no
-    # collection (benchmarks/bench_session.py measures the time).
+def test_entering_and_leaving_without_leak_check_is_cheap() -> None:
+    # What costs milliseconds is walking the heap or collecting it; without a leak
+    # check a session does neither, however often it is entered. (The time itself
+    # is measured by benchmarks/bench_session.py, not asserted on a busy machine.)
     session = gpu_session("cpu", leak_check=None, cleanup=False)
-    with session:
+    with heap_work() as work:
+        for _ in range(50):
+            with session:
+                pass
+    assert work == {}
+    with heap_work() as work, gpu_session("cpu", leak_check="raise"):
         pass
-
-    def refuse(*args: object) -> None:
-        raise AssertionError("the session walked or collected the heap")
-
-    for name in ("collect", "get_objects", "get_referrers"):
-        monkeypatch.setattr(gc, name, refuse)
-    for _ in range(3):
-        with session:
-            pass
-    assert session.last_report is not None
-    assert session.last_report.verdict == "unchecked"
+    assert work["heap walk"] >= 2  # a leak check does both: the counter sees them
+    assert work["collection"] >= 1
 
 
 # --------------------------------------------------------------------------- FunASR

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 import vramkit
-from vramkit import DeviceMemoryDelta, InvalidArgumentError, MemoryDelta, MemorySnapshot
+from vramkit import DeviceMemoryDelta, InvalidArgumentError, MemoryDelta, MemorySnapshot, memory
 from vramkit.devices import DeviceMemory, available_devices
+
+_BYTE_FIELDS = [f.name for f in dataclasses.fields(DeviceMemory) if f.name != "device"]
 
 
 def test_snapshot_reads_every_available_device() -> None:
@@ -61,6 +64,73 @@ def test_delta_fields_are_none_where_either_side_is_none() -> None:
     assert change.allocated_bytes == 6
     assert change.used_bytes is None
     assert change.headline_bytes == 6
+
+
+def test_a_delta_has_exactly_the_fields_of_a_reading() -> None:
+    # One list of fields: a field added to DeviceMemory is in every difference too.
+    assert [f.name for f in dataclasses.fields(DeviceMemoryDelta)] == [
+        f.name for f in dataclasses.fields(DeviceMemory)
+    ]
+    reading = DeviceMemory("x", **dict.fromkeys(_BYTE_FIELDS, 5))
+    change = DeviceMemoryDelta.between(DeviceMemory("x", **dict.fromkeys(_BYTE_FIELDS, 2)), reading)
+    assert change.to_dict() == {"device": "x", **dict.fromkeys(_BYTE_FIELDS, 3)}
+    assert change != DeviceMemory("x", **dict.fromkeys(_BYTE_FIELDS, 3))  # not a reading
+
+
+@pytest.mark.parametrize(
+    ("fields", "layer"),
+    [
+        ({"allocated_bytes": 1, "process_used_bytes": 2, "used_bytes": 3}, "allocated"),
+        ({"process_used_bytes": 2, "used_bytes": 3}, "process"),  # the host
+        ({"used_bytes": 3, "total_bytes": 9}, "used"),  # a driver that knows nothing finer
+        ({"total_bytes": 9}, None),
+    ],
+)
+def test_one_rule_says_which_layer_is_the_number(fields: dict[str, int], layer: str | None) -> None:
+    reading = DeviceMemory("x", **fields)
+    assert memory.usage_layer(reading) == layer
+    change = DeviceMemoryDelta.between(DeviceMemory("x", **dict.fromkeys(fields, 0)), reading)
+    assert change.headline_bytes == memory.layer_bytes(reading, layer)
+    event = vramkit.events.Event(
+        "load",
+        "m",
+        "x",
+        "UNLOADED",
+        "READY",
+        memory_before=DeviceMemory("x", **dict.fromkeys(fields, 0)),
+        memory_after=reading,
+    )
+    described = event.describe()
+    assert (f"({layer} +" in described) is (layer is not None)
+
+
+def test_what_a_load_added_passes_over_an_allocator_that_did_not_move() -> None:
+    before = DeviceMemory("x", allocated_bytes=8, process_used_bytes=100, used_bytes=1000)
+    onnx = DeviceMemory("x", allocated_bytes=8, process_used_bytes=164, used_bytes=1064)
+    torch_load = DeviceMemory("x", allocated_bytes=40, process_used_bytes=164, used_bytes=1064)
+    assert memory.grown_bytes(before, onnx) == 64  # an arena torch never saw
+    assert memory.grown_bytes(before, torch_load) == 32
+    assert memory.grown_bytes(torch_load, before) == 0  # never negative
+
+
+def test_the_driver_layer_and_the_layers_worth_showing() -> None:
+    host = DeviceMemory("cpu", process_used_bytes=2, used_bytes=3)
+    board = DeviceMemory("board:0", used_bytes=3)
+    gpu = DeviceMemory("cuda:0", allocated_bytes=1, used_bytes=3)
+    assert memory.driver_layer(host) == "process"
+    assert memory.driver_layer(gpu) == "used"
+    # On the host the device-wide figure moves with every other process: left out.
+    assert memory.shown_layers(host) == ("allocated", "reserved", "process")
+    assert memory.shown_layers(board) == memory.shown_layers(gpu) == tuple(memory.LAYERS)
+    assert memory.peak_bytes(DeviceMemory("x", allocated_bytes=1, peak_allocated_bytes=7)) == 7
+    assert memory.peak_bytes(DeviceMemory("x", process_used_bytes=1, process_peak_bytes=5)) == 5
+    assert memory.peak_bytes(board) is None
+    assert DeviceMemoryDelta.between(gpu, board).freed() == {
+        "allocated": None,
+        "reserved": None,
+        "process": None,
+        "used": 0,
+    }
 
 
 def test_subtracting_something_else_is_a_type_error() -> None:

@@ -27,22 +27,17 @@ def status_data(device: str | None, *, this_process: bool = True) -> dict[str, A
     """
     import torch
 
-    from vramkit.devices import _nvml, available_devices
+    from vramkit.devices import available_devices
     from vramkit.memory import snapshot
 
     snap = snapshot(device)
-    accelerators = [d for d in available_devices() if d.kind != "cpu"]
+    accelerators = [d for d in available_devices() if not d.is_host]
     notes: list[str] = []
     if not accelerators:
         cuda = "built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
         notes.append(f"no GPU: torch {torch.__version__} {cuda}; host memory only")
-    nvml_reason = (
-        _nvml.unavailable_reason() if any(d.kind == "cuda" for d in accelerators) else None
-    )
-    if nvml_reason:
-        notes.append(
-            f"NVML unavailable ({nvml_reason}): driver numbers from CUDA where a context exists"
-        )
+    for backend in {d.kind: d.backend for d in accelerators}.values():
+        notes.extend(backend.notes())
     devices = [reading.to_dict() for reading in snap.readings]
     if not this_process:
         for reading in devices:

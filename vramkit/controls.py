@@ -359,7 +359,7 @@ class Controls:
             return available_devices()
         found = {Device("cpu")} | {p.device for p in self.pools()}
         found |= {m.device for m in self.models()}
-        return tuple(sorted(found, key=lambda d: (d.kind != "cpu", d.kind, d.index or 0)))
+        return tuple(sorted(found, key=lambda d: (not d.is_host, d.kind, d.index or 0)))
 
     # ------------------------------------------------------------------ reading
 

@@ -394,8 +394,6 @@ class _Run:
     """One pass of the pipeline through a pool, recording what the pool did."""
 
     def __init__(self, target: Device, pool: ModelPool, items: int, echo: bool) -> None:
-        from vramkit.devices import get_backend
-
         self.target, self.pool, self.echo = target, pool, echo
         status = pool.status()
         sizes = {stage: pool[stage].expected_bytes or 0 for stage in STAGES}
@@ -404,10 +402,9 @@ class _Run:
         )
         self.result.device_memory = (
             "process memory (RSS)"
-            if target.kind == "cpu"
+            if target.is_host
             else (f"{target} memory of this process (driver view)")
         )
-        self.backend = get_backend(target.kind)
         self.lock = threading.Lock()
         self.t0 = time.perf_counter()
 
@@ -415,9 +412,11 @@ class _Run:
         return time.perf_counter() - self.t0
 
     def sample(self) -> None:
+        from vramkit.memory import driver_layer, layer_bytes
+
         charged = self.pool.status().charged_bytes
-        reading = self.backend.read(self.target.index or 0)
-        device = reading.process_used_bytes or reading.used_bytes or 0
+        reading = self.target.read()
+        device = layer_bytes(reading, driver_layer(reading)) or 0
         with self.lock:
             self.result.samples.append((self.now(), charged, device))
             self.result.peak_charged_bytes = max(self.result.peak_charged_bytes, charged)

@@ -19,12 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from vramkit._layers import Reading, usage_change
 from vramkit._units import format_bytes
-
-if TYPE_CHECKING:
-    from vramkit.devices import DeviceMemory
+from vramkit.errors import InvalidArgumentError
 
 __all__ = ["Event", "emit", "subscribe"]
 
@@ -59,8 +58,8 @@ class Event:
     state_before: str
     state_after: str
     seconds: float = 0.0
-    memory_before: DeviceMemory | None = None
-    memory_after: DeviceMemory | None = None
+    memory_before: Reading | None = None
+    memory_after: Reading | None = None
     bytes: int | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
     wall_time: float = field(default_factory=time.time)
@@ -74,12 +73,10 @@ class Event:
         if self.bytes is not None:
             text += f", {format_bytes(self.bytes)}"
         before, after = self.memory_before, self.memory_after
-        if before is not None and after is not None:
-            layer = "allocated_bytes" if after.allocated_bytes is not None else "process_used_bytes"
-            a, b = getattr(after, layer), getattr(before, layer)
-            if a is not None and b is not None:
-                label = "allocated" if layer == "allocated_bytes" else "process"
-                text += f" ({label} {format_bytes(a - b, signed=True)})"
+        moved = None if before is None or after is None else usage_change(before, after)
+        if moved is not None:
+            layer, change = moved
+            text += f" ({layer} {format_bytes(change, signed=True)})"
         reason = self.detail.get("reason")
         if reason:
             text += f" [{reason}]"
@@ -129,8 +126,6 @@ def subscribe(callback: Callable[[Event], object]) -> Callable[[], None]:
 
 def _check_callable(callback: object) -> None:
     if not callable(callback):
-        from vramkit.errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"callback must be callable; got {callback!r}")
 
 

@@ -1,4 +1,4 @@
-"""Frozen, cheap readings of every device at once, and their differences.
+"""Frozen, cheap readings of every device at once, their differences, and which layer counts.
 
 >>> import vramkit
 >>> before = vramkit.snapshot()
@@ -6,6 +6,12 @@
 >>> delta = after - before
 >>> "cpu" in delta
 True
+
+A reading has several layers (allocator, process, whole device); which one
+answers "how much does this use, how much came back" is decided once, for
+every report, event, session and pool: :data:`USAGE_LAYERS`, exported here
+with the functions that apply it (they live in a torch-free module at the
+bottom of the package, so that events and ``vramkit ps`` can ask it too).
 """
 
 from __future__ import annotations
@@ -15,20 +21,47 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from vramkit._layers import (
+    DRIVER_LAYERS,
+    LAYERS,
+    USAGE_LAYERS,
+    driver_layer,
+    grown_bytes,
+    layer_bytes,
+    peak_bytes,
+    shown_layers,
+    usage_change,
+    usage_layer,
+)
 from vramkit._units import format_bytes
 from vramkit.devices import (
     Device,
     DeviceLike,
     DeviceMemory,
+    MemoryFields,
     available_devices,
-    get_backend,
     resolve_device,
 )
 from vramkit.errors import InvalidArgumentError
 
-__all__ = ["DeviceMemoryDelta", "MemoryDelta", "MemorySnapshot", "snapshot"]
+__all__ = [
+    "DRIVER_LAYERS",
+    "LAYERS",
+    "USAGE_LAYERS",
+    "DeviceMemoryDelta",
+    "MemoryDelta",
+    "MemorySnapshot",
+    "driver_layer",
+    "grown_bytes",
+    "layer_bytes",
+    "peak_bytes",
+    "shown_layers",
+    "snapshot",
+    "usage_change",
+    "usage_layer",
+]
 
-_BYTE_FIELDS = tuple(f.name for f in fields(DeviceMemory) if f.name != "device")
+_BYTE_FIELDS = tuple(f.name for f in fields(MemoryFields) if f.name != "device")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,21 +128,12 @@ class MemorySnapshot(Mapping[str, DeviceMemory]):
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceMemoryDelta:
+class DeviceMemoryDelta(MemoryFields):
     """How one device's readings changed, field by field, in bytes (``after - before``).
 
-    A field is ``None`` when either reading lacked it.
+    It has :class:`~vramkit.devices.DeviceMemory`'s fields; a field is ``None``
+    when either reading lacked it.
     """
-
-    device: str
-    allocated_bytes: int | None = None
-    peak_allocated_bytes: int | None = None
-    reserved_bytes: int | None = None
-    used_bytes: int | None = None
-    free_bytes: int | None = None
-    total_bytes: int | None = None
-    process_used_bytes: int | None = None
-    process_peak_bytes: int | None = None
 
     @classmethod
     def between(cls, before: DeviceMemory, after: DeviceMemory) -> DeviceMemoryDelta:
@@ -122,28 +146,19 @@ class DeviceMemoryDelta:
 
     @property
     def headline_bytes(self) -> int | None:
-        """The single most telling change: allocator bytes where counted, else the process's."""
-        if self.allocated_bytes is not None:
-            return self.allocated_bytes
-        return self.process_used_bytes
+        """The single most telling change, in the first of :data:`USAGE_LAYERS` known here."""
+        return layer_bytes(self, usage_layer(self))
 
     def freed(self) -> dict[str, int | None]:
         """Bytes given back per layer, positive when memory was freed (negative: it grew).
 
         Returns:
-            ``allocated`` and ``reserved`` (the framework's allocator),
-            ``process`` (this process per the driver, or RSS), ``used`` (the
-            whole device, every process); ``None`` where a layer cannot be read.
+            One entry per layer of :data:`LAYERS`: ``allocated`` and ``reserved``
+            (the framework's allocator), ``process`` (this process per the
+            driver, or RSS), ``used`` (the whole device, every process);
+            ``None`` where a layer cannot be read.
         """
-        return {
-            label: None if change is None else -change
-            for label, change in (
-                ("allocated", self.allocated_bytes),
-                ("reserved", self.reserved_bytes),
-                ("process", self.process_used_bytes),
-                ("used", self.used_bytes),
-            )
-        }
+        return {layer: None if (v := layer_bytes(self, layer)) is None else -v for layer in LAYERS}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the changes."""
@@ -151,14 +166,10 @@ class DeviceMemoryDelta:
 
     def __str__(self) -> str:
         parts = []
-        for label, name in (
-            ("allocated", "allocated_bytes"),
-            ("reserved", "reserved_bytes"),
-            ("process", "process_used_bytes"),
-            ("device used", "used_bytes"),
-        ):
-            value = getattr(self, name)
+        for layer in LAYERS:
+            value = layer_bytes(self, layer)
             if value is not None:
+                label = "device used" if layer == "used" else layer
                 parts.append(f"{label} {format_bytes(value, signed=True)}")
         return f"{self.device:<7} " + " · ".join(parts or ["no comparable readings"])
 
@@ -219,7 +230,7 @@ def snapshot(device: DeviceLike | Iterable[DeviceLike] | None = None) -> MemoryS
 def read_devices(devices: tuple[Device, ...]) -> MemorySnapshot:
     """A snapshot of devices already resolved (by :func:`target_devices`), not checked again."""
     wall, mono = time.time(), time.perf_counter()
-    readings = tuple(get_backend(d.kind).read(d.index or 0) for d in devices)
+    readings = tuple(d.read() for d in devices)
     return MemorySnapshot(readings, wall, mono)
 
 

@@ -14,6 +14,8 @@ True
   references, evicting idle models and cleaning up.
 - :func:`adaptive_batch_size` retries with a smaller batch and remembers the
   size that fits, like accelerate's ``find_executable_batch_size``.
+- :class:`OomRetry` is the one retry loop both use, and ``ModelPool.call`` too:
+  each says only whether to try again and how to free memory first.
 
 Both translate a failure that survives recovery into
 :class:`vramkit.errors.OutOfMemoryError` with ``raise ... from`` the original.
@@ -25,10 +27,10 @@ import functools
 import inspect
 import math
 import threading
-import traceback
-from collections.abc import Callable, Coroutine
-from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, overload, runtime_checkable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload, runtime_checkable
 
+from vramkit._oomerrors import drop_frames, is_oom_error
 from vramkit._utils import is_coroutine_callable, qualname
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device, DeviceLike, resolve_device
@@ -36,6 +38,7 @@ from vramkit.errors import InvalidArgumentError, OutOfMemoryError
 
 __all__ = [
     "AdaptiveBatchFunction",
+    "OomRetry",
     "SupportsEvictIdle",
     "adaptive_batch_size",
     "drop_frames",
@@ -46,122 +49,6 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
-
-# Lower-cased fragments that mean "an allocator could not allocate", whatever raised them:
-# torch CUDA/HIP/XPU/MPS ("CUDA out of memory.", "MPS backend out of memory"), the CUDA
-# runtime ("cudaErrorMemoryAllocation", "CUDA failure 2: out of memory" in ONNX Runtime),
-# torch's CPU allocator, and cuDNN / cuBLAS running out of workspace.
-_OOM_MESSAGES: Final = (
-    "out of memory",
-    "defaultcpuallocator: can't allocate memory",
-    "cudaerrormemoryallocation",
-    "cudnn_status_alloc_failed",
-    "cublas_status_alloc_failed",
-)
-# ONNX Runtime's arena (BFCArena) and std::bad_alloc, as its Python exceptions word them:
-# "BFCArena::AllocateRawInternal ... Failed to allocate memory for requested buffer of size N",
-# "Available memory of 0 is smaller than requested bytes of N", "... failed:bad allocation".
-_ORT_MESSAGES: Final = (
-    "failed to allocate memory",
-    "available memory of",
-    "bad allocation",
-    "bad_alloc",
-)
-_ORT_TYPES: Final = frozenset({"RuntimeException", "Fail", "EPFail"})
-# cuDNN answers NOT_SUPPORTED both for unsupported configurations and for inputs too
-# large for its workspace; only the second is worth a smaller batch.
-_CUDNN_NOT_SUPPORTED: Final = "cudnn_status_not_supported"
-_CHAIN_LIMIT: Final = 8
-
-
-@functools.cache
-def _oom_types() -> tuple[type[BaseException], ...]:
-    """The exception types that always mean out of memory (torch imported on first use)."""
-    import torch
-
-    found: list[type[BaseException]] = [MemoryError]
-    for owner in (torch, getattr(torch, "cuda", None)):
-        kind = getattr(owner, "OutOfMemoryError", None)
-        if isinstance(kind, type) and issubclass(kind, BaseException):
-            found.append(kind)
-    return tuple(found)
-
-
-def _is_ort_error(exc: BaseException) -> bool:
-    kind = type(exc)
-    return kind.__module__.startswith("onnxruntime") and kind.__name__ in _ORT_TYPES
-
-
-def _says_oom(exc: BaseException) -> bool:
-    if isinstance(exc, _oom_types()):
-        return True
-    from_ort = _is_ort_error(exc)
-    if not (from_ort or isinstance(exc, RuntimeError)):
-        return False
-    text = str(exc).lower()
-    fragments = _OOM_MESSAGES + _ORT_MESSAGES if from_ort else _OOM_MESSAGES
-    return any(fragment in text for fragment in fragments)
-
-
-def is_oom_error(exc: BaseException) -> bool:
-    """Whether ``exc`` means a device (or the host) ran out of memory.
-
-    Recognised: :class:`MemoryError` (vramkit's
-    :class:`~vramkit.errors.OutOfMemoryError` included), ``torch.OutOfMemoryError``
-    / ``torch.cuda.OutOfMemoryError``, a ``RuntimeError`` whose message says
-    ``out of memory`` (CUDA, HIP, XPU, MPS), ``DefaultCPUAllocator: can't
-    allocate memory``, cuDNN or cuBLAS ``*_ALLOC_FAILED``, and ONNX Runtime's
-    ``RuntimeException`` / ``Fail`` reporting an allocation failure. cuDNN's
-    ``CUDNN_STATUS_NOT_SUPPORTED`` counts only when an out-of-memory error is in
-    its chain, since alone it usually means an unsupported configuration. An
-    error raised ``from`` an out-of-memory error (its ``__cause__``) counts too.
-
-    Args:
-        exc: The exception to classify.
-
-    Returns:
-        ``True`` for an out-of-memory error.
-
-    Raises:
-        InvalidArgumentError: When ``exc`` is not an exception.
-    """
-    if not isinstance(exc, BaseException):
-        raise InvalidArgumentError(f"is_oom_error needs an exception instance; got {exc!r}")
-    current: BaseException | None = exc
-    for _ in range(_CHAIN_LIMIT):
-        if current is None:
-            break
-        if _says_oom(current):
-            return True
-        current = current.__cause__
-    if _CUDNN_NOT_SUPPORTED in str(exc).lower():
-        context = exc.__cause__ or exc.__context__
-        for _ in range(_CHAIN_LIMIT):
-            if context is None:
-                break
-            if _says_oom(context):
-                return True
-            context = context.__cause__ or context.__context__
-    return False
-
-
-def drop_frames(exc: BaseException) -> None:
-    """Clear the locals of the finished frames in ``exc``'s tracebacks (and its chain's).
-
-    A traceback keeps every frame it passed through alive, and with them the
-    failed call's locals: the activations that did not fit. Clearing them
-    lets that memory go before a retry. Frames still running are left alone.
-    """
-    pending: list[BaseException] = [exc]
-    seen: set[int] = set()
-    while pending and len(seen) < _CHAIN_LIMIT:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if current.__traceback__ is not None:
-            traceback.clear_frames(current.__traceback__)
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
 
 
 @runtime_checkable
@@ -190,20 +77,125 @@ def _gave_up(name: str, attempts: int, exc: BaseException) -> OutOfMemoryError:
     )
 
 
-class _Recovery:
-    """What :func:`oom_retry` does between attempts, shared by its sync and async wrappers."""
+class OomRetry:
+    """The one out-of-memory retry loop; subclasses say when to try again and how to make room.
 
-    __slots__ = ("device", "on_oom", "pool")
+    :func:`oom_retry`, :func:`adaptive_batch_size` and ``ModelPool.call`` are
+    three such subclasses. :meth:`run` calls ``call(attempt)`` (1 for the first attempt) until it
+    returns. On an error :func:`is_oom_error` recognises, the failed attempt's
+    frames are cleared (:func:`drop_frames`), then :meth:`again` decides: no
+    gives up (:meth:`gave_up`, raised ``from`` the error, or the error itself
+    when ``translate`` is false); yes runs :meth:`recover` once the
+    interpreter has let go of the failed attempt, and calls again. Other
+    errors pass through untouched. :meth:`run_async` does the same for a
+    coroutine. The loop keeps no state of its own between calls: what one
+    call learns (a batch size) belongs in a fresh instance per call.
+
+    Args:
+        name: What is retried, for the error that gives up.
+        translate: Give up with :class:`~vramkit.errors.OutOfMemoryError`
+            (``True``) or re-raise the last error as it is.
+
+    Example:
+        >>> class Twice(OomRetry):
+        ...     def again(self, exc: BaseException, attempt: int) -> bool:
+        ...         return attempt < 2
+        >>> seen = []
+        >>> def attempt(n: int) -> str:
+        ...     seen.append(n)
+        ...     if n == 1:
+        ...         raise MemoryError("out of memory")
+        ...     return "fits"
+        >>> Twice("embed").run(attempt), seen
+        ('fits', [1, 2])
+    """
+
+    __slots__ = ("name", "translate")
+
+    def __init__(self, name: str, *, translate: bool = True) -> None:
+        self.name = name
+        self.translate = translate
+
+    def again(self, exc: BaseException, attempt: int) -> bool:
+        """Whether to try again after attempt number ``attempt`` ran out of memory (default: no)."""
+        return False
+
+    def recover(self, exc: BaseException, attempt: int) -> None:
+        """Free memory before the next attempt (default: nothing)."""
+
+    def gave_up(self, exc: BaseException, attempt: int) -> BaseException:
+        """The error raised ``from exc`` when :meth:`again` says no and ``translate`` is set."""
+        return _gave_up(self.name, attempt, exc)
+
+    def _retrying(self, exc: Exception, attempt: int) -> bool:
+        """Whether to call again after ``exc`` (``False``: re-raise it as it is).
+
+        Raises:
+            OutOfMemoryError: From :meth:`gave_up`, when giving up translates.
+        """
+        if not is_oom_error(exc):
+            return False
+        drop_frames(exc)
+        if self.again(exc, attempt):
+            return True
+        if self.translate:
+            raise self.gave_up(exc, attempt) from exc
+        return False
+
+    def run(self, call: Callable[[int], R]) -> R:
+        """Call ``call(attempt)`` until it returns, making room between out-of-memory errors."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return call(attempt)
+            except Exception as exc:
+                if not self._retrying(exc, attempt):
+                    raise
+                failure: BaseException | None = exc
+            # Out of the except block: the interpreter's reference to the
+            # exception being handled is gone before recovery runs.
+            assert failure is not None
+            self.recover(failure, attempt)
+            failure = None
+
+    async def run_async(self, call: Callable[[int], Awaitable[R]]) -> R:
+        """:meth:`run` for a coroutine: await ``call(attempt)`` until it returns."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call(attempt)
+            except Exception as exc:
+                if not self._retrying(exc, attempt):
+                    raise
+                failure: BaseException | None = exc
+            assert failure is not None
+            self.recover(failure, attempt)
+            failure = None
+
+
+class _Retries(OomRetry):
+    """What :func:`oom_retry` does: up to ``allowed`` retries, each after freeing memory."""
+
+    __slots__ = ("allowed", "device", "on_oom", "pool")
 
     def __init__(
         self,
+        name: str,
+        allowed: int,
         on_oom: Callable[[BaseException, int], object] | None,
         pool: SupportsEvictIdle | None,
         device: Device | None,
     ) -> None:
+        super().__init__(name)
+        self.allowed = allowed
         self.on_oom = on_oom
         self.pool = pool
         self.device = device
+
+    def again(self, exc: BaseException, attempt: int) -> bool:
+        return attempt <= self.allowed
 
     def recover(self, exc: BaseException, attempt: int) -> None:
         # The callback and the pool free what they can first, so that the
@@ -276,55 +268,24 @@ def oom_retry(
         raise InvalidArgumentError(
             f"pool must have an evict_idle() method (a ModelPool), or be None; got {pool!r}"
         )
-    recovery = _Recovery(on_oom, pool, _resolve_optional(device))
-    allowed = retries
+    target = _resolve_optional(device)
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         if not callable(function) or inspect.isclass(function):
             raise InvalidArgumentError(f"oom_retry decorates a function; got {function!r}")
-        name = qualname(function)
+        loop = _Retries(qualname(function), retries, on_oom, pool, target)
         if is_coroutine_callable(function):
             coroutine_function = cast("Callable[..., Coroutine[Any, Any, Any]]", function)
 
             @functools.wraps(function)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                attempt = 0
-                while True:
-                    attempt += 1
-                    try:
-                        return await coroutine_function(*args, **kwargs)
-                    except Exception as exc:
-                        if not is_oom_error(exc):
-                            raise
-                        drop_frames(exc)
-                        if attempt > allowed:
-                            raise _gave_up(name, attempt, exc) from exc
-                        failure: BaseException | None = exc
-                    assert failure is not None
-                    recovery.recover(failure, attempt)
-                    failure = None
+                return await loop.run_async(lambda _: coroutine_function(*args, **kwargs))
 
             return cast("Callable[P, R]", async_wrapper)
 
         @functools.wraps(function)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    return function(*args, **kwargs)
-                except Exception as exc:
-                    if not is_oom_error(exc):
-                        raise
-                    drop_frames(exc)
-                    if attempt > allowed:
-                        raise _gave_up(name, attempt, exc) from exc
-                    failure: BaseException | None = exc
-                # Out of the except block: the interpreter's reference to the
-                # exception being handled is gone before the cleanup runs.
-                assert failure is not None
-                recovery.recover(failure, attempt)
-                failure = None
+            return loop.run(lambda _: function(*args, **kwargs))
 
         return cast("Callable[P, R]", sync_wrapper)
 
@@ -378,6 +339,42 @@ class _BatchState:
         with self._lock:
             self.size = self.start
             self._wrapper.batch_size = self.start
+
+
+class _Backoff(OomRetry):
+    """One call of an :func:`adaptive_batch_size` function: smaller after each failure."""
+
+    __slots__ = ("following", "param", "size", "smaller", "state", "target")
+
+    def __init__(
+        self,
+        name: str,
+        param: str,
+        size: int,
+        smaller: Callable[[int], int | None],
+        state: _BatchState,
+        target: Device | None,
+    ) -> None:
+        super().__init__(name)
+        self.param = param
+        self.size = size
+        self.smaller = smaller
+        self.state = state
+        self.target = target
+        self.following: int | None = None
+
+    def again(self, exc: BaseException, attempt: int) -> bool:
+        self.following = self.smaller(self.size)
+        return self.following is not None
+
+    def gave_up(self, exc: BaseException, attempt: int) -> BaseException:
+        return _gave_up(f"{self.name} ({self.param}={self.size})", attempt, exc)
+
+    def recover(self, exc: BaseException, attempt: int) -> None:
+        assert self.following is not None  # again() said yes
+        self.state.lower(self.following)
+        cleanup(self.target)
+        self.size = self.following
 
 
 class _Placement:
@@ -497,54 +494,42 @@ def adaptive_batch_size(
         placement = _Placement(function, param)
         state = _BatchState(start)
         name = qualname(function)
+
+        def backoff(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Backoff:
+            size = placement.given(args, kwargs) or state.size
+            return _Backoff(name, param, size, smaller, state, target)
+
+        def filled(
+            loop: _Backoff, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return placement.fill(args, kwargs, loop.size)
+
         wrapper: Any
         if is_coroutine_callable(function):
             coroutine_function = cast("Callable[..., Coroutine[Any, Any, Any]]", function)
 
             @functools.wraps(function)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                size = placement.given(args, kwargs) or state.size
-                attempts = 0
-                while True:
-                    attempts += 1
-                    call_args, call_kwargs = placement.fill(args, kwargs, size)
-                    try:
-                        return await coroutine_function(*call_args, **call_kwargs)
-                    except Exception as exc:
-                        if not is_oom_error(exc):
-                            raise
-                        drop_frames(exc)
-                        following = smaller(size)
-                        if following is None:
-                            raise _gave_up(f"{name} ({param}={size})", attempts, exc) from exc
-                    del call_args, call_kwargs
-                    state.lower(following)
-                    cleanup(target)
-                    size = following
+                loop = backoff(args, kwargs)
+
+                def attempt(_: int) -> Coroutine[Any, Any, Any]:
+                    call_args, call_kwargs = filled(loop, args, kwargs)
+                    return coroutine_function(*call_args, **call_kwargs)
+
+                return await loop.run_async(attempt)
 
             wrapper = async_wrapper
         else:
 
             @functools.wraps(function)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                size = placement.given(args, kwargs) or state.size
-                attempts = 0
-                while True:
-                    attempts += 1
-                    call_args, call_kwargs = placement.fill(args, kwargs, size)
-                    try:
-                        return function(*call_args, **call_kwargs)
-                    except Exception as exc:
-                        if not is_oom_error(exc):
-                            raise
-                        drop_frames(exc)
-                        following = smaller(size)
-                        if following is None:
-                            raise _gave_up(f"{name} ({param}={size})", attempts, exc) from exc
-                    del call_args, call_kwargs
-                    state.lower(following)
-                    cleanup(target)
-                    size = following
+                loop = backoff(args, kwargs)
+
+                def attempt(_: int) -> Any:
+                    call_args, call_kwargs = filled(loop, args, kwargs)
+                    return function(*call_args, **call_kwargs)
+
+                return loop.run(attempt)
 
             wrapper = sync_wrapper
         state.attach(wrapper)

@@ -1,11 +1,12 @@
-"""When to clean up: a policy, not a reflex.
+"""When to clean up: a policy, not a reflex, and :func:`managed` to apply one to a function.
 
 Each ``empty_cache`` throws away blocks the caching allocator would have
 reused, so cleaning after every tensor makes inference slower for nothing.
 A :class:`CleanupPolicy` says when cleanup is worth it: every N calls (a call
 being one batch), every so many seconds, or when the device is nearly full.
-A :class:`CleanupTracker` applies it to one device, and :func:`managed`
-applies it to a plain inference function:
+A :class:`CleanupTracker` applies it to one device (both live in
+:mod:`vramkit.cleaning`, beside the cleanup they schedule, so that a model can
+take a policy), and :func:`managed` applies it to a plain inference function:
 
 >>> from vramkit.policy import CleanupPolicy, managed
 >>> @managed("cpu", cleanup=CleanupPolicy(every_calls=100))
@@ -21,19 +22,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, overload
 
-from vramkit._units import check_seconds
 from vramkit._utils import wrap_calls
-from vramkit.cleaning import CleanupReport, cleanup
+from vramkit.cleaning import CleanupPolicy, CleanupReason, CleanupTracker
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import InvalidArgumentError
-from vramkit.memory import MemorySnapshot, snapshot
 from vramkit.oom import oom_retry
 from vramkit.session import GpuSession
 
@@ -43,253 +38,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
-CleanupReason = Literal["calls", "seconds", "pressure"]
-"""Which rule of a :class:`CleanupPolicy` fired."""
-
 _log = logging.getLogger("vramkit")
-
-
-@dataclass(frozen=True, slots=True)
-class CleanupPolicy:
-    """When to run :func:`vramkit.cleanup` after calls. Rules combine: any one firing cleans.
-
-    Attributes:
-        every_calls: Clean after this many calls since the last cleanup
-            (``1``: after every call, one call being one batch).
-        every_seconds: Clean on the first call this many seconds after the
-            last cleanup (checked at calls; no background thread).
-        above_fraction: Clean when the device's used fraction (driver or OS
-            view: ``used_bytes / total_bytes``) is at or above this.
-        check_every_seconds: Read the device at most this often for the two
-            pressure rules, so a call costs microseconds, not a device query.
-        on_pressure: Called with the snapshot when usage crosses
-            ``pressure_fraction`` upwards; fires once, and again only after
-            usage has fallen below it (edge-triggered). A pool can evict here.
-        pressure_fraction: The threshold for ``on_pressure``.
-
-    Example:
-        >>> policy = CleanupPolicy(every_calls=8, above_fraction=0.85)
-        >>> policy.every_calls
-        8
-    """
-
-    every_calls: int | None = None
-    every_seconds: float | None = None
-    above_fraction: float | None = 0.9
-    check_every_seconds: float = 1.0
-    on_pressure: Callable[[MemorySnapshot], object] | None = None
-    pressure_fraction: float = 0.9
-
-    def __post_init__(self) -> None:
-        if self.every_calls is not None and (
-            isinstance(self.every_calls, bool)
-            or not isinstance(self.every_calls, int)
-            or self.every_calls < 1
-        ):
-            raise InvalidArgumentError(
-                f"every_calls must be a whole number of calls, 1 or more, or None; "
-                f"got {self.every_calls!r}"
-            )
-        if self.every_seconds is not None:
-            check_seconds(self.every_seconds, "every_seconds", allow_zero=False)
-        if self.above_fraction is not None:
-            _check_fraction(self.above_fraction, "above_fraction")
-        check_seconds(self.check_every_seconds, "check_every_seconds")
-        if self.on_pressure is not None and not callable(self.on_pressure):
-            raise InvalidArgumentError(
-                f"on_pressure must be a callable taking a MemorySnapshot, or None; "
-                f"got {self.on_pressure!r}"
-            )
-        _check_fraction(self.pressure_fraction, "pressure_fraction")
-
-    @classmethod
-    def per_call(cls) -> CleanupPolicy:
-        """Clean after every call: for functions where one call is one batch."""
-        return cls(every_calls=1, above_fraction=None)
-
-    @classmethod
-    def never(cls) -> CleanupPolicy:
-        """Never clean: leave the caching allocator alone."""
-        return cls(above_fraction=None)
-
-    @classmethod
-    def default(cls) -> CleanupPolicy:
-        """Clean only under pressure: when the device is 90% used or more."""
-        return cls()
-
-    @property
-    def reads_device(self) -> bool:
-        """Whether the policy needs device readings (a pressure rule or callback is set)."""
-        return self.above_fraction is not None or self.on_pressure is not None
-
-    def tracker(
-        self, device: DeviceLike | None = None, *, clock: Callable[[], float] = time.monotonic
-    ) -> CleanupTracker:
-        """A tracker applying this policy to ``device`` (``None``: the default device).
-
-        Args:
-            device: The device to watch and clean.
-            clock: Seconds, monotonic; tests pass a controllable one.
-
-        Returns:
-            A new :class:`CleanupTracker` with its own counters.
-        """
-        return CleanupTracker(self, device, clock=clock)
-
-
-def _check_fraction(value: object, what: str) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= 1
-    ):
-        raise InvalidArgumentError(
-            f"{what} must be a fraction of the device, more than 0 and at most 1 "
-            f"(0.9 = 90% used); got {value!r}"
-        )
-
-
-class CleanupTracker:
-    """The counters of one :class:`CleanupPolicy` on one device, safe to share between threads.
-
-    Call :meth:`after_call` after each call (each batch); it costs a lock and
-    a few comparisons, plus a device reading at most every
-    ``check_every_seconds`` when a pressure rule is set.
-    """
-
-    def __init__(
-        self,
-        policy: CleanupPolicy,
-        device: DeviceLike | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        """Start counting now.
-
-        Args:
-            policy: The rules.
-            device: The device to read and clean (``None``: the default device).
-            clock: Seconds, monotonic; tests pass a controllable one.
-
-        Raises:
-            InvalidArgumentError: ``policy`` is not a :class:`CleanupPolicy`,
-                ``clock`` is not callable, or ``device`` is malformed.
-        """
-        if not isinstance(policy, CleanupPolicy):
-            raise InvalidArgumentError(f"policy must be a CleanupPolicy; got {policy!r}")
-        if not callable(clock):
-            raise InvalidArgumentError(f"clock must be a callable returning seconds; got {clock!r}")
-        self._policy = policy
-        self._device = resolve_device(device)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._since_cleanup = 0
-        self._last_cleanup = clock()
-        self._last_check: float | None = None
-        self._armed = True
-        self._calls = 0
-        self._cleanups = 0
-        self._pressure_events = 0
-        self._last_reason: CleanupReason | None = None
-        self._last_fraction: float | None = None
-
-    @property
-    def policy(self) -> CleanupPolicy:
-        """The rules applied."""
-        return self._policy
-
-    @property
-    def device(self) -> Device:
-        """The device read and cleaned."""
-        return self._device
-
-    @property
-    def calls(self) -> int:
-        """Calls counted since the tracker was made."""
-        return self._calls
-
-    @property
-    def cleanups(self) -> int:
-        """Cleanups run (decided) since the tracker was made."""
-        return self._cleanups
-
-    @property
-    def pressure_events(self) -> int:
-        """Times ``on_pressure`` fired."""
-        return self._pressure_events
-
-    @property
-    def last_reason(self) -> CleanupReason | None:
-        """Which rule fired the latest cleanup: ``"calls"``, ``"seconds"`` or ``"pressure"``."""
-        return self._last_reason
-
-    @property
-    def last_fraction(self) -> float | None:
-        """The device's used fraction at the latest reading, or ``None`` (none taken or unknown)."""
-        return self._last_fraction
-
-    def after_call(self) -> CleanupReport | None:
-        """Count one call and clean up if a rule fires.
-
-        Returns:
-            The :class:`~vramkit.CleanupReport` when a cleanup ran, else ``None``.
-        """
-        policy = self._policy
-        reading: MemorySnapshot | None = None
-        fire = False
-        with self._lock:
-            self._calls += 1
-            self._since_cleanup += 1
-            now = self._clock()
-            reason: CleanupReason | None = None
-            if policy.every_calls is not None and self._since_cleanup >= policy.every_calls:
-                reason = "calls"
-            elif (
-                policy.every_seconds is not None
-                and now - self._last_cleanup >= policy.every_seconds
-            ):
-                reason = "seconds"
-            if policy.reads_device and (
-                self._last_check is None or now - self._last_check >= policy.check_every_seconds
-            ):
-                self._last_check = now
-                reading = snapshot(self._device)
-                fraction = reading[str(self._device)].used_fraction
-                self._last_fraction = fraction
-                if fraction is not None:
-                    if fraction >= policy.pressure_fraction:
-                        fire = self._armed and policy.on_pressure is not None
-                        if fire:
-                            self._armed = False
-                            self._pressure_events += 1
-                    else:
-                        self._armed = True  # fell below: the next crossing fires again
-                    if (
-                        reason is None
-                        and policy.above_fraction is not None
-                        and fraction >= policy.above_fraction
-                    ):
-                        reason = "pressure"
-            if reason is not None:
-                # Decided under the lock, run outside it: one thread cleans,
-                # the others keep counting without waiting for it.
-                self._since_cleanup = 0
-                self._last_cleanup = now
-                self._cleanups += 1
-                self._last_reason = reason
-        try:
-            if fire and policy.on_pressure is not None and reading is not None:
-                policy.on_pressure(reading)
-        finally:
-            report = cleanup(self._device) if reason is not None else None
-        return report
-
-    def __repr__(self) -> str:
-        return (
-            f"<CleanupTracker {self._device}: {self._calls} calls, {self._cleanups} cleanups, "
-            f"{self._pressure_events} pressure events>"
-        )
 
 
 class ManagedFunction(Protocol[P, R_co]):

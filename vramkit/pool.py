@@ -48,7 +48,7 @@ from vramkit import events
 from vramkit._keepalive import KeepAliveScheduler, keep_alive_seconds
 from vramkit._units import check_flag, format_bytes, format_part_of, parse_bytes, parse_timeout
 from vramkit.cleaning import cleanup
-from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
+from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import (
     BudgetExceededError,
     InvalidArgumentError,
@@ -59,7 +59,7 @@ from vramkit.errors import (
 )
 from vramkit.model import ManagedModel, ModelState
 from vramkit.model._lease import Lease
-from vramkit.oom import is_oom_error
+from vramkit.oom import OomRetry, is_oom_error
 
 __all__ = ["ModelPool", "PoolStatus", "PooledModel", "live_pools"]
 
@@ -409,29 +409,19 @@ class ModelPool:
 
         Raises:
             InvalidArgumentError: ``fn`` is not callable.
+            Exception: The second out-of-memory error, as it was raised (its
+                frames cleared, so that it pins none of the call's tensors).
         """
         if not callable(fn):
             raise InvalidArgumentError(
                 f"fn must be a callable taking the model (and your arguments); got {fn!r}"
             )
-        for attempt in (1, 2):
-            try:
-                with self.use(name) as model:
-                    return fn(model, *args, **kwargs)
-            except BaseException as exc:
-                if attempt == 2 or not is_oom_error(exc):
-                    raise
-                events.emit(
-                    events.Event(
-                        "oom",
-                        name,
-                        str(self._device),
-                        "READY",
-                        "READY",
-                        detail={"reason": "out of memory in a lease: evicted others, retrying"},
-                    )
-                )
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def attempt(_: int) -> R:
+            with self.use(name) as model:
+                return fn(model, *args, **kwargs)
+
+        return _RetryOnce(name, self._device).run(attempt)
 
     def plan(self, names: Iterable[str]) -> None:
         """Tell the pool the order models will be used in, for Belady eviction.
@@ -544,7 +534,7 @@ class ModelPool:
         kind, value = self._budget
         if kind == "bytes":
             return int(value)
-        reading = get_backend(self._device.kind).read(self._device.index or 0)
+        reading = self._device.read()
         if kind == "fraction":
             if reading.total_bytes is None:
                 raise ModelStateError(f"{self._device} reports no total: use a budget in bytes")
@@ -573,7 +563,7 @@ class ModelPool:
         """Room left for ``exclude`` (whose own bytes, if any, are not counted against it)."""
         kind, _ = self._budget
         if kind == "driver":
-            reading = get_backend(self._device.kind).read(self._device.index or 0)
+            reading = self._device.read()
             own = self._members[exclude].model.device_bytes if exclude in self._members else 0
             return int(reading.free_bytes or 0) + own - sum(self._reserved.values())
         return self.budget_bytes() - self._charged(exclude)
@@ -734,8 +724,7 @@ class ModelPool:
     def _whole_budget(self) -> int:
         kind, _ = self._budget
         if kind == "driver":
-            reading = get_backend(self._device.kind).read(self._device.index or 0)
-            total = reading.total_bytes
+            total = self._device.read().total_bytes
             if total is not None:
                 return int(total)
         return self.budget_bytes()
@@ -1025,6 +1014,31 @@ class ModelPool:
         prefix = f"vramkit-prefetch-{self._name}"
         found += [t for t in threading.enumerate() if t.name.startswith(prefix)]
         return found
+
+
+class _RetryOnce(OomRetry):
+    """:meth:`ModelPool.call`'s retry: the lease already made room when it failed; say so, retry."""
+
+    __slots__ = ("device",)
+
+    def __init__(self, name: str, device: Device) -> None:
+        super().__init__(name, translate=False)
+        self.device = device
+
+    def again(self, exc: BaseException, attempt: int) -> bool:
+        return attempt < 2
+
+    def recover(self, exc: BaseException, attempt: int) -> None:
+        events.emit(
+            events.Event(
+                "oom",
+                self.name,
+                str(self.device),
+                "READY",
+                "READY",
+                detail={"reason": "out of memory in a lease: evicted others, retrying"},
+            )
+        )
 
 
 class _PoolLease:

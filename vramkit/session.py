@@ -45,10 +45,18 @@ from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, Type
 from vramkit._units import check_flag, format_bytes, parse_bytes
 from vramkit._utils import qualname, wrap_calls
 from vramkit.cleaning import CleanupReport, cleanup
-from vramkit.devices import Device, DeviceLike, get_backend, resolve_device
-from vramkit.devices.cuda import is_initialized as cuda_initialized
+from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError, VramLeakWarning
-from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
+from vramkit.memory import (
+    DeviceMemoryDelta,
+    MemoryDelta,
+    MemorySnapshot,
+    driver_layer,
+    layer_bytes,
+    peak_bytes,
+    snapshot,
+    usage_layer,
+)
 from vramkit.referrers import find_holders_each
 from vramkit.tensors import TensorCensus, TensorInfo, live_tensors
 
@@ -173,49 +181,71 @@ class SessionReport:
         """The readable account used in errors and warnings.
 
         Returns:
-            For a leak, ``leaked 12.0 MiB on cpu (live tensors +12.0 MiB,
-            process +12.3 MiB)`` and then the leaked tensors with their
-            holders; otherwise a one-line summary.
+            :meth:`headline` (after the session's name, when it has one) and,
+            for a leak or an unverified verdict, :meth:`tensor_lines`.
         """
         prefix = f"{self.name}: " if self.name else ""
+        lines = [prefix + self.headline()]
+        if self.verdict in ("leak", "unverified") and self.new_tensors is not None:
+            lines.extend(self.tensor_lines())
+        return "\n".join(lines)
+
+    def headline(self) -> str:
+        """The verdict in one line, layer by layer, with the tolerances.
+
+        Returns:
+            Such as ``leaked 32.0 MiB on cpu (live tensors +32.0 MiB, process
+            +1.2 MiB, peak 225.1 MiB); tolerance 16.0 MiB``. The allocator
+            layer is ``allocated`` on an accelerator and ``live tensors`` on the
+            host; the driver layer is named as :data:`vramkit.memory.LAYERS` names it.
+        """
         layers = self._layers()
         if self.verdict == "leak":
-            head = f"{prefix}leaked {format_bytes(self.leaked_bytes)} on {self.device} ({layers})"
+            head = f"leaked {format_bytes(self.leaked_bytes)} on {self.device} ({layers})"
         elif self.verdict == "unverified":
             head = (
-                f"{prefix}{format_bytes(self.allocator_growth_bytes)} allocated on {self.device} "
+                f"{format_bytes(self.allocator_growth_bytes)} allocated on {self.device} "
                 f"did not come back, but the driver does not confirm it ({layers}); "
                 "this may be the allocator's bookkeeping rather than a leak"
             )
         else:
-            head = f"{prefix}{self.verdict} on {self.device} ({layers})"
+            head = f"{self.verdict} on {self.device} ({layers})"
         tolerances = f"tolerance {format_bytes(self.tolerance_bytes)}"
         if self.process_tolerance_bytes is not None:
             tolerances += f", process tolerance {format_bytes(self.process_tolerance_bytes)}"
-        lines = [f"{head}; {tolerances}"]
-        if self.verdict in ("leak", "unverified") and self.new_tensors is not None:
-            lines.extend(self._tensor_lines())
-        return "\n".join(lines)
+        return f"{head}; {tolerances}"
 
     def _layers(self) -> str:
-        allocator = "allocated" if self.before[self.device].allocated_bytes is not None else None
+        change = self.delta[self.device]
         parts = []
         if self.allocator_growth_bytes is not None:
-            label = allocator or "live tensors"
+            label = "allocated" if usage_layer(change) == "allocated" else "live tensors"
             parts.append(f"{label} {format_bytes(self.allocator_growth_bytes, signed=True)}")
+        if change.reserved_bytes is not None:
+            parts.append(f"reserved {format_bytes(change.reserved_bytes, signed=True)}")
         if self.driver_growth_bytes is not None:
-            label = (
-                "process" if self.before[self.device].process_used_bytes is not None else "device"
-            )
+            label = driver_layer(change) or "driver"
             parts.append(f"{label} {format_bytes(self.driver_growth_bytes, signed=True)}")
         if self.peak_bytes is not None:
             parts.append(f"peak {format_bytes(self.peak_bytes)}")
         return ", ".join(parts) or "no comparable readings"
 
-    def _tensor_lines(self) -> list[str]:
+    def tensor_lines(self) -> list[str]:
+        """The tensors that appeared and are still alive, largest first, with their holders.
+
+        Returns:
+            Indented lines: each tensor (the largest ten), then ``held by``
+            lines where a holder was searched for and found; one line saying
+            none were found when the census is empty; nothing without a census.
+        """
         census = self.new_tensors
-        if census is None or not census:
-            return ["  no new live tensors found (memory held outside Python-visible tensors)"]
+        if census is None:
+            return []
+        if not census:
+            return [
+                f"  no new live tensors on {self.device}: the memory is held outside "
+                "Python-visible tensors (an extension's allocation, an autograd graph)"
+            ]
         hinted = {h.tensor.storage_key: h for h in self.held}
         lines: list[str] = []
         for info in census[:_LISTED]:
@@ -361,8 +391,6 @@ _running: dict[str, list[SessionRun]] = {}
 _entries: contextvars.ContextVar[tuple[SessionRun, ...]] = contextvars.ContextVar(
     "vramkit_session_entries", default=()
 )
-_warmed: set[str] = set()
-_warm_lock = threading.Lock()
 
 
 class GpuSession:
@@ -500,22 +528,21 @@ class GpuSession:
         run = SessionRun(self, name)
         device = self.device
         if self.leak_check is not None:
-            _warm_up(device)
-            if _is_accelerator(device):
+            device.warm_up()  # a context created inside the block is not a leak
+            if not device.is_host:
                 # Start from an empty cache so that the driver reading after the
                 # block can confirm (or not) what the allocator says.
-                _clear_cublas(device)
+                device.release_workspaces()
                 cleanup(device)
             run._baseline = _Baseline(live_tensors(device))
         name = str(device)
-        backend = get_backend(device.kind)
         with _peak_lock:
             before = snapshot(device)
-            prior = _peak_of(before[name])
+            prior = peak_bytes(before[name])
             for other in _running.get(name, ()):
                 if prior is not None:
                     other._peak_floor = max(other._peak_floor or 0, prior)
-            backend.reset_peak(device.index or 0)
+            device.reset_peak()
             _running.setdefault(name, []).append(run)
         run._before = before
         run._started = time.perf_counter()
@@ -551,10 +578,10 @@ class GpuSession:
             running = _running.get(name, [])
             if run in running:
                 running.remove(run)
-        peak = _max_known(_peak_of(ended[name]), run._peak_floor)
+        peak = _max_known(peak_bytes(ended[name]), run._peak_floor)
         report_of_cleanup: CleanupReport | None = None
         if self.cleanup:
-            _clear_cublas(device)
+            device.release_workspaces()
             report_of_cleanup = cleanup(device)
         after = report_of_cleanup.after if report_of_cleanup is not None else ended
         if self.leak_check is None:
@@ -581,7 +608,7 @@ class GpuSession:
         baseline = run._baseline
         assert baseline is not None  # taken by _start when leak_check is set
         run._baseline = None  # its weak references are of no use after this
-        on_host = before[name].allocated_bytes is None
+        on_host = usage_layer(before[name]) != "allocated"  # no allocator counts: a census
         cleaned = report_of_cleanup is not None
         reading, checks = self._check(baseline, before[name], on_host, after), 1
         attempt = 0
@@ -589,7 +616,7 @@ class GpuSession:
             if cleaned:
                 attempt += 1
                 time.sleep(_PAUSE_SECONDS * attempt)
-            _clear_cublas(device)
+            device.release_workspaces()
             latest = cleanup(device)
             report_of_cleanup = report_of_cleanup or latest
             cleaned = True
@@ -683,16 +710,6 @@ def _holders(largest: TensorCensus) -> tuple[HeldTensor, ...]:
     return tuple(HeldTensor(info, tuple(found)) for info, found in zip(infos, chains, strict=True))
 
 
-def _is_accelerator(device: Device) -> bool:
-    return device.kind != "cpu"
-
-
-def _peak_of(reading: DeviceMemory) -> int | None:
-    if reading.allocated_bytes is not None:
-        return reading.peak_allocated_bytes
-    return reading.process_peak_bytes
-
-
 def _max_known(a: int | None, b: int | None) -> int | None:
     if a is None:
         return b
@@ -704,40 +721,15 @@ def _allocator_growth(before: DeviceMemory, after: DeviceMemory) -> int | None:
 
 
 def _driver_growth(before: DeviceMemory, after: DeviceMemory) -> int | None:
-    """This process per the driver where known (NVML, RSS), else the whole device."""
+    """Growth in the driver's (or the OS's) layer: see :data:`vramkit.memory.DRIVER_LAYERS`."""
     delta = DeviceMemoryDelta.between(before, after)
-    return delta.process_used_bytes if delta.process_used_bytes is not None else delta.used_bytes
+    return layer_bytes(delta, driver_layer(delta))
 
 
 def _describe_exception(exc: BaseException | None) -> str | None:
     # A string, not the exception: the exception's traceback holds the
     # block's frames, and with them every tensor the block allocated.
     return None if exc is None else f"{type(exc).__name__}: {exc}"
-
-
-def _warm_up(device: Device) -> None:
-    """Create the CUDA context and RNG state once, so they never count as a leak."""
-    if device.kind != "cuda" or str(device) in _warmed:
-        return
-    with _warm_lock:
-        if str(device) in _warmed:
-            return
-        import torch
-
-        torch.randn(1, device=str(device))
-        torch.cuda.synchronize(device.index)
-        _warmed.add(str(device))
-
-
-def _clear_cublas(device: Device) -> None:
-    """Release cuBLAS workspaces, which torch keeps per stream and counts as allocated."""
-    if device.kind != "cuda" or not cuda_initialized():
-        return
-    import torch
-
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
 
 
 @overload

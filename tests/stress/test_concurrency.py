@@ -30,6 +30,7 @@ from vramkit import ModelPool, ModelState, VramkitError, events
 from vramkit.errors import BudgetExceededError, ModelBusyError, ModelStateError
 from vramkit.testing.models import TinyMLP
 
+from ..helpers import reserved_bytes
 from .conftest import Record, scale
 
 WIDTH = 256
@@ -175,7 +176,7 @@ def test_pool_under_concurrent_load_and_chaos(tmp_path: Path, reliability: Recor
             )
             over.append(
                 f"{event.kind} {event.model}: {status.charged_bytes} [{states}] "
-                f"reserved {dict(pool._reserved)}"
+                f"reserved {reserved_bytes(pool)}"
             )
         for model in pool:
             if model.leases < 0:

@@ -23,6 +23,7 @@ from vramkit import ManagedModel, ModelPool, ModelState
 from vramkit.adapters import TorchAdapter
 from vramkit.errors import BudgetExceededError, ModelStateError, OffloadError
 
+from ..helpers import reserved_bytes
 from .conftest import Record, scale
 
 WIDTH = 256
@@ -103,7 +104,7 @@ def test_loaders_failing_at_random_points(reliability: Record) -> None:
                 raise
             failures += 1
             assert pool[name].state is ModelState.UNLOADED
-            assert name not in pool._reserved
+            assert reserved_bytes(pool) == 0
         status = pool.status()
         resident = sum(m.size_bytes or 0 for m in pool if m.state is ModelState.READY)
         assert status.charged_bytes == resident  # the accounting matches reality
@@ -174,7 +175,7 @@ def test_keyboard_interrupt_during_load(reliability: Record) -> None:
         mm.load()
     assert mm.state is ModelState.UNLOADED
     assert pool.status().charged_bytes == 0
-    assert pool._reserved == {}
+    assert reserved_bytes(pool) == 0
     assert tracker.alive() == 0
     assert same_model(mm)
     pool.close()
@@ -211,34 +212,34 @@ def test_disk_errors_while_evicting_fall_back_to_unloading(
 def test_out_of_memory_in_the_middle_of_a_wake(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reliability: Record
 ) -> None:
-    from vramkit.model import tiers
+    import safetensors.torch
 
     pool = ModelPool("cpu", budget="8MiB", headroom=0, name="wake")
     mm = pool.register("m", build, offload_dir=tmp_path)
     assert same_model(mm)
     mm.offload("disk")
-    original = tiers._bring_back
     calls = [0]
 
-    def bring_back_then_fail(tensors: Any, data: Any) -> None:
+    def read_then_fail(*args: Any, **kwargs: Any) -> None:
+        # The weights' way back from the file is where a real wake runs out of memory.
         calls[0] += 1
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(tiers, "_bring_back", bring_back_then_fail)
-    with pytest.raises(torch.OutOfMemoryError):
-        mm.wake()
+    with monkeypatch.context() as patched:
+        patched.setattr(safetensors.torch, "load_file", read_then_fail)
+        with pytest.raises(torch.OutOfMemoryError):
+            mm.wake()
     assert calls[0] == 1
     assert mm.state is ModelState.OFFLOADED
     assert mm.tier == "disk"
     assert pool.status().charged_bytes == 0
-    assert pool._reserved == {}
-    monkeypatch.setattr(tiers, "_bring_back", original)
+    assert reserved_bytes(pool) == 0
     assert same_model(mm)  # the file was intact: the next wake works
     assert mm.stats.loads == 1  # without falling back to the loader
     pool.close()
     reliability.area = "faults"
     reliability.load = "one pooled model offloaded to disk"
-    reliability.faults = "torch.OutOfMemoryError raised while the weights were being assigned"
+    reliability.faults = "torch.OutOfMemoryError raised while the weights were read back"
     reliability.figures = {"state after": "OFFLOADED (disk)", "reloads needed": 0}
 
 
@@ -273,10 +274,9 @@ def test_memory_returns_after_every_fault(tmp_path: Path, reliability: Record) -
     before = vramkit.snapshot("cpu")["cpu"].process_used_bytes or 0
     for i in range(cycles):
         same_model(mm)
-        mm.offload("disk" if i % 2 else "cpu")
-        if i % 3 == 0:
-            file = mm._offloaded.file
-            Path(file.path if file else tmp_path / "none").unlink(missing_ok=True)
+        parked = mm.offload("disk" if i % 2 else "cpu")
+        if i % 3 == 0 and parked.path is not None:
+            Path(parked.path).unlink(missing_ok=True)
         same_model(mm)  # wake, falling back to the loader when the file was deleted
         mm.unload()
     vramkit.cleanup("cpu")

@@ -1,15 +1,17 @@
 """Where memory lives: one backend per kind of device, found through a registry.
 
->>> from vramkit.devices import resolve_device, get_backend
+>>> from vramkit.devices import resolve_device
 >>> device = resolve_device("cpu")
->>> reading = get_backend(device.kind).read(0)
->>> reading.total_bytes > 0
+>>> device.read().total_bytes > 0
 True
 
 Device strings are torch's (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``, a
-``torch.device`` or an ``int`` meaning a CUDA ordinal). A new kind (a scripted
+``torch.device`` or an ``int`` meaning a CUDA ordinal). They are parsed and
+checked once: the :class:`Device` that comes back reads and cleans itself, and
+passing it to any vramkit call checks nothing again. A new kind (a scripted
 :class:`vramkit.testing.FakeDevice`, or another accelerator) joins with
-:func:`register_backend`; nothing in vramkit branches on kinds by name.
+:func:`register_backend`; what a kind does differently is a method of its
+backend (:class:`BackendBase`), so nothing in vramkit branches on kinds by name.
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ import re
 import threading
 from typing import TYPE_CHECKING, Union
 
-from vramkit.devices._base import Device, DeviceBackend, DeviceMemory
+from vramkit.devices._base import (
+    BackendBase,
+    Device,
+    DeviceBackend,
+    DeviceMemory,
+    MemoryFields,
+    _backends,
+    completed,
+    get_backend,
+)
 from vramkit.devices.cpu import CpuBackend
 from vramkit.devices.cuda import CudaBackend
-from vramkit.devices.cuda import is_initialized as cuda_initialized
 from vramkit.devices.mps import MpsBackend
 from vramkit.devices.xpu import XpuBackend
 from vramkit.errors import DeviceUnavailableError, InvalidArgumentError
@@ -30,10 +40,12 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BackendBase",
     "Device",
     "DeviceBackend",
     "DeviceLike",
     "DeviceMemory",
+    "MemoryFields",
     "available_devices",
     "default_device",
     "get_backend",
@@ -46,8 +58,8 @@ DeviceLike = Union[str, "torch.device", int, Device]
 """Anything that names a device: ``"cuda:0"``, ``torch.device("mps")``, ``0``, a :class:`Device`."""
 
 _lock = threading.Lock()
-_backends: dict[str, DeviceBackend] = {}
 _available: tuple[Device, ...] | None = None  # cached: devices do not come and go
+_parsed: frozenset[Device] = frozenset()  # the same devices, to pass a parsed one through
 # Exactly torch's spelling: lower case, no spaces, ASCII digits, no leading zeros.
 _SPEC = re.compile(r"^([a-z_][a-z0-9_]*)(?::(-?(?:0|[1-9][0-9]*)))?$", re.ASCII)
 
@@ -56,14 +68,16 @@ def register_backend(backend: DeviceBackend, *, replace: bool = False) -> None:
     """Make a kind of device known to vramkit.
 
     Args:
-        backend: An object answering :class:`DeviceBackend`.
+        backend: An object answering :class:`DeviceBackend`. One that does not
+            derive from :class:`BackendBase` is wrapped, so that the optional
+            hooks answer with their defaults (:func:`get_backend` then returns
+            the wrapper, which passes other attributes through).
         replace: Allow replacing a backend already registered for that kind.
 
     Raises:
         InvalidArgumentError: When ``backend`` does not answer the protocol, or
             its kind is taken and ``replace`` is false.
     """
-    global _available
     if not isinstance(backend, DeviceBackend):
         raise InvalidArgumentError(
             f"backend must implement vramkit.devices.DeviceBackend "
@@ -75,30 +89,21 @@ def register_backend(backend: DeviceBackend, *, replace: bool = False) -> None:
             raise InvalidArgumentError(
                 f"a backend for {backend.kind!r} is already registered; pass replace=True"
             )
-        _backends[backend.kind] = backend
-        _available = None
+        _backends[backend.kind] = completed(backend)
+        _forget_devices()
 
 
 def unregister_backend(kind: str) -> None:
     """Forget the backend of ``kind`` (a no-op when none is registered)."""
-    global _available
     with _lock:
         _backends.pop(kind, None)
-        _available = None
+        _forget_devices()
 
 
-def get_backend(kind: str) -> DeviceBackend:
-    """The backend registered for ``kind``.
-
-    Raises:
-        InvalidArgumentError: When no backend knows that kind.
-    """
-    try:
-        return _backends[kind]
-    except KeyError:
-        raise InvalidArgumentError(
-            f"unknown device kind {kind!r}; known kinds: {', '.join(sorted(_backends))}"
-        ) from None
+def _forget_devices() -> None:
+    """Drop the cached device list (caller holds the lock): a kind came or went."""
+    global _available, _parsed
+    _available, _parsed = None, frozenset()
 
 
 def available_devices() -> tuple[Device, ...]:
@@ -107,36 +112,36 @@ def available_devices() -> tuple[Device, ...]:
     The answer is computed once (devices do not appear at run time) and again
     after :func:`register_backend` or :func:`unregister_backend`.
     """
-    global _available
+    global _available, _parsed
     devices = _available
     if devices is not None:
         return devices
     found: list[Device] = []
+    hosts: set[str] = set()
     for backend in list(_backends.values()):
         if not backend.is_available():
             continue
+        if backend.host:
+            hosts.add(backend.kind)
         if backend.indexed:
             found.extend(Device(backend.kind, i) for i in range(backend.device_count()))
         else:
             found.append(Device(backend.kind))
-    found.sort(key=lambda d: (d.kind != "cpu", d.kind, d.index or 0))
+    found.sort(key=lambda d: (d.kind not in hosts, d.kind, d.index or 0))
     devices = tuple(found)
     with _lock:
-        _available = devices
+        _available, _parsed = devices, frozenset(devices)
     return devices
 
 
 def default_device() -> Device:
-    """The device a model goes to when none is named: the first accelerator, else ``cpu``."""
-    import torch
-
-    accelerators = [d for d in available_devices() if d.kind in {"cuda", "xpu", "mps"}]
-    if not accelerators:
-        return Device("cpu")
-    first = accelerators[0]
-    if first.kind == "cuda" and cuda_initialized():
-        return Device("cuda", torch.cuda.current_device())
-    return first
+    """The device a model goes to when none is named: the first accelerator, else the host."""
+    devices = available_devices()
+    for device in devices:
+        backend = device.backend
+        if backend.preferred:
+            return Device(device.kind, backend.current_index()) if backend.indexed else device
+    return next((d for d in devices if d.is_host), Device("cpu"))
 
 
 def resolve_device(spec: DeviceLike | None = None) -> Device:
@@ -160,6 +165,9 @@ def resolve_device(spec: DeviceLike | None = None) -> Device:
     if spec is None:
         return default_device()
     if isinstance(spec, Device):
+        available_devices()  # fills _parsed when a kind came or went
+        if spec in _parsed:
+            return spec  # parsed before (devices do not come and go): nothing to check again
         kind, index = spec.kind, spec.index
     elif isinstance(spec, bool) or (not isinstance(spec, str | int) and not _is_torch_device(spec)):
         raise InvalidArgumentError(
@@ -206,14 +214,16 @@ def _check(kind: str, index: int | None, spec: object) -> Device:
         raise InvalidArgumentError(f"device index must be >= 0; got {spec!r}")
     backend = _backends[kind]
     if not backend.is_available():
-        raise DeviceUnavailableError(f"device {spec!r} is not available: {_why_unavailable(kind)}")
+        raise DeviceUnavailableError(
+            f"device {spec!r} is not available: {backend.why_unavailable()}"
+        )
     if not backend.indexed:
         if index not in (None, 0):
             raise DeviceUnavailableError(f"device {spec!r} does not exist: there is one {kind}")
         return Device(kind)
     count = backend.device_count()
     if index is None:
-        index = _current_index(kind)
+        index = backend.current_index()
     if index >= count:
         names = ", ".join(f"{kind}:{i}" for i in range(count))
         plural = "device" if count == 1 else "devices"
@@ -222,29 +232,6 @@ def _check(kind: str, index: int | None, spec: object) -> Device:
             f"{plural} ({names})"
         )
     return Device(kind, index)
-
-
-def _current_index(kind: str) -> int:
-    """The current device of an indexed kind, without initialising anything new."""
-    import torch
-
-    if kind == "cuda" and cuda_initialized():
-        return int(torch.cuda.current_device())
-    return 0
-
-
-def _why_unavailable(kind: str) -> str:
-    import torch
-
-    if kind == "cuda":
-        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            return f"this torch ({torch.__version__}) was built without CUDA"
-        return "torch sees no CUDA GPU (driver missing, or CUDA_VISIBLE_DEVICES hides them all)"
-    if kind == "mps":
-        return "MPS needs Apple silicon and a torch build with MPS support"
-    if kind == "xpu":
-        return f"this torch ({torch.__version__}) has no XPU support or sees no XPU device"
-    return f"the {kind!r} backend reports no device"
 
 
 for _backend in (CpuBackend(), CudaBackend(), MpsBackend(), XpuBackend()):

@@ -1,17 +1,33 @@
-"""The device protocol and the reading every backend returns."""
+"""The device protocol, its defaults, the reading every backend returns, and a parsed device.
+
+A :class:`Device` is what :func:`vramkit.devices.resolve_device` hands back: it
+knows its backend and reads itself (``device.read()``). Everything a kind of
+device does differently (how it reads, cleans, warms up, why it may be missing)
+is a method of its backend; the code above ``vramkit.devices`` asks the device
+and never branches on kind names.
+"""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from vramkit._units import format_bytes, format_part_of
+from vramkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Device", "DeviceBackend", "DeviceMemory"]
+__all__ = [
+    "BackendBase",
+    "Device",
+    "DeviceBackend",
+    "DeviceMemory",
+    "MemoryFields",
+    "get_backend",
+]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -38,9 +54,71 @@ class Device:
 
         return torch.device(str(self))
 
+    @property
+    def backend(self) -> BackendBase:
+        """The backend registered for this device's kind.
+
+        Raises:
+            InvalidArgumentError: No backend knows the kind (any more).
+        """
+        return get_backend(self.kind)
+
+    @property
+    def is_host(self) -> bool:
+        """Whether this is the host's RAM (see :attr:`BackendBase.host`)."""
+        return self.backend.host
+
+    @property
+    def pins_host_copies(self) -> bool:
+        """Whether host copies of this device's tensors are pinned (see :class:`BackendBase`)."""
+        return self.backend.pins_host_copies
+
+    def read(self) -> DeviceMemory:
+        """Read this device's memory now, in bytes (see :meth:`DeviceBackend.read`)."""
+        return self.backend.read(self.index or 0)
+
+    def synchronize(self) -> None:
+        """Wait for work queued on this device, so deferred frees have happened."""
+        self.backend.synchronize(self.index or 0)
+
+    def reset_peak(self) -> None:
+        """Start this device's peak tracking afresh."""
+        self.backend.reset_peak(self.index or 0)
+
+    def clean(self) -> str | None:
+        """Give this device's cached memory back (see :meth:`BackendBase.clean`)."""
+        return self.backend.clean(self.index or 0)
+
+    def warm_up(self) -> None:
+        """Create what the device keeps for good once used (see :meth:`BackendBase.warm_up`)."""
+        self.backend.warm_up(self.index or 0)
+
+    def release_workspaces(self) -> None:
+        """Free library workspaces the allocator counts (see :class:`BackendBase`)."""
+        self.backend.release_workspaces(self.index or 0)
+
 
 @dataclass(frozen=True, slots=True)
-class DeviceMemory:
+class MemoryFields:
+    """The byte fields of a reading, declared once: a reading and a difference of two share them.
+
+    See :class:`DeviceMemory` for what each field means; in a difference
+    (:class:`vramkit.memory.DeviceMemoryDelta`) each is ``after - before``.
+    """
+
+    device: str
+    allocated_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    used_bytes: int | None = None
+    free_bytes: int | None = None
+    total_bytes: int | None = None
+    process_used_bytes: int | None = None
+    process_peak_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMemory(MemoryFields):
     """One reading of one device, in bytes, in three layers.
 
     A field that cannot be read on this machine is ``None``, never 0.
@@ -63,16 +141,6 @@ class DeviceMemory:
         process_peak_bytes: Highest ``process_used_bytes`` since the last reset,
             where the OS tracks it (``VmHWM`` on Linux).
     """
-
-    device: str
-    allocated_bytes: int | None = None
-    peak_allocated_bytes: int | None = None
-    reserved_bytes: int | None = None
-    used_bytes: int | None = None
-    free_bytes: int | None = None
-    total_bytes: int | None = None
-    process_used_bytes: int | None = None
-    process_peak_bytes: int | None = None
 
     @property
     def cache_bytes(self) -> int | None:
@@ -115,6 +183,10 @@ class DeviceBackend(Protocol):
     Backends never initialise a device context just to answer: a CUDA device
     torch has not touched reads as 0 allocated and driver numbers from NVML
     (or ``None`` without NVML), and its cleanup calls are no-ops.
+
+    These are the required parts. :class:`BackendBase` adds optional hooks
+    with defaults; a backend that does not derive from it gets the defaults
+    when it is registered.
     """
 
     kind: str
@@ -146,3 +218,165 @@ class DeviceBackend(Protocol):
     def reset_peak(self, index: int) -> None:
         """Start peak tracking afresh."""
         ...
+
+
+_OPTIONAL: Final = (
+    "host",
+    "preferred",
+    "pins_host_copies",
+    "why_unavailable",
+    "current_index",
+    "notes",
+    "clean",
+    "warm_up",
+    "release_workspaces",
+)
+
+
+class BackendBase(abc.ABC):
+    """The device protocol with every optional hook given its default, in one place.
+
+    Derive a backend from it and override only what the kind does
+    differently: the built-in backends and :class:`vramkit.testing.FakeDevice`
+    do. A backend registered without deriving from it (any object answering
+    :class:`DeviceBackend`) is wrapped so that these defaults apply to it too.
+
+    Attributes:
+        host: This kind is the host's RAM: torch keeps no allocator counters
+            there, its cache is the process heap (trimmed once per cleanup),
+            the cpu offload tier frees nothing on it, and memory comes back
+            to the OS synchronously. Default ``False``.
+        preferred: :func:`vramkit.devices.default_device` may choose this kind
+            over the host (real accelerators). Default ``False``, so that a
+            scripted test device never becomes the default.
+        pins_host_copies: Host copies of this device's weights (the cpu
+            offload tier) are pinned, so that the way back is a fast DMA.
+            Default ``False``.
+    """
+
+    kind: str
+    indexed: bool
+    host: bool = False
+    preferred: bool = False
+    pins_host_copies: bool = False
+
+    @abc.abstractmethod
+    def is_available(self) -> bool:
+        """Whether this kind of device can be used in this process."""
+
+    @abc.abstractmethod
+    def device_count(self) -> int:
+        """How many devices of this kind are visible (0 when unavailable)."""
+
+    @abc.abstractmethod
+    def read(self, index: int) -> DeviceMemory:
+        """Read the memory of device ``index`` (0 for unindexed kinds)."""
+
+    @abc.abstractmethod
+    def empty_cache(self, index: int) -> None:
+        """Return the allocator's unused cached blocks to the driver."""
+
+    @abc.abstractmethod
+    def synchronize(self, index: int) -> None:
+        """Wait for queued work on the device, so frees have happened."""
+
+    @abc.abstractmethod
+    def reset_peak(self, index: int) -> None:
+        """Start peak tracking afresh."""
+
+    def why_unavailable(self) -> str:
+        """Why :meth:`is_available` says no, in words for an error message."""
+        return f"the {self.kind!r} backend reports no device"
+
+    def current_index(self) -> int:
+        """The device a bare kind name (``"cuda"``) means now, never initialising anything."""
+        return 0
+
+    def notes(self) -> tuple[str, ...]:
+        """What a person reading ``vramkit status`` should know about this kind's numbers."""
+        return ()
+
+    def clean(self, index: int) -> str | None:
+        """Give cached memory back: wait for queued work, then empty the cache.
+
+        Returns:
+            The step for a cleanup report (``"empty_cache"``), or ``None`` when
+            there was nothing to do for this kind.
+        """
+        self.synchronize(index)
+        self.empty_cache(index)
+        return "empty_cache"
+
+    def warm_up(self, index: int) -> None:  # noqa: B027 - an optional hook: no-op by default
+        """Create, once, what the device keeps for good after its first use (a context).
+
+        A leak check calls it before its baseline, so that this memory never
+        counts as a leak. Default: nothing.
+        """
+
+    def release_workspaces(self, index: int) -> None:  # noqa: B027 - optional, as above
+        """Free library workspaces that the allocator counts as allocated (cuBLAS's).
+
+        A leak check calls it before it measures. Default: nothing.
+        """
+
+
+class _Completed(BackendBase):
+    """A backend that does not derive from :class:`BackendBase`, with the defaults filled in."""
+
+    def __init__(self, inner: DeviceBackend) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.indexed = inner.indexed
+        for name in _OPTIONAL:
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def is_available(self) -> bool:
+        return self.inner.is_available()
+
+    def device_count(self) -> int:
+        return self.inner.device_count()
+
+    def read(self, index: int) -> DeviceMemory:
+        return self.inner.read(index)
+
+    def empty_cache(self, index: int) -> None:
+        self.inner.empty_cache(index)
+
+    def synchronize(self, index: int) -> None:
+        self.inner.synchronize(index)
+
+    def reset_peak(self, index: int) -> None:
+        self.inner.reset_peak(index)
+
+    def __getattr__(self, name: str) -> Any:
+        # Whatever else the registered object offers (its counters, say) stays reachable.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+_backends: dict[str, BackendBase] = {}  # the registry: filled by vramkit.devices
+
+
+def completed(backend: DeviceBackend) -> BackendBase:
+    """``backend`` when it derives from :class:`BackendBase`, else it wrapped with the defaults."""
+    return backend if isinstance(backend, BackendBase) else _Completed(backend)
+
+
+def get_backend(kind: str) -> BackendBase:
+    """The backend registered for ``kind``, with every optional hook answering.
+
+    Raises:
+        InvalidArgumentError: When no backend knows that kind.
+    """
+    try:
+        return _backends[kind]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"unknown device kind {kind!r}; known kinds: {', '.join(sorted(_backends))}"
+        ) from None

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import psutil
 
-from vramkit.devices._base import DeviceMemory
+from vramkit.devices._base import BackendBase, DeviceMemory
 
 __all__ = ["CpuBackend", "malloc_trim"]
 
@@ -113,7 +113,7 @@ def _cgroup_limit(directory: str) -> int | None:
         return None
 
 
-class CpuBackend:
+class CpuBackend(BackendBase):
     """Host memory: process RSS (and its peak), system or cgroup total and available.
 
     ``allocated_bytes`` and ``reserved_bytes`` are ``None``: torch's CPU
@@ -123,6 +123,7 @@ class CpuBackend:
 
     kind = "cpu"
     indexed = False
+    host = True
 
     def __init__(self) -> None:
         self._proc = _ProcReader() if sys.platform.startswith("linux") else None
@@ -168,6 +169,9 @@ class CpuBackend:
     def empty_cache(self, index: int = 0) -> None:
         """Give freed heap pages back to the OS (``malloc_trim(0)`` on glibc)."""
         malloc_trim()
+
+    def clean(self, index: int = 0) -> None:
+        """Nothing per device: the host's cache is the heap, which a cleanup trims once for all."""
 
     def synchronize(self, index: int = 0) -> None:
         """Nothing to wait for on the host."""

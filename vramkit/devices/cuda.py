@@ -12,12 +12,13 @@ Nothing here creates a CUDA context: an untouched device reads 0 allocated and
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
 from vramkit.devices import _nvml
-from vramkit.devices._base import DeviceMemory
+from vramkit.devices._base import BackendBase, DeviceMemory
 
 __all__ = ["CudaBackend", "is_initialized"]
 
@@ -59,15 +60,57 @@ def _allocator_counters(index: int) -> tuple[int, int, int]:
     )
 
 
-class CudaBackend:
+class CudaBackend(BackendBase):
     """CUDA devices: allocator counters from torch, driver numbers from NVML or the runtime."""
 
     kind = "cuda"
     indexed = True
+    preferred = True
+    pins_host_copies = True
+
+    def __init__(self) -> None:
+        self._warm_lock = threading.Lock()
+        self._warmed: set[int] = set()
 
     def is_available(self) -> bool:
         """Whether torch was built with CUDA and sees at least one GPU."""
         return bool(torch.cuda.is_available())
+
+    def why_unavailable(self) -> str:
+        """A build without CUDA, or no GPU visible to it."""
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            return f"this torch ({torch.__version__}) was built without CUDA"
+        return "torch sees no CUDA GPU (driver missing, or CUDA_VISIBLE_DEVICES hides them all)"
+
+    def current_index(self) -> int:
+        """The current CUDA device once torch has initialised CUDA, else 0 (nothing is started)."""
+        return int(torch.cuda.current_device()) if is_initialized() else 0
+
+    def notes(self) -> tuple[str, ...]:
+        """Where the driver numbers come from when NVML cannot answer."""
+        reason = _nvml.unavailable_reason()
+        if not reason:
+            return ()
+        return (f"NVML unavailable ({reason}): driver numbers from CUDA where a context exists",)
+
+    def warm_up(self, index: int) -> None:
+        """Create the CUDA context and RNG state of ``cuda:<index>`` once, so they never count."""
+        if index in self._warmed:
+            return
+        with self._warm_lock:
+            if index in self._warmed:
+                return
+            torch.randn(1, device=f"cuda:{index}")
+            torch.cuda.synchronize(index)
+            self._warmed.add(index)
+
+    def release_workspaces(self, index: int) -> None:
+        """Release cuBLAS workspaces, which torch keeps per stream and counts as allocated."""
+        if not is_initialized():
+            return
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
 
     def device_count(self) -> int:
         """How many GPUs torch sees (after ``CUDA_VISIBLE_DEVICES``)."""

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import torch
 
-from vramkit.devices._base import DeviceMemory
+from vramkit.devices._base import BackendBase, DeviceMemory
 
 __all__ = ["MpsBackend"]
 
 
-class MpsBackend:
+class MpsBackend(BackendBase):
     """The single MPS device (``"mps"``)."""
 
     kind = "mps"
     indexed = False
+    preferred = True
 
     def is_available(self) -> bool:
         """Whether torch was built with MPS and this Mac supports it."""
         return bool(torch.backends.mps.is_available())
+
+    def why_unavailable(self) -> str:
+        """MPS needs Apple silicon and a build with it."""
+        return "MPS needs Apple silicon and a torch build with MPS support"
 
     def device_count(self) -> int:
         """One GPU on Apple silicon, none elsewhere."""

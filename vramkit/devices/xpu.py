@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vramkit.devices._base import DeviceMemory
+from vramkit.devices._base import BackendBase, DeviceMemory
 
 __all__ = ["XpuBackend"]
 
@@ -20,16 +20,21 @@ def _xpu() -> Any:
     return getattr(torch, "xpu", None)
 
 
-class XpuBackend:
+class XpuBackend(BackendBase):
     """Intel XPU devices (``"xpu:0"``...)."""
 
     kind = "xpu"
     indexed = True
+    preferred = True
 
     def is_available(self) -> bool:
         """Whether this torch build has XPU support and sees a device."""
         xpu = _xpu()
         return bool(xpu is not None and xpu.is_available())
+
+    def why_unavailable(self) -> str:
+        """No XPU support in this torch build, or no device."""
+        return f"this torch ({torch.__version__}) has no XPU support or sees no XPU device"
 
     def device_count(self) -> int:
         """How many XPU devices torch sees."""

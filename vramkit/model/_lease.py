@@ -1,8 +1,8 @@
 """Borrowing a managed model: leases, the inference-mode guard, and ``@mm.inference`` functions.
 
 A lease is what ``mm.use()`` returns; an :class:`InferenceFunction` is what
-``@mm.inference`` returns. Both borrow through the model's ``_acquire`` and
-``_return``, which count the leases and load (or wake) the model first.
+``@mm.inference`` returns. Both borrow through :class:`Borrowable`, the part
+of a ``ManagedModel`` that counts leases and loads (or wakes) the model first.
 """
 
 from __future__ import annotations
@@ -12,20 +12,63 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
 
 from vramkit._units import check_flag
 
 if TYPE_CHECKING:
-    from vramkit.model.managed import ManagedModel
-    from vramkit.policy import CleanupPolicy
+    from vramkit.cleaning import CleanupPolicy, CleanupTracker
+    from vramkit.devices import Device
 
-__all__ = ["InferenceFunction", "Lease", "inference_guard"]
+__all__ = ["Borrowable", "InferenceFunction", "Lease", "inference_guard"]
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 R = TypeVar("R")
+
+
+class Borrowable(Protocol[T_co]):
+    """What a lease needs of the model it borrows: a ``ManagedModel`` answers it."""
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        ...
+
+    @property
+    def device(self) -> Device:
+        """Its device (for the cleanup policy of ``@inference`` functions)."""
+        ...
+
+    @property
+    def inference_mode(self) -> bool:
+        """Whether synchronous leases run under ``torch.inference_mode()``."""
+        ...
+
+    def _acquire(self, pool: object = None) -> tuple[T_co, int]:
+        """Take a lease, loading or waking first: the object and the lease's token.
+
+        ``pool``: the pool the lease goes through; refused once the model left it.
+        """
+        ...
+
+    def _try_acquire(self, task: object, pool: object) -> tuple[T_co, int] | None:
+        """A lease owned by ``task`` if the model is ready now, without waiting; else ``None``."""
+        ...
+
+    def _ensure_ready(self, pool: object = None) -> None:
+        """Load or wake the model (or wait for another thread to) without taking a lease."""
+        ...
+
+    def _return(self, token: int) -> None:
+        """End the lease ``token``."""
+        ...
+
+    def _cleanup_tracker(self) -> CleanupTracker | None:
+        """The model's own cleanup counters, if it has a policy."""
+        ...
 
 
 def inference_guard() -> object:
@@ -63,7 +106,7 @@ class Lease(Generic[T]):
 
     __slots__ = ("_grad", "_model", "_pool", "_token")
 
-    def __init__(self, model: ManagedModel[T], pool: object = None) -> None:
+    def __init__(self, model: Borrowable[T], pool: object = None) -> None:
         self._model = model
         self._pool = pool
         self._token = 0
@@ -71,7 +114,7 @@ class Lease(Generic[T]):
 
     def __enter__(self) -> T:
         obj, self._token = self._model._acquire(self._pool)
-        if self._model._inference_mode:
+        if self._model.inference_mode:
             self._grad = inference_guard()
         return obj
 
@@ -115,7 +158,7 @@ class InferenceFunction(Generic[R]):
 
     def __init__(
         self,
-        model: ManagedModel[Any],
+        model: Borrowable[Any],
         function: Callable[..., R],
         inference_mode: bool | None,
         cleanup_policy: CleanupPolicy | None,
@@ -123,7 +166,7 @@ class InferenceFunction(Generic[R]):
         self._model = model
         self._function = function
         self._mode = (
-            model._inference_mode
+            model.inference_mode
             if inference_mode is None
             else check_flag(inference_mode, "inference_mode")
         )
@@ -132,7 +175,7 @@ class InferenceFunction(Generic[R]):
         functools.update_wrapper(self, function)
 
     @property
-    def model(self) -> ManagedModel[Any]:
+    def model(self) -> Borrowable[Any]:
         """The model each call borrows."""
         return self._model
 
@@ -164,7 +207,7 @@ class InferenceFunction(Generic[R]):
     async def _call_async(
         self, instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        async with self._model.use() as obj:
+        async with Lease(self._model) as obj:
             result = await cast("Awaitable[Any]", self._invoke(instance, obj, args, kwargs))
         self._after()
         return result

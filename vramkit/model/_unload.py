@@ -36,7 +36,7 @@ from vramkit.adapters._torch_util import (
     storage_key,
 )
 from vramkit.cleaning import cleanup
-from vramkit.devices import Device, DeviceBackend, DeviceMemory
+from vramkit.devices import Device, DeviceMemory
 from vramkit.memory import DeviceMemoryDelta
 from vramkit.model.reports import ModelState, UnloadReport
 from vramkit.referrers import ReferrerChain, find_holders
@@ -50,9 +50,7 @@ class Unload:
 
     Attributes:
         name: The model's name.
-        device: Its device.
-        backend: The device's backend, read before (``before``) and while
-            waiting for the driver.
+        device: Its device, read before (``before``) and while waiting for the driver.
         before: The device's reading before anything was released.
         expected: Bytes the unload should give back on the device.
         free_survivors: Free what outlives the unload (see ``ManagedModel``).
@@ -67,7 +65,6 @@ class Unload:
 
     name: str
     device: Device
-    backend: DeviceBackend
     before: DeviceMemory
     expected: int | None
     free_survivors: bool
@@ -293,14 +290,14 @@ def await_driver(unload: Unload, after: DeviceMemory) -> DeviceMemory:
     ``after`` is the reading taken right after cleanup; returns the last reading.
     """
     before, expected = unload.before, unload.expected
-    if unload.device.kind == "cpu" or not expected or before.used_bytes is None:
+    if unload.device.is_host or not expected or before.used_bytes is None:
         return after
     deadline = time.monotonic() + unload.driver_wait
     while time.monotonic() < deadline:
         if after.used_bytes is None or before.used_bytes - after.used_bytes >= 0.75 * expected:
             break
         time.sleep(0.25)
-        after = unload.backend.read(unload.device.index or 0)
+        after = unload.device.read()
     return after
 
 

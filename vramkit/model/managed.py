@@ -36,6 +36,7 @@ import torch
 
 from vramkit import _runtime, events
 from vramkit._keepalive import KeepAliveScheduler, default_scheduler, keep_alive_seconds
+from vramkit._oomerrors import is_oom_error
 from vramkit._units import check_flag, check_seconds, format_bytes, parse_bytes, parse_timeout
 from vramkit._utils import callable_name, clear_frames
 from vramkit.adapters import Adapter, GenericAdapter, adapter_for
@@ -50,14 +51,15 @@ from vramkit.adapters.onnxruntime import (
     onnx_loader,
 )
 from vramkit.adapters.torch import check_torch_factory, torch_loader
-from vramkit.cleaning import cleanup
-from vramkit.devices import Device, DeviceLike, DeviceMemory, get_backend, resolve_device
+from vramkit.cleaning import CleanupPolicy, cleanup
+from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import (
     InvalidArgumentError,
     ModelBusyError,
     ModelStateError,
     VramLeakError,
 )
+from vramkit.memory import grown_bytes
 from vramkit.model import tiers
 from vramkit.model._lease import InferenceFunction, Lease
 from vramkit.model._loader import check_loaded, remember
@@ -65,8 +67,8 @@ from vramkit.model._unload import Unload, release_and_prove
 from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
 
 if TYPE_CHECKING:
+    from vramkit.cleaning import CleanupTracker
     from vramkit.model.tiers import OffloadReport, TierCost, WakeReport
-    from vramkit.policy import CleanupPolicy, CleanupTracker
 
 __all__ = ["ManagedModel", "live_models"]
 
@@ -445,6 +447,11 @@ class ManagedModel(Generic[T]):
         return self._state is ModelState.READY
 
     @property
+    def inference_mode(self) -> bool:
+        """Whether synchronous leases run under ``torch.inference_mode()``."""
+        return self._inference_mode
+
+    @property
     def keep_alive(self) -> float | None:
         """Idle seconds before expiry (``None``: never)."""
         return self._keep_alive
@@ -510,7 +517,7 @@ class ManagedModel(Generic[T]):
         """
         state = self._state
         size = self._stats.size_bytes or 0
-        in_place = self._tier == "cpu" and self._device.kind == "cpu"
+        in_place = self._tier == "cpu" and self._device.is_host
         if state is ModelState.READY:
             return size
         if state in (ModelState.UNLOADING, ModelState.OFFLOADING):
@@ -810,25 +817,23 @@ class ManagedModel(Generic[T]):
 
     def _do_load(self) -> LoadReport:
         """Run the loader. Caller has set state LOADING and ``_busy_thread``."""
-        backend = get_backend(self._device.kind)
-        index = self._device.index or 0
         started = time.perf_counter()
         owner = self._owner
         obj: Any = None
         try:
             if owner is not None:
                 owner._before_load(self)
-            before = backend.read(index)
+            before = self._device.read()
             threads = torch.get_num_threads()
             obj = self._loader()
             if torch.get_num_threads() != threads:  # loaders like FunASR's change it globally
                 torch.set_num_threads(threads)
             adapter = self._adapter_override or adapter_for(obj)
-            after = backend.read(index)
+            after = self._device.read()
             size = adapter.size_bytes(obj)
             check_loaded(self._name, self._loader, obj, adapter, size, self._last, self._owns)
             if size is None:
-                size = _grew_by(before, after)
+                size = grown_bytes(before, after)
         except BaseException as exc:
             # The failed load's frames hold whatever it built: clear them so a
             # half-built model does not stay alive through the traceback.
@@ -897,7 +902,7 @@ class ManagedModel(Generic[T]):
         except BaseException as exc:
             if owner is not None:
                 owner._after_load(self, ok=False)
-            if isinstance(exc, Exception) and state.method == "file" and not _is_oom(exc):
+            if isinstance(exc, Exception) and state.method == "file" and not is_oom_error(exc):
                 # A cache file deleted, changed or replaced behind our back: the
                 # loader still knows how to build the model. Say so, loudly.
                 events.logger.warning(
@@ -1138,9 +1143,7 @@ class ManagedModel(Generic[T]):
             entries; wake times are measured where this model has woken from
             that tier before, else estimated from its size.
         """
-        return tiers.tier_costs(
-            self._stats, on_host=self._device.kind == "cpu", file=self._disk_cache
-        )
+        return tiers.tier_costs(self._stats, on_host=self._device.is_host, file=self._disk_cache)
 
     def choose_tier(self, *, host_free_bytes: int | None = None) -> str:
         """The cheapest way to free this model's device memory: cpu, disk, or unload.
@@ -1161,7 +1164,7 @@ class ManagedModel(Generic[T]):
             host_free_bytes: Host RAM available for the cpu tier (default: read now).
         """
         if host_free_bytes is None:
-            host_free_bytes = get_backend("cpu").read(0).free_bytes or 0
+            host_free_bytes = Device("cpu").read().free_bytes or 0
         return tiers.choose_tier(self.tier_costs(), self._stats.size_bytes or 0, host_free_bytes)
 
     # ------------------------------------------------------------------ unload
@@ -1344,15 +1347,13 @@ class ManagedModel(Generic[T]):
         started: float,
         waited: float,
     ) -> UnloadReport:
-        backend = get_backend(self._device.kind)
-        index = self._device.index or 0
-        before = backend.read(index)
+        before = self._device.read()
         adapter = self._adapter_override or self._adapter or adapter_for(box[0])
         tiers.discard(box.pop(), self._disk_cache)  # host copies, pinned memory, cache files
         self._disk_cache = None
         expected = self._stats.size_bytes
         if state_before is ModelState.OFFLOADED and (
-            self._tier == "disk" or self._device.kind != "cpu"
+            self._tier == "disk" or not self._device.is_host
         ):
             expected = 0  # the weights already left the device when it was offloaded
         report = release_and_prove(
@@ -1361,7 +1362,6 @@ class ManagedModel(Generic[T]):
             Unload(
                 name=self._name,
                 device=self._device,
-                backend=backend,
                 before=before,
                 expected=expected,
                 free_survivors=self._free_survivors,
@@ -1442,8 +1442,6 @@ class ManagedModel(Generic[T]):
 
 def _check_options(cleanup: object, config: object, offload_dir: object) -> None:
     """Refuse, at construction, options that would otherwise fail later (after a forward)."""
-    from vramkit.policy import CleanupPolicy
-
     if cleanup is not None and not isinstance(cleanup, CleanupPolicy):
         raise InvalidArgumentError(
             f"cleanup must be a CleanupPolicy (vramkit.CleanupPolicy(...)) or None; got {cleanup!r}"
@@ -1465,21 +1463,6 @@ def _current_task() -> object:
         return asyncio.current_task()
     except RuntimeError:  # no running loop in this thread
         return None
-
-
-def _is_oom(exc: BaseException) -> bool:
-    from vramkit.oom import is_oom_error
-
-    return is_oom_error(exc)
-
-
-def _grew_by(before: DeviceMemory, after: DeviceMemory) -> int | None:
-    """What a load added: allocator bytes on accelerators, else this process's bytes."""
-    for layer in ("allocated_bytes", "process_used_bytes", "used_bytes"):
-        a, b = getattr(after, layer), getattr(before, layer)
-        if a is not None and b is not None and (layer != "allocated_bytes" or a != b):
-            return max(int(a) - int(b), 0)
-    return None
 
 
 def _published_state() -> dict[str, Any]:

@@ -9,6 +9,7 @@ from enum import Enum
 from vramkit._units import format_bytes
 from vramkit.cleaning import CleanupReport
 from vramkit.devices import DeviceMemory
+from vramkit.memory import LAYERS, USAGE_LAYERS, shown_layers
 from vramkit.referrers import ReferrerChain
 
 __all__ = ["LoadReport", "ModelState", "ModelStats", "UnloadReport"]
@@ -80,9 +81,10 @@ class UnloadReport:
             file, numpy memory). ``0`` when all came back.
         held: One line per storage in ``held_bytes``: its bytes, device and why.
         expected_bytes: The model's size as measured at load.
-        freed_bytes: Bytes given back per layer: ``allocated``, ``reserved``,
-            ``used`` (device-wide, driver or OS), ``process`` (this process per
-            driver or RSS); ``None`` where the layer cannot be read here.
+        freed_bytes: Bytes given back per layer of :data:`vramkit.memory.LAYERS`:
+            ``allocated``, ``reserved``, ``process`` (this process per driver
+            or RSS), ``used`` (device-wide, driver or OS); ``None`` where the
+            layer cannot be read here.
         memory_before: The device's reading before unloading.
         memory_after: The reading after cleanup.
         cleanup: The cleanup that ran after release.
@@ -119,22 +121,16 @@ class UnloadReport:
 
     @property
     def seen_bytes(self) -> int | None:
-        """Bytes that came back in the most telling layer (allocated, else process)."""
-        for layer in ("allocated", "process", "used"):
-            value = self.freed_bytes.get(layer)
-            if value is not None:
-                return value
-        return None
+        """Bytes that came back in the first of :data:`vramkit.memory.USAGE_LAYERS` known here."""
+        known = (self.freed_bytes.get(layer) for layer in USAGE_LAYERS)
+        return next((value for value in known if value is not None), None)
 
     def __str__(self) -> str:
         if self.state_before is ModelState.UNLOADED:
             return f"{self.model} was not loaded: nothing to unload"
         verdict = "freed" if self.ok else ("unverified" if not self.verified else "HELD")
-        # Device-wide "used" on the host moves with every other process: not shown for cpu.
         layers = (
-            ("allocated", "reserved", "process")
-            if self.device == "cpu"
-            else tuple(self.freed_bytes)
+            shown_layers(self.memory_before) if self.memory_before is not None else tuple(LAYERS)
         )
         came_back = ", ".join(
             f"{layer} {format_bytes(self.freed_bytes[layer])}"

@@ -41,7 +41,7 @@ import torch
 from vramkit._units import format_bytes
 from vramkit.adapters import Adapter
 from vramkit.adapters._torch_util import bury, empty_tensor, restore, set_data, storage_bytes
-from vramkit.devices import Device, DeviceMemory, get_backend
+from vramkit.devices import Device, DeviceMemory, resolve_device
 from vramkit.errors import InvalidArgumentError, OffloadError
 from vramkit.model._tierfile import (
     TierFile,
@@ -355,9 +355,7 @@ def offload_object(
         (``file``, or ``None`` once a new one was written).
     """
     started = time.perf_counter()
-    backend = get_backend(owner.device.kind)
-    index = owner.device.index or 0
-    before = backend.read(index)
+    before = owner.device.read()
     modules = modules_of(owner.adapter, obj)
     if not modules and previous is None:
         state = _Offloaded(tier, "rebuild", weight_bytes=owner.size_bytes or 0)
@@ -423,18 +421,19 @@ def _to_host(
             _Offloaded("cpu", "move", dict(tensors), dict(tensors), devices),
             "already in host RAM: the cpu tier frees nothing on this device",
         )
-    pin = owner.device.kind == "cuda" and _host_has_room(weight_bytes)
+    pins = owner.device.pins_host_copies
+    pin = pins and _host_has_room(weight_bytes)
     host: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         copy = tensor.detach().to("cpu")
         host[key] = copy.pin_memory() if pin else copy
     _put_away(tensors, message, empty=True)  # only once every copy exists
-    note = "" if pin or owner.device.kind != "cuda" else "host RAM too tight to pin: pageable"
+    note = "host RAM too tight to pin: pageable" if pins and not pin else ""
     return _Offloaded("cpu", "move", dict(tensors), host, devices, pinned=pin), note
 
 
 def _host_has_room(nbytes: int) -> bool:
-    free = get_backend("cpu").read(0).free_bytes
+    free = Device("cpu").read().free_bytes
     return free is not None and free - nbytes > HOST_HEADROOM
 
 
@@ -544,7 +543,10 @@ def _from_host(state: _Offloaded, target: Device) -> None:
                 else tensor.to(destination, non_blocking=state.pinned)
             )
         if state.pinned:
-            torch.cuda.synchronize()
+            # Copies from pinned memory run asynchronously: wait for every
+            # device they went to before the host copies may be freed.
+            for destination in {t.device for t in moved.values()}:
+                resolve_device(destination).synchronize()
     except BaseException:
         moved.clear()  # nothing was given back yet: the host copies are intact
         raise

@@ -10,15 +10,7 @@ from typing import TYPE_CHECKING, Final
 import pytest
 
 from vramkit.pytest_plugin.marks import LeakSpec, read_markers
-from vramkit.pytest_plugin.verdicts import (
-    SECTION_LEAK,
-    STATUS,
-    Failure,
-    fold,
-    leak_details,
-    leak_failure,
-    limit_failure,
-)
+from vramkit.pytest_plugin.verdicts import STATUS, Failure, fold, leak_failure, limit_failure
 
 if TYPE_CHECKING:
     from vramkit.devices import DeviceLike
@@ -262,7 +254,7 @@ class Manager:
         )
         state.run = session.__enter__()
         state.session = session
-        if plan.limit_bytes is not None and device.kind == "cpu":
+        if plan.limit_bytes is not None and device.is_host:
             state.peak_unmeasured = _host_peak_problem()
         return state.run
 
@@ -297,25 +289,23 @@ class Manager:
             exc = _NotRun("the test did not run to its end; no verdict")
         from vramkit.errors import VramLeakError, VramLeakWarning
 
-        unverified: str | None = None
+        unverified = False
         try:
             session.__exit__(type(exc) if exc is not None else None, exc, None)
         except VramLeakError:
             pass  # the verdict is on the report, judged below
-        except VramLeakWarning as warning:
+        except VramLeakWarning:
             # The run's warning filters made an "unverified" verdict an error:
             # a failure of the test, like the leak it may be.
-            unverified = str(warning).split("\n")[0].removeprefix(f"{item.nodeid}: ")
+            unverified = True
         finally:
             del exc  # its traceback holds the test's frames
         report = _report_of(run)
         if report is None or report.raised is not None:
             return  # not measured, or the test did not pass: no verdict
         plan = item.stash.get(_PLAN, None)
-        if report.verdict == "leak":
+        if report.verdict == "leak" or unverified:
             state.failures.append(leak_failure(report))
-        elif unverified is not None:
-            state.failures.append(Failure(SECTION_LEAK, unverified, leak_details(report)))
         if plan is not None and plan.limit_bytes is not None:
             if state.peak_unmeasured is not None:
                 warnings.warn(
@@ -397,9 +387,9 @@ def _move_guard_first(item: pytest.Function) -> None:
 
 def _host_peak_problem() -> str | None:
     """Why the host's peak RSS since the session's reset cannot be read here, if it cannot."""
-    from vramkit.memory import snapshot
+    from vramkit.devices import Device
 
-    reading = snapshot("cpu")["cpu"]
+    reading = Device("cpu").read()
     if reading.process_peak_bytes is None or reading.process_used_bytes is None:
         return "this system does not report a peak resident set size"
     if reading.process_peak_bytes - reading.process_used_bytes > _RESET_SLACK_BYTES:

@@ -55,59 +55,22 @@ def fold(reports: list[pytest.TestReport], failures: list[Failure]) -> None:
 
 
 def leak_failure(report: SessionReport) -> Failure:
-    """The failure a leak verdict makes: the bytes per layer, the tolerances, the tensors."""
-    from vramkit._units import format_bytes
-
-    device = report.device
-    on_host = report.before[device].allocated_bytes is None
-    layers = []
-    if report.allocator_growth_bytes is not None:
-        label = "live tensors" if on_host else "allocated"
-        layers.append(f"{label} {format_bytes(report.allocator_growth_bytes, signed=True)}")
-    reserved = report.delta[device].reserved_bytes
-    if reserved is not None:
-        layers.append(f"reserved {format_bytes(reserved, signed=True)}")
-    if report.driver_growth_bytes is not None:
-        label = "RSS" if on_host else "driver"
-        layers.append(f"{label} {format_bytes(report.driver_growth_bytes, signed=True)}")
-    tolerances = f"tolerance {format_bytes(report.tolerance_bytes)}"
-    if report.process_tolerance_bytes is not None:
-        tolerances += f", process tolerance {format_bytes(report.process_tolerance_bytes)}"
-    headline = (
-        f"leaked {format_bytes(report.leaked_bytes)} on {device} ({', '.join(layers)}); "
-        f"{tolerances}"
-    )
-    return Failure(SECTION_LEAK, headline, leak_details(report))
+    """The failure a leak (or an unverified verdict made an error) makes: the session's words."""
+    return Failure(SECTION_LEAK, report.headline(), leak_details(report))
 
 
 def leak_details(report: SessionReport) -> str:
     """The tensors that appeared and are still alive (with holders), and the models alive."""
-    from vramkit._units import format_bytes
-    from vramkit.session import HeldTensor
-
     lines = [
         f"measured {report.checks} time(s) after the test and its function-scoped fixtures "
         f"ended (gc, empty_cache and re-checks in between)"
     ]
-    census = report.new_tensors
-    if census is not None:
-        if census:
-            lines.append(
-                f"tensors on {report.device} that appeared during the test and are still alive, "
-                "largest first:"
-            )
-            held = {h.tensor.storage_key: h for h in report.held}
-            for info in census[:10]:
-                entry = held.get(info.storage_key) or HeldTensor(info, ())
-                lines.extend("  " + line for line in entry.describe().split("\n"))
-            if len(census) > 10:
-                rest = census[10:]
-                lines.append(f"  ... and {len(rest)} more, {format_bytes(rest.total_bytes)}")
-        else:
-            lines.append(
-                f"no new live tensors on {report.device}: the memory is held outside "
-                "Python-visible tensors (an extension's allocation, an autograd graph)"
-            )
+    if report.new_tensors:
+        lines.append(
+            f"tensors on {report.device} that appeared during the test and are still alive, "
+            "largest first:"
+        )
+    lines.extend(report.tensor_lines())
     lines.extend(_model_lines())
     return "\n".join(lines)
 
@@ -115,26 +78,26 @@ def leak_details(report: SessionReport) -> str:
 def limit_failure(report: SessionReport, limit: int) -> Failure | None:
     """The failure of a peak above ``limit`` bytes, or ``None`` within it (or unmeasured)."""
     from vramkit._units import format_bytes
+    from vramkit.memory import layer_bytes, usage_layer
 
     device = report.device
     start = report.before[device]
-    on_host = start.allocated_bytes is None
-    base = start.process_used_bytes if on_host else start.allocated_bytes
+    layer = usage_layer(start)  # the layer report.peak_bytes is the peak of
+    base = layer_bytes(start, layer)
     if report.peak_bytes is None or base is None:
         return None
     growth = report.peak_bytes - base
     if growth <= limit:
         return None
-    layer = "RSS" if on_host else "allocated"
     headline = (
         f"peak {format_bytes(growth)} above the start on {device} exceeds vram_limit "
         f"{format_bytes(limit)} ({layer} {format_bytes(base)} at the start, "
         f"{format_bytes(report.peak_bytes)} at the peak)"
     )
     how = (
-        "peak resident set size since the start (reset then) minus the resident set size then"
-        if on_host
-        else "allocator's peak_allocated_bytes minus allocated_bytes at the start"
+        "allocator's peak_allocated_bytes minus allocated_bytes at the start"
+        if layer == "allocated"
+        else "peak resident set size since the start (reset then) minus the resident set size then"
     )
     lines = [f"peak growth = {how}", *_model_lines()]
     return Failure(SECTION_PEAK, headline, "\n".join(lines))

@@ -32,8 +32,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from vramkit._units import format_bytes, parse_bytes
-from vramkit.devices import DeviceMemory, get_backend, register_backend, unregister_backend
-from vramkit.devices._base import DeviceBackend
+from vramkit.devices import (
+    BackendBase,
+    DeviceMemory,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
 from vramkit.errors import InvalidArgumentError
 
 __all__ = ["FakeDevice"]
@@ -52,7 +57,7 @@ class _State:
     others: int = 0  # other processes on the same device
 
 
-class FakeDevice:
+class FakeDevice(BackendBase):
     """Scripted memory answering the device protocol; for policy tests only.
 
     Memory model, per device: ``reserved`` is what the fake caching allocator
@@ -252,7 +257,7 @@ class FakeDevice:
         Raises:
             InvalidArgumentError: The kind is taken and ``replace`` is false.
         """
-        previous: DeviceBackend | None = None
+        previous: BackendBase | None = None
         with contextlib.suppress(InvalidArgumentError):
             previous = get_backend(self.kind)
         register_backend(self, replace=replace)
