@@ -135,13 +135,11 @@ def test_capabilities_say_why_an_action_does_nothing() -> None:
 
 def test_unload_returns_the_bytes_a_snapshot_confirms(pool: ModelPool) -> None:
     model = pool.register("big", lambda: mlp(32.0))
-    model.load()
+    with model.use() as alive:
+        ref = weakref.ref(alive)
+    del alive
     size = model.size_bytes
     assert size is not None and size > 30 * MiB
-    alive = model._obj
-    assert alive is not None
-    ref = weakref.ref(alive)
-    del alive
     controls = Controls(pool)
     before = vramkit.snapshot("cpu")["cpu"].process_used_bytes
     op = controls.unload("big", caller="ops")

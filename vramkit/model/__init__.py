@@ -9,9 +9,15 @@ r"""``ManagedModel``: the life of one model, from lazy load to a proven unload.
 
 The package, room by room:
 
-- :mod:`~vramkit.model.managed`: :class:`ManagedModel` itself, the life of one model;
+- :mod:`~vramkit.model.managed`: :class:`ManagedModel` itself, the life of one model
+  as its users see it, each step documented;
+- ``_life``: how each step is done (``ModelLife``, ``ManagedModel``'s base class);
 - :mod:`~vramkit.model.reports`: its state and what each load and unload reports;
-- ``_lease``: leases, the inference-mode guard, ``@mm.inference`` functions;
+- ``_lease``: the state machine (state, object, leases, under one lock), leases,
+  the inference-mode guard, ``@mm.inference`` functions;
+- ``_owner``: the contract with whoever owns the model (a pool): admission,
+  its outcome, memory given back, the keep-alive thread;
+- ``_parking``: the one record of where an offloaded model's weights are;
 - ``_unload``: release and prove: weak references, survivors, holders, the driver wait;
 - :mod:`~vramkit.model.tiers`: offload and wake of the weights (cpu and disk tiers),
   their reports, and what each tier would cost;

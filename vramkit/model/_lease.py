@@ -1,8 +1,10 @@
-"""Borrowing a managed model: leases, the inference-mode guard, and ``@mm.inference`` functions.
+"""The state a managed model is in, the leases on it, and the ways to borrow it.
 
-A lease is what ``mm.use()`` returns; an :class:`InferenceFunction` is what
-``@mm.inference`` returns. Both borrow through :class:`Borrowable`, the part
-of a ``ManagedModel`` that counts leases and loads (or wakes) the model first.
+:class:`StateMachine` is the state machine of one model: its state, the object,
+the leases out, and who is busy moving it, under one lock. A lease is what
+``mm.use()`` returns; an :class:`InferenceFunction` is what ``@mm.inference``
+returns. Both borrow through :class:`Borrowable`, the part of a
+``ManagedModel`` that counts leases and loads (or wakes) the model first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
@@ -17,16 +22,271 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 import torch
 
 from vramkit._units import check_flag
+from vramkit.errors import ModelBusyError, ModelStateError
+from vramkit.model.reports import ModelState
 
 if TYPE_CHECKING:
     from vramkit.cleaning import CleanupPolicy, CleanupTracker
     from vramkit.devices import Device
 
-__all__ = ["Borrowable", "InferenceFunction", "Lease", "inference_guard"]
+__all__ = [
+    "SETTLED",
+    "Borrowable",
+    "InferenceFunction",
+    "Lease",
+    "StateMachine",
+    "current_task",
+    "inference_guard",
+]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 R = TypeVar("R")
+
+SETTLED = frozenset({ModelState.UNLOADED, ModelState.READY, ModelState.OFFLOADED})
+"""The states a model rests in; the others are transitions, each with a thread busy on it."""
+_LOADING = frozenset({ModelState.LOADING, ModelState.WAKING})
+
+_tokens = itertools.count(1)
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
+
+
+class StateMachine(Generic[T]):
+    """The state of one model, the object it holds and the leases on it, under one lock.
+
+    Leases and returns take the plain lock (microseconds); waits go through
+    the condition. A transition is *claimed* (the state moves to an ``-ING``
+    state with this thread busy on it), runs outside the lock, and *settles*.
+    The ``stamp`` changes at every lease, return and settled transition: a
+    keep-alive expiry made at one stamp is stale at any other.
+
+    Attributes:
+        name: The model's name, for messages.
+        lock: The lock; ``cond`` is a condition on it.
+        state: The :class:`ModelState`.
+        obj: The loaded object (the only strong reference vramkit keeps).
+        leases: Token of each lease out -> (thread id, since when, the asyncio
+            task holding it or ``None`` for a synchronous lease).
+        acquiring: Threads on their way to a lease through a load or wake.
+        last_used: ``time.monotonic()`` when the last lease ended or a load settled.
+        busy: The thread running a load, wake, offload or unload, if any.
+        stamp: Bumped at every change a keep-alive expiry must notice.
+        closed: Set by ``close()``: nothing may start any more.
+    """
+
+    __slots__ = (
+        "acquiring",
+        "busy",
+        "closed",
+        "cond",
+        "last_used",
+        "leases",
+        "lock",
+        "name",
+        "obj",
+        "stamp",
+        "state",
+        "waiting",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.state = ModelState.UNLOADED
+        self.obj: T | None = None
+        self.leases: dict[int, tuple[int, float, object]] = {}
+        # Between a load's end and the lease it was for, the model is READY with no
+        # lease: a pool must not evict it there (the lease would load it again,
+        # racing the very load that evicted it).
+        self.acquiring = 0
+        self.last_used: float | None = None
+        self.waiting = 0  # threads blocked in wait(), so returns can skip notify_all
+        self.busy: int | None = None
+        self.stamp = 0
+        self.closed = False
+
+    # -- leases ------------------------------------------------------------------
+
+    def grant(self, task: object = None) -> tuple[T, int]:
+        """Count a lease on a ``READY`` model (caller holds the lock): the object and a token.
+
+        ``task``: the asyncio task that owns an async lease (``None``: this thread).
+        """
+        token = next(_tokens)
+        self.leases[token] = (_get_ident(), _monotonic(), task)
+        self.stamp += 1
+        return cast("T", self.obj), token
+
+    def give_back(self, token: int) -> int | None:
+        """End the lease ``token``. Returns the stamp if it was the last lease, else ``None``."""
+        with self.lock:
+            leases = self.leases
+            leases.pop(token, None)
+            self.last_used = _monotonic()
+            self.stamp += 1
+            if leases:
+                return None
+            if self.waiting:  # notify_all costs microseconds; skip it when nobody waits
+                self.cond.notify_all()
+            return self.stamp
+
+    # -- transitions ---------------------------------------------------------------
+
+    def claim_to_load(
+        self,
+        reentered: str,
+        *,
+        load: bool = True,
+        check: Callable[[], None] | None = None,
+    ) -> ModelState:
+        """Wait for ``READY`` or a settled state, and claim a settled one (caller holds the lock).
+
+        A claimed model is ``LOADING`` (from ``UNLOADED``) or ``WAKING`` (from
+        ``OFFLOADED``) with this thread busy on it.
+
+        Args:
+            reentered: The error when this thread is the one loading or waking
+                the model; ``{name}`` and ``{doing}`` are filled in.
+            load: Claim an ``UNLOADED`` model too; ``False`` claims only a wake.
+            check: Raises when the caller may no longer load the model (it
+                left the pool the caller goes through); run at every wake-up.
+
+        Returns:
+            ``READY`` or ``UNLOADED`` with ``load`` false (nothing claimed), or
+            the state the claim started from.
+        """
+        me = _get_ident()
+        while True:
+            self.check_open()
+            if check is not None:
+                check()
+            state = self.state
+            if state is ModelState.READY or (state is ModelState.UNLOADED and not load):
+                return state
+            if self.busy == me:
+                raise ModelStateError(reentered.format(name=self.name, doing=state.value.lower()))
+            if state in SETTLED:
+                self.busy = me
+                self.state = (
+                    ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
+                )
+                return state
+            self.wait()
+
+    def claim(self, *, wait: bool, timeout: float | None, action: str) -> ModelState:
+        """Wait for leases and transitions, then take the model for ``action`` (caller unlocked).
+
+        Returns:
+            The state before. The model is then ``UNLOADING`` or ``OFFLOADING``
+            with this thread busy on it, unless it was ``UNLOADED`` (left as is).
+
+        Raises:
+            ModelBusyError: Leases are out and ``wait`` is false, or ``timeout``
+                passed, or this thread holds a lease itself.
+            ModelStateError: This thread is loading the model.
+        """
+        me = _get_ident()
+        task = current_task()
+        deadline = None if timeout is None else _monotonic() + timeout
+        with self.cond:
+            while True:
+                here = [owner for ident, _, owner in self.leases.values() if ident == me]
+                mine = sum(1 for owner in here if owner is None or owner is task)
+                if mine:
+                    raise ModelBusyError(
+                        f"{self.name}: cannot {action} from inside its own lease "
+                        f"(this {'task' if task is not None else 'thread'} holds {mine}); "
+                        f"{action} after the `with` block ends"
+                    )
+                if here and wait:
+                    # Other tasks of this thread's event loop hold leases: they can
+                    # only return them if this thread does not block.
+                    raise ModelBusyError(
+                        f"{self.name}: {len(here)} leases are held by other tasks of the "
+                        f"event loop running in this thread, which waiting here would "
+                        f"block; use `await asyncio.to_thread(mm.{action}, wait=True)`"
+                    )
+                if self.busy == me:
+                    raise ModelStateError(
+                        f"{self.name}: {action}() called from inside its own load"
+                    )
+                if self.state in SETTLED and not self.leases:
+                    break
+                # Leases, and another thread's load or wake (which can take as long
+                # as a load takes), are waited for only if asked; another thread's
+                # unload or offload is short and always waited for.
+                if not wait and (self.state in SETTLED or self.state in _LOADING):
+                    raise ModelBusyError(self.busy_message())
+                remaining = None if deadline is None else deadline - _monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ModelBusyError(self.busy_message() + f" (waited {timeout} s)")
+                self.wait(remaining)
+            state = self.state
+            if state is not ModelState.UNLOADED:
+                self.state = ModelState.UNLOADING if action == "unload" else ModelState.OFFLOADING
+                self.busy = me
+                self.stamp += 1
+            return state
+
+    def settle(self, state: ModelState) -> int:
+        """End a transition in ``state`` (caller holds the lock): a change expiries must notice.
+
+        Returns:
+            The new stamp.
+        """
+        self.stamp += 1
+        self.revert(state)
+        return self.stamp
+
+    def revert(self, state: ModelState) -> None:
+        """End a transition that failed, back in the settled ``state`` (caller holds the lock)."""
+        self.state = state
+        self.busy = None
+        self.cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait on the condition (caller holds the lock), counted for :meth:`give_back`."""
+        self.waiting += 1
+        try:
+            self.cond.wait(timeout)
+        finally:
+            self.waiting -= 1
+
+    def busy_message(self) -> str:
+        """Why the model cannot be unloaded now: its leases (the oldest, by whom), or its work."""
+        if not self.leases:
+            doing = self.state.value.lower()
+            where = "" if self.busy is None else f" in thread {_thread_name(self.busy)!r}"
+            return f"{self.name} is {doing}{where}; unload(wait=True) waits for it"
+        ident, since, _ = min(self.leases.values(), key=lambda lease: lease[1])
+        count = len(self.leases)
+        return (
+            f"{self.name} has {count} lease{'s' if count != 1 else ''} out "
+            f"(oldest held for {_monotonic() - since:.1f} s by thread {_thread_name(ident)!r}); "
+            "unload(wait=True) or unload(timeout=...) waits for them"
+        )
+
+    def check_open(self) -> None:
+        """Refuse anything new once the model is closed."""
+        if self.closed:
+            raise ModelStateError(f"{self.name} is closed")
+
+
+def current_task() -> object:
+    """The asyncio task running in this thread, or ``None`` outside an event loop."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        return None
+
+
+def _thread_name(ident: int) -> str:
+    for thread in threading.enumerate():
+        if thread.ident == ident:
+            return thread.name
+    return f"thread {ident} (ended)"
 
 
 class Borrowable(Protocol[T_co]):

@@ -17,9 +17,7 @@ names the holder and the memory is freed anyway.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import gc
 import inspect
 import itertools
 import os
@@ -30,17 +28,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 import torch
 
-from vramkit import _runtime, events
-from vramkit._keepalive import KeepAliveScheduler, default_scheduler, keep_alive_seconds
-from vramkit._oomerrors import is_oom_error
-from vramkit._units import check_flag, check_seconds, format_bytes, parse_bytes, parse_timeout
-from vramkit._utils import callable_name, clear_frames
-from vramkit.adapters import Adapter, GenericAdapter, adapter_for
-from vramkit.adapters._checkpoint import checkpoint_bytes
+from vramkit import _runtime
+from vramkit._keepalive import keep_alive_seconds
+from vramkit._units import check_flag, check_seconds, parse_bytes, parse_timeout
+from vramkit._utils import callable_name
+from vramkit.adapters import Adapter, GenericAdapter
 from vramkit.adapters.funasr import check_funasr, funasr_loader
 from vramkit.adapters.onnxruntime import (
     check_onnx_path,
@@ -51,24 +47,19 @@ from vramkit.adapters.onnxruntime import (
     onnx_loader,
 )
 from vramkit.adapters.torch import check_torch_factory, torch_loader
-from vramkit.cleaning import CleanupPolicy, cleanup
+from vramkit.cleaning import CleanupPolicy
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import (
     InvalidArgumentError,
-    ModelBusyError,
     ModelStateError,
-    VramLeakError,
 )
-from vramkit.memory import grown_bytes
 from vramkit.model import tiers
 from vramkit.model._lease import InferenceFunction, Lease
-from vramkit.model._loader import check_loaded, remember
-from vramkit.model._unload import Unload, release_and_prove
+from vramkit.model._life import ModelLife
 from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
 
 if TYPE_CHECKING:
-    from vramkit.cleaning import CleanupTracker
-    from vramkit.model.tiers import OffloadReport, TierCost, WakeReport
+    from vramkit.model.tiers import OffloadReport, WakeReport
 
 __all__ = ["ManagedModel", "live_models"]
 
@@ -76,27 +67,27 @@ T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_SETTLED = frozenset({ModelState.UNLOADED, ModelState.READY, ModelState.OFFLOADED})
-_LOADING = frozenset({ModelState.LOADING, ModelState.WAKING})
-_LEASE_REENTERED = (
-    "{name}: a lease was requested while this thread is {doing} the model "
-    "(a loader or release that uses the model it is building?)"
-)
-
-_lease_ids = itertools.count(1)
-_get_ident = threading.get_ident
-_monotonic = time.monotonic
-
-
-def _thread_name(ident: int) -> str:
-    for thread in threading.enumerate():
-        if thread.ident == ident:
-            return thread.name
-    return f"thread {ident} (ended)"
-
-
+_creation = itertools.count(1)
 _instances: weakref.WeakSet[ManagedModel[Any]] = weakref.WeakSet()
 _instances_lock = threading.Lock()
+
+
+def _adapter_given(
+    adapter: Adapter | None,
+    release: Callable[[Any], object] | None,
+    size: Callable[[Any], int | None] | None,
+    name: str,
+) -> Adapter | None:
+    """The adapter a model was given: ``adapter=``, or one made of ``release=`` / ``size=``."""
+    if adapter is not None and (release is not None or size is not None):
+        raise InvalidArgumentError("pass either adapter= or release=/size=, not both")
+    if release is not None or size is not None:
+        return GenericAdapter(release=release, size=size, name=name)
+    if adapter is not None and not isinstance(adapter, Adapter):
+        raise InvalidArgumentError(
+            f"adapter must implement vramkit.adapters.Adapter; got {adapter!r}"
+        )
+    return adapter
 
 
 def live_models() -> list[ManagedModel[Any]]:
@@ -125,7 +116,7 @@ def _manager_options(options: object) -> dict[str, Any]:
     return dict(options)
 
 
-class ManagedModel(Generic[T]):
+class ManagedModel(ModelLife[T]):
     """One model under management: lazy loading, leases, reference-safe unloading.
 
     Args:
@@ -209,60 +200,24 @@ class ManagedModel(Generic[T]):
             name = callable_name(loader)
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
-        if adapter is not None and (release is not None or size is not None):
-            raise InvalidArgumentError("pass either adapter= or release=/size=, not both")
-        if release is not None or size is not None:
-            adapter = GenericAdapter(release=release, size=size, name=name)
-        if adapter is not None and not isinstance(adapter, Adapter):
-            raise InvalidArgumentError(
-                f"adapter must implement vramkit.adapters.Adapter; got {adapter!r}"
-            )
+        adapter = _adapter_given(adapter, release, size, name)
         _check_options(cleanup, config, offload_dir)
         self._loader = loader
         self._name = name
         self._device = resolve_device(device)
         self._keep_alive = keep_alive_seconds(keep_alive)
         self._adapter_override = adapter
-        self._adapter: Adapter | None = None
         self._inference_mode = check_flag(inference_mode, "inference_mode")
         self._strict = check_flag(strict, "strict")
         self._free_survivors = check_flag(free_survivors, "free_survivors")
         self._owns = check_flag(owns, "owns")
-        self._last: weakref.ref[Any] | None = None  # the object of the last load, if alive
         self._driver_wait = check_seconds(driver_wait, "driver_wait")
         self._config = MappingProxyType(dict(config or {}))
         self._policy = cleanup
-        self._tracker: CleanupTracker | None = None
-
-        # Fast paths (lease, return) take the plain lock; waits go through the condition.
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._state = ModelState.UNLOADED
-        self._obj: T | None = None
-        # token -> (thread id, since, the asyncio task holding it or None for a sync lease)
-        self._leases: dict[int, tuple[int, float, object]] = {}
-        self._last_used: float | None = None
-        self._waiting = 0  # threads blocked in _wait(), so returns can skip notify_all
-        # Threads on their way to a lease through a load or wake: between the load's end
-        # and their lease the model is READY with no lease, and a pool must not evict it
-        # there (the lease would load it again, racing the very load that evicted it).
-        self._acquiring = 0
-        self._busy_thread: int | None = None  # thread running a load / unload / offload
-        self._stamp = 0  # bumped at every lease and load: a keep-alive expiry must match it
-        self._closed = False
-        self._stats = ModelStats()
-        self._scheduler: KeepAliveScheduler | None = None
-        self._owner: Any = None  # the ModelPool this model belongs to, if any
-        # TODO(one owner of the tier state): _tier repeats _offloaded.tier, but _claim
-        # takes _offloaded out while the pool still reads .tier mid-unload (its
-        # _resident); one "parked" record that stays on the model through a claim
-        # would end the duplicate.
-        self._tier: str | None = None
-        self._offloaded: Any = None  # tier-specific state while OFFLOADED
-        self._disk_cache: Any = None  # the file a disk wake came from, reusable if unchanged
         self._offload_dir = Path(offload_dir).expanduser() if offload_dir is not None else None
         self._size_hint = None if size_hint is None else parse_bytes(size_hint, what="size_hint")
-        self._created = next(_lease_ids)
+        super().__init__()  # the state every step of the life works on
+        self._created = next(_creation)
         with _instances_lock:
             _instances.add(self)
 
@@ -429,22 +384,22 @@ class ManagedModel(Generic[T]):
     @property
     def state(self) -> ModelState:
         """The current :class:`ModelState`."""
-        return self._state
+        return self._life.state
 
     @property
     def tier(self) -> str | None:
         """The offload tier (``"cpu"``, ``"disk"``) while ``OFFLOADED``, else ``None``."""
-        return self._tier
+        return self._parked.tier
 
     @property
     def leases(self) -> int:
         """How many leases are out right now."""
-        return len(self._leases)
+        return len(self._life.leases)
 
     @property
     def is_loaded(self) -> bool:
         """Whether the object is resident and ready (``READY``)."""
-        return self._state is ModelState.READY
+        return self._life.state is ModelState.READY
 
     @property
     def inference_mode(self) -> bool:
@@ -469,7 +424,7 @@ class ManagedModel(Generic[T]):
     @property
     def stats(self) -> ModelStats:
         """Counters and measured costs (load seconds, size, wake seconds per tier...)."""
-        return replace(self._stats, last_used=self._last_used)
+        return replace(self._stats, last_used=self._life.last_used)
 
     @property
     def size_bytes(self) -> int | None:
@@ -477,24 +432,11 @@ class ManagedModel(Generic[T]):
         return self._stats.size_bytes
 
     @property
-    def expected_bytes(self) -> int | None:
-        """Bytes the model will need when loaded: measured at its last load, else estimated.
-
-        The estimate is the size of its checkpoint files (``model.pt``,
-        ``*.safetensors``, ``*.onnx``... under the paths in ``config``) or the
-        ``size_hint`` it was given; ``None`` when nothing is known.
-        """
-        if self._stats.size_bytes is not None:
-            return self._stats.size_bytes
-        if self._size_hint is not None:
-            return self._size_hint
-        return checkpoint_bytes(self._config)
-
-    @property
     def idle_seconds(self) -> float | None:
         """Seconds since the last lease ended, while loaded and idle; else ``None``."""
-        last = self._last_used
-        if self._leases or last is None or self._state is ModelState.UNLOADED:
+        life = self._life
+        last = life.last_used
+        if life.leases or last is None or life.state is ModelState.UNLOADED:
             return None
         return time.monotonic() - last
 
@@ -510,21 +452,10 @@ class ManagedModel(Generic[T]):
     def device_bytes(self) -> int:
         """Bytes the model holds on its device now: what leaving the device would free.
 
-        Transitional states count what is really there: a model unloading (or
-        switching tiers) from an offloaded state holds nothing on the device
-        any more; one waking holds nothing yet. On ``cpu`` the cpu tier keeps
-        the weights where they were, so a model offloaded there still counts.
+        Mid-transition, what is really there: nothing once the weights left the device.
         """
-        state = self._state
         size = self._stats.size_bytes or 0
-        in_place = self._tier == "cpu" and self._device.is_host
-        if state is ModelState.READY:
-            return size
-        if state in (ModelState.UNLOADING, ModelState.OFFLOADING):
-            return size if self._tier is None or in_place else 0
-        if state in (ModelState.OFFLOADED, ModelState.WAKING):
-            return size if in_place else 0
-        return 0
+        return self._parked.device_bytes(self._life.state, size, on_host=self._device.is_host)
 
     def to_dict(self) -> dict[str, Any]:
         """The model's line as JSON-ready data (what status pages and ``vramkit ps`` show).
@@ -536,15 +467,15 @@ class ManagedModel(Generic[T]):
             ``None``), ``loads``, ``wakes``, ``offloads``, ``unloads``.
         """
         stats = self._stats
-        pool = self._owner
+        pool = self.pool
         return {
             "name": self._name,
             "device": str(self._device),
-            "state": self._state.value,
-            "tier": self._tier,
+            "state": self._life.state.value,
+            "tier": self._parked.tier,
             "device_bytes": self.device_bytes,
             "size_bytes": self.expected_bytes,
-            "leases": len(self._leases),
+            "leases": len(self._life.leases),
             "idle_seconds": self.idle_seconds,
             "keep_alive": self._keep_alive,
             "pool": None if pool is None else pool.name,
@@ -553,14 +484,6 @@ class ManagedModel(Generic[T]):
             "offloads": stats.offloads,
             "unloads": stats.unloads,
         }
-
-    def __repr__(self) -> str:
-        size = format_bytes(self._stats.size_bytes) if self._stats.size_bytes is not None else "?"
-        tier = f" ({self._tier})" if self._tier else ""
-        return (
-            f"<ManagedModel {self._name!r} {self._state}{tier} on {self._device}, "
-            f"{size}, {len(self._leases)} leases>"
-        )
 
     # ------------------------------------------------------------------ leases
 
@@ -635,169 +558,7 @@ class ManagedModel(Generic[T]):
 
         return decorate(fn) if fn is not None else decorate
 
-    def _acquire(self, pool: object = None) -> tuple[T, int]:
-        """Take a lease, loading or waking first if needed. Returns the object and a token.
-
-        Args:
-            pool: The pool the lease is taken through: refused if the model
-                left it meanwhile.
-        """
-        with self._lock:
-            if self._state is ModelState.READY and (pool is None or self._owner is pool):
-                token = next(_lease_ids)
-                self._leases[token] = (_get_ident(), _monotonic(), None)
-                self._stamp += 1
-                return self._obj, token  # type: ignore[return-value]
-        return self._acquire_slow(pool)
-
-    def _grant(self, task: object = None) -> tuple[T, int]:
-        # Caller holds the lock and has checked the state is READY.
-        token = next(_lease_ids)
-        self._leases[token] = (_get_ident(), _monotonic(), task)
-        self._stamp += 1
-        return cast("T", self._obj), token
-
-    def _acquire_slow(self, pool: object) -> tuple[T, int]:
-        with self._lock:
-            self._acquiring += 1
-        try:
-            while True:
-                with self._cond:
-                    state = self._claim_to_load(_LEASE_REENTERED, pool)
-                    if state is ModelState.READY:
-                        return self._grant()
-                self._load_claimed(state)
-        finally:
-            with self._lock:
-                self._acquiring -= 1
-
-    @property
-    def _lease_coming(self) -> bool:
-        """Whether a thread is taking a lease through a load or wake (not to be evicted)."""
-        return self._acquiring > 0
-
-    def _try_acquire(self, task: object, pool: object) -> tuple[T, int] | None:
-        """A lease for ``task`` if the model is ready now, without waiting; else ``None``.
-
-        Async leases take their lease here, in the event loop's thread, owned by
-        the task; the loading happens in a worker thread (:meth:`_ensure_ready`)
-        that takes no lease, so a cancelled task leaves none behind.
-        """
-        with self._lock:
-            self._check_open()
-            if pool is not None and self._owner is not pool:
-                raise self._removed(pool)
-            if self._state is ModelState.READY:
-                return self._grant(task)
-        return None
-
-    def _ensure_ready(self, pool: object = None) -> None:
-        """Load or wake the model (or wait for another thread to) without taking a lease."""
-        while True:
-            with self._cond:
-                state = self._claim_to_load(_LEASE_REENTERED, pool)
-            if state is ModelState.READY:
-                return
-            self._load_claimed(state)
-
-    def _load_claimed(self, state: ModelState) -> None:
-        """Run the load (from ``UNLOADED``) or wake (from ``OFFLOADED``) this thread claimed."""
-        if state is ModelState.UNLOADED:
-            self._do_load()
-        else:
-            self._do_wake()
-
-    def _removed(self, pool: object) -> ModelStateError:
-        return ModelStateError(
-            f"{self._name} was removed from pool {getattr(pool, 'name', pool)!r}"
-        )
-
-    def _claim_to_load(self, reentered: str, pool: object = None) -> ModelState:
-        """Wait for ``READY`` or a settled state, and claim a settled one (caller holds the lock).
-
-        A claimed model is ``LOADING`` (from ``UNLOADED``) or ``WAKING`` (from
-        ``OFFLOADED``) with this thread busy on it; the caller then runs
-        :meth:`_do_load` or :meth:`_do_wake` outside the lock.
-
-        Args:
-            reentered: The error when this thread is the one loading or waking
-                the model; ``{name}`` and ``{doing}`` are filled in.
-            pool: The pool the caller goes through: a model that left it is
-                not loaded on its behalf.
-
-        Returns:
-            ``READY`` (nothing claimed), or the state the claim started from.
-        """
-        me = threading.get_ident()
-        while True:
-            self._check_open()
-            if pool is not None and self._owner is not pool:
-                raise self._removed(pool)
-            state = self._state
-            if state is ModelState.READY:
-                return state
-            if self._busy_thread == me:
-                raise ModelStateError(reentered.format(name=self._name, doing=state.value.lower()))
-            if state in _SETTLED:
-                self._busy_thread = me
-                self._state = (
-                    ModelState.LOADING if state is ModelState.UNLOADED else ModelState.WAKING
-                )
-                return state
-            self._wait()
-
-    def _settle(self, state: ModelState, **counters: Any) -> int:
-        """End a transition in ``state`` (caller holds the lock) and wake whoever waits.
-
-        Frees the busy slot, bumps the stamp that keep-alive expiries must
-        match, and updates the stats with ``counters``.
-
-        Returns:
-            The new stamp.
-        """
-        self._state = state
-        self._busy_thread = None
-        self._stamp += 1
-        if counters:
-            self._stats = replace(self._stats, **counters)
-        self._cond.notify_all()
-        return self._stamp
-
-    def _wait(self, timeout: float | None = None) -> None:
-        """Wait on the condition (caller holds the lock), counted for :meth:`_return`."""
-        self._waiting += 1
-        try:
-            self._cond.wait(timeout)
-        finally:
-            self._waiting -= 1
-
-    def _return(self, token: int) -> None:
-        with self._lock:
-            leases = self._leases
-            leases.pop(token, None)
-            self._last_used = _monotonic()
-            self._stamp += 1
-            stamp = self._stamp
-            idle = not leases
-            if idle and self._waiting:  # notify_all costs microseconds; skip it when alone
-                self._cond.notify_all()
-        if idle:
-            if self._owner is not None:
-                self._owner._freed(self)
-            if self._keep_alive is not None:
-                self._schedule_expiry(stamp)
-
-    def _after_call(self) -> None:
-        tracker = self._cleanup_tracker()
-        if tracker is not None:
-            tracker.after_call()
-
-    def _cleanup_tracker(self) -> CleanupTracker | None:
-        if self._tracker is None and self._policy is not None:
-            self._tracker = self._policy.tracker(self._device)
-        return self._tracker
-
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ the steps of its life
 
     def load(self) -> LoadReport | None:
         """Load now (or wake, if offloaded) instead of at first use.
@@ -806,178 +567,14 @@ class ManagedModel(Generic[T]):
             The :class:`LoadReport` of the load this call performed, or ``None``
             when the model was already ready (or another thread loaded it).
         """
-        with self._cond:
-            state = self._claim_to_load("{name}: load() called from inside its own loader")
+        with self._life.cond:
+            state = self._life.claim_to_load("{name}: load() called from inside its own loader")
         if state is ModelState.READY:
             return None
         if state is ModelState.UNLOADED:
             return self._do_load()
         self._do_wake()
         return None
-
-    def _do_load(self) -> LoadReport:
-        """Run the loader. Caller has set state LOADING and ``_busy_thread``."""
-        started = time.perf_counter()
-        owner = self._owner
-        obj: Any = None
-        try:
-            if owner is not None:
-                owner._before_load(self)
-            before = self._device.read()
-            threads = torch.get_num_threads()
-            obj = self._loader()
-            if torch.get_num_threads() != threads:  # loaders like FunASR's change it globally
-                torch.set_num_threads(threads)
-            adapter = self._adapter_override or adapter_for(obj)
-            after = self._device.read()
-            size = adapter.size_bytes(obj)
-            check_loaded(self._name, self._loader, obj, adapter, size, self._last, self._owns)
-            if size is None:
-                size = grown_bytes(before, after)
-        except BaseException as exc:
-            # The failed load's frames hold whatever it built: clear them so a
-            # half-built model does not stay alive through the traceback.
-            obj = None
-            clear_frames(exc.__traceback__)
-            with self._cond:
-                self._state = ModelState.UNLOADED
-                self._busy_thread = None
-                self._cond.notify_all()
-            if owner is not None:
-                owner._after_load(self, ok=False)
-            cleanup(self._device)
-            self._emit(
-                "load_failed",
-                "LOADING",
-                "UNLOADED",
-                seconds=time.perf_counter() - started,
-                detail={"error": f"{type(exc).__name__}: {exc}"},
-            )
-            raise
-        seconds = time.perf_counter() - started
-        self._last = remember(obj)
-        with self._cond:
-            self._obj = obj
-            self._adapter = adapter
-            self._last_used = time.monotonic()
-            stamp = self._settle(
-                ModelState.READY,
-                loads=self._stats.loads + 1,
-                load_seconds=seconds,
-                size_bytes=size,
-            )
-        obj = None  # the model holds it now; a pool refusing it must be able to free it
-        if owner is not None:
-            owner._after_load(self, ok=True)
-        report = LoadReport(self._name, str(self._device), seconds, size, before, after)
-        self._emit(
-            "load",
-            "UNLOADED",
-            "READY",
-            seconds=seconds,
-            memory_before=before,
-            memory_after=after,
-            bytes=size,
-            detail={"adapter": adapter.name},
-        )
-        if self._keep_alive is not None:
-            self._schedule_expiry(stamp)
-        return report
-
-    def _do_wake(self) -> WakeReport:
-        """Bring an offloaded model back. Caller has set state WAKING and ``_busy_thread``."""
-        state = self._offloaded
-        tier = self._tier or "cpu"
-        owner = self._owner
-        started = time.perf_counter()
-        if state is None or state.method == "rebuild":
-            return self._wake_by_loading(tier, None, started)
-        if owner is not None:
-            try:
-                owner._before_load(self)  # the pool's admission: may wait, may refuse
-            except BaseException as exc:
-                return self._wake_failed(exc)
-        try:
-            report, file = tiers.wake_object(self._name, self._device, state)
-        except BaseException as exc:
-            if owner is not None:
-                owner._after_load(self, ok=False)
-            if isinstance(exc, Exception) and state.method == "file" and not is_oom_error(exc):
-                # A cache file deleted, changed or replaced behind our back: the
-                # loader still knows how to build the model. Say so, loudly.
-                events.logger.warning(
-                    "%s: the disk tier could not be read or trusted (%s: %s); "
-                    "reloading with the loader",
-                    self._name,
-                    type(exc).__name__,
-                    exc,
-                )
-                return self._wake_by_loading(tier, f"{type(exc).__name__}: {exc}", started)
-            return self._wake_failed(exc)  # out of memory, interrupted: stay offloaded
-        if file is not None:
-            self._disk_cache = file  # kept for a cheap re-offload while unchanged
-        with self._cond:
-            self._offloaded = None
-            self._tier = None
-            self._last_used = time.monotonic()
-            stamp = self._settle(
-                ModelState.READY,
-                wakes=self._stats.wakes + 1,
-                wake_seconds={**self._stats.wake_seconds, tier: report.seconds},
-            )
-        if owner is not None:
-            owner._after_load(self, ok=True)
-        self._emit(
-            "wake",
-            "OFFLOADED",
-            "READY",
-            seconds=report.seconds,
-            bytes=report.weight_bytes,
-            detail={"tier": tier, "method": report.method},
-        )
-        if self._keep_alive is not None:
-            self._schedule_expiry(stamp)
-        return report
-
-    def _wake_failed(self, exc: BaseException) -> WakeReport:
-        """A wake that ran out of memory (or was interrupted): stay OFFLOADED, re-raise."""
-        with self._cond:
-            self._state = ModelState.OFFLOADED
-            self._busy_thread = None
-            self._cond.notify_all()
-        cleanup(self._device)
-        raise exc
-
-    def _wake_by_loading(self, tier: str, fallback: str | None, started: float) -> WakeReport:
-        """Wake by running the loader: the tier cannot restore (rebuild, or a broken file)."""
-        with self._cond:
-            box = [self._obj, self._offloaded]
-            self._obj = self._offloaded = None
-            self._tier = None
-            self._state = ModelState.LOADING
-        tiers.discard(box[1], self._disk_cache)
-        self._disk_cache = None
-        box.clear()
-        gc.collect()
-        load = self._do_load()
-        report = tiers.WakeReport(
-            self._name,
-            tiers.check_tier(tier),
-            "rebuild" if fallback is None else "file",
-            time.perf_counter() - started,
-            load.size_bytes or 0,
-            fallback=fallback,
-        )
-        with self._cond:
-            stats = self._stats
-            self._stats = replace(
-                stats,
-                wakes=stats.wakes + 1,
-                wake_seconds={**stats.wake_seconds, tier: report.seconds},
-            )
-        return report
-
-    # ------------------------------------------------------------------ offload tiers
 
     def offload(
         self,
@@ -1013,107 +610,7 @@ class ManagedModel(Generic[T]):
         waits = check_flag(wait, "wait") or timeout is not None
         limit = parse_timeout(timeout)
         check_flag(rewrite, "rewrite")
-        with self._cond:
-            if self._state is ModelState.OFFLOADED and self._tier == chosen:
-                return tiers.OffloadReport(
-                    self._name,
-                    chosen,
-                    self._offloaded.method,
-                    0.0,
-                    0,
-                    note=f"already offloaded to {chosen}",
-                )
-        state_before, box = self._claim(wait=waits, timeout=limit, action="offload")
-        if state_before is ModelState.UNLOADED:
-            raise ModelStateError(f"{self._name} is not loaded: nothing to offload")
-        previous = box[1] if state_before is ModelState.OFFLOADED else None
-        if previous is not None and not (previous.method == "move" and chosen == "disk"):
-            # disk -> cpu, or a dropped object: wake first, then offload where asked.
-            with self._cond:
-                self._obj, self._offloaded = box
-                self._state = ModelState.WAKING
-            self._do_wake()
-            return self.offload(chosen, wait=wait, timeout=timeout, rewrite=rewrite)
-        obj = box[0]
-        box.clear()
-        directory = self._offload_dir or tiers.default_offload_dir()
-        owner = tiers.Owner(self._name, self._device, self.adapter, self.size_bytes)
-        try:
-            # From the cpu tier the weights are already in host RAM: they go to
-            # disk from there, without a round trip through the device.
-            state, report, self._disk_cache = tiers.offload_object(
-                owner,
-                obj,
-                chosen,
-                directory,
-                message=(
-                    f"{self._name} is offloaded to {chosen} by vramkit: this reference "
-                    f"cannot run it until it wakes; {self._advice()}"
-                ),
-                rewrite=rewrite,
-                previous=previous,
-                file=self._disk_cache,
-            )
-        except BaseException:
-            with self._cond:  # nothing changed: the model is as it was
-                self._obj = obj
-                self._offloaded = previous
-                self._state = ModelState.READY if previous is None else ModelState.OFFLOADED
-                self._busy_thread = None
-                self._cond.notify_all()
-            raise
-        dropped = None
-        if state.method == "rebuild":
-            dropped = remember(obj)
-            obj = None  # dropped: the loader rebuilds it (the cleanup below collects)
-        if previous is not None:
-            tiers.release_host_copies(previous)
-            previous = None
-        with self._cond:
-            self._obj = obj
-            self._offloaded = state
-            self._tier = chosen
-            stamp = self._settle(
-                ModelState.OFFLOADED,
-                offloads=self._stats.offloads + 1,
-                offloaded_bytes={**self._stats.offloaded_bytes, chosen: report.weight_bytes},
-                offload_seconds={**self._stats.offload_seconds, chosen: report.seconds},
-            )
-        obj = None
-        cleaned = cleanup(self._device, gc_collect=state.method == "rebuild")
-        if dropped is not None and dropped() is not None:
-            self._neutralise_dropped(dropped(), chosen)
-            cleaned = cleanup(self._device, gc_collect=False)
-        report = replace(report, memory_after=cleaned.after.readings[0])
-        if self._owner is not None:
-            self._owner._freed(self)
-        self._emit(
-            "offload",
-            state_before.value,
-            "OFFLOADED",
-            seconds=report.seconds,
-            memory_before=report.memory_before,
-            memory_after=report.memory_after,
-            bytes=report.weight_bytes,
-            detail={"tier": chosen, "method": report.method},
-        )
-        if self._keep_alive is not None:
-            self._schedule_expiry(stamp)
-        return report
-
-    def _neutralise_dropped(self, survivor: object, tier: str) -> None:
-        """A dropped (rebuild-tier) object that something still holds: free it, make it loud.
-
-        A wake builds a new object, so the old one is never coming back.
-        """
-        adapter = self.adapter
-        if adapter is None or not self._owns or not self._free_survivors:
-            return
-        message = (
-            f"{self._name} was offloaded to {tier} by vramkit (dropped, to be rebuilt at the "
-            f"next lease) but this reference outlived it; {self._advice()}"
-        )
-        adapter.neutralise([survivor], message)
+        return self._offload(chosen, waits, limit, rewrite)
 
     def wake(self) -> WakeReport | None:
         """Bring an offloaded model back now (a lease would do it too).
@@ -1122,52 +619,11 @@ class ManagedModel(Generic[T]):
             The :class:`~vramkit.model.tiers.WakeReport`, or ``None`` if the model
             was not offloaded (already ready, or it loads on first use).
         """
-        me = threading.get_ident()
-        with self._cond:
-            self._check_open()
-            while self._state not in _SETTLED:
-                if self._busy_thread == me:
-                    raise ModelStateError(f"{self._name}: wake() called from inside its own load")
-                self._wait()
-            if self._state is not ModelState.OFFLOADED:
-                return None
-            self._busy_thread = me
-            self._state = ModelState.WAKING
-        return self._do_wake()
-
-    def tier_costs(self) -> dict[str, TierCost]:
-        """What each way of freeing the device would cost, from this model's measurements.
-
-        Returns:
-            ``{"cpu": ..., "disk": ..., "unload": ...}`` :class:`~vramkit.model.tiers.TierCost`
-            entries; wake times are measured where this model has woken from
-            that tier before, else estimated from its size.
-        """
-        return tiers.tier_costs(self._stats, on_host=self._device.is_host, file=self._disk_cache)
-
-    def choose_tier(self, *, host_free_bytes: int | None = None) -> str:
-        """The cheapest way to free this model's device memory: cpu, disk, or unload.
-
-        The ``cpu`` tier wins when host RAM can hold the weights (pinned copies
-        wake fastest); then ``disk`` when waking from it beats a reload; else
-        ``unload``. On a ``cpu`` device only ``disk`` or ``unload`` free anything.
-
-        Wake times decide, not offload plus wake: the file is written once and
-        reused by every later eviction while the weights are unchanged, and a
-        model that is evicted is usually wanted again. (Counting the first
-        write made the choice flip with the page cache: a loader that happened
-        to read warm files beat write-plus-wake once, and every later
-        eviction then paid a full reload.) :meth:`tier_costs` still reports
-        the write as ``offload_seconds``.
-
-        Args:
-            host_free_bytes: Host RAM available for the cpu tier (default: read now).
-        """
-        if host_free_bytes is None:
-            host_free_bytes = Device("cpu").read().free_bytes or 0
-        return tiers.choose_tier(self.tier_costs(), self._stats.size_bytes or 0, host_free_bytes)
-
-    # ------------------------------------------------------------------ unload
+        with self._life.cond:
+            state = self._life.claim_to_load(
+                "{name}: wake() called from inside its own load", load=False
+            )
+        return self._do_wake() if state is ModelState.OFFLOADED else None
 
     def unload(
         self,
@@ -1202,242 +658,24 @@ class ManagedModel(Generic[T]):
         waits = check_flag(wait, "wait") or timeout is not None
         limit = parse_timeout(timeout)
         strict = self._strict if strict is None else check_flag(strict, "strict")
-        started = time.perf_counter()
-        # The object travels in a one-item list that _release_and_prove empties:
-        # a local variable here would keep it alive through the proof of death.
-        state_before, box = self._claim(wait=waits, timeout=limit, action="unload")
-        waited = time.perf_counter() - started
-        if state_before is ModelState.UNLOADED:
-            return UnloadReport(
-                self._name,
-                str(self._device),
-                ModelState.UNLOADED,
-                ModelState.UNLOADED,
-                died=True,
-                verified=True,
-                waited_seconds=waited,
-            )
-        try:
-            report = self._release_and_prove(box, state_before, started, waited)
-        finally:
-            box.clear()
-            with self._cond:
-                self._state = ModelState.UNLOADED
-                self._tier = None
-                self._busy_thread = None
-                self._cond.notify_all()
-            if self._owner is not None:
-                self._owner._freed(self)
-        self._emit(
-            "unload",
-            state_before.value,
-            "UNLOADED",
-            seconds=report.seconds,
-            memory_before=report.memory_before,
-            memory_after=report.memory_after,
-            bytes=report.seen_bytes,
-            # The chains themselves, not just a count: a subscriber that only sees events
-            # (a serving framework's log) must be able to say who kept the model alive.
-            detail={
-                "died": report.died,
-                "holders": len(report.holders),
-                "held_by": tuple(str(chain) for chain in report.holders),
-                "neutralised_bytes": report.neutralised_bytes,
-            },
-        )
-        if report.error is not None:
-            error = ModelStateError(
-                f"{self._name}: releasing the model failed ({report.error}); it is UNLOADED "
-                "and vramkit dropped its reference anyway"
-            )
-            error.report = report  # type: ignore[attr-defined]
-            raise error
-        if strict and not report.died:
-            leak = VramLeakError(f"{self._name} survived unloading:\n{report}")
-            leak.report = report  # type: ignore[attr-defined]
-            raise leak
-        return report
-
-    def _claim(
-        self, *, wait: bool, timeout: float | None, action: str
-    ) -> tuple[ModelState, list[Any]]:
-        """Wait for leases and transitions, then take the object out for ``action``.
-
-        Returns:
-            The state before, and ``[obj, offloaded_state]`` (empty if unloaded).
-            The state is then ``UNLOADING`` / ``OFFLOADING`` with this thread busy
-            (left ``UNLOADED`` when there was nothing to take).
-        """
-        me = threading.get_ident()
-        task = _current_task()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                here = [owner for ident, _, owner in self._leases.values() if ident == me]
-                mine = sum(1 for owner in here if owner is None or owner is task)
-                if mine:
-                    raise ModelBusyError(
-                        f"{self._name}: cannot {action} from inside its own lease "
-                        f"(this {'task' if task is not None else 'thread'} holds {mine}); "
-                        f"{action} after the `with` block ends"
-                    )
-                if here and wait:
-                    # Other tasks of this thread's event loop hold leases: they can
-                    # only return them if this thread does not block.
-                    raise ModelBusyError(
-                        f"{self._name}: {len(here)} leases are held by other tasks of the "
-                        f"event loop running in this thread, which waiting here would "
-                        f"block; use `await asyncio.to_thread(mm.{action}, wait=True)`"
-                    )
-                if self._busy_thread == me:
-                    raise ModelStateError(
-                        f"{self._name}: {action}() called from inside its own load"
-                    )
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if self._state in _SETTLED and not self._leases:
-                    break
-                # Leases, and another thread's load or wake (which can take as long
-                # as a load takes), are waited for only if asked; another thread's
-                # unload or offload is short and always waited for.
-                if not wait and (self._state in _SETTLED or self._state in _LOADING):
-                    raise ModelBusyError(self._busy_message())
-                if remaining is not None and remaining <= 0:
-                    raise ModelBusyError(self._busy_message() + f" (waited {timeout} s)")
-                self._wait(remaining)
-            state = self._state
-            if state is ModelState.UNLOADED:
-                return state, []
-            box = [self._obj, self._offloaded]
-            self._obj = self._offloaded = None
-            self._state = ModelState.UNLOADING if action == "unload" else ModelState.OFFLOADING
-            self._busy_thread = me
-            self._stamp += 1
-            return state, box
-
-    def _advice(self) -> str:
-        """What a stale reference's error tells its user to do instead."""
-        if self._owner is not None:
-            way = f"`pool.use({self._name!r})` (pool {self._owner.name!r})"
-        else:
-            way = f"`{self._name}.use()`"
-        return f"borrow it with {way} instead of keeping a reference"
-
-    def _busy_message(self) -> str:
-        if not self._leases:
-            doing = self._state.value.lower()
-            where = (
-                ""
-                if self._busy_thread is None
-                else f" in thread {_thread_name(self._busy_thread)!r}"
-            )
-            return f"{self._name} is {doing}{where}; unload(wait=True) waits for it"
-        now = time.monotonic()
-        ident, since, _ = min(self._leases.values(), key=lambda lease: lease[1])
-        count = len(self._leases)
-        return (
-            f"{self._name} has {count} lease{'s' if count != 1 else ''} out "
-            f"(oldest held for {now - since:.1f} s by thread {_thread_name(ident)!r}); "
-            "unload(wait=True) or unload(timeout=...) waits for them"
-        )
-
-    def _release_and_prove(
-        self,
-        box: list[Any],
-        state_before: ModelState,
-        started: float,
-        waited: float,
-    ) -> UnloadReport:
-        before = self._device.read()
-        adapter = self._adapter_override or self._adapter or adapter_for(box[0])
-        tiers.discard(box.pop(), self._disk_cache)  # host copies, pinned memory, cache files
-        self._disk_cache = None
-        expected = self._stats.size_bytes
-        if state_before is ModelState.OFFLOADED and (
-            self._tier == "disk" or not self._device.is_host
-        ):
-            expected = 0  # the weights already left the device when it was offloaded
-        report = release_and_prove(
-            box,
-            adapter,
-            Unload(
-                name=self._name,
-                device=self._device,
-                before=before,
-                expected=expected,
-                free_survivors=self._free_survivors,
-                owns=self._owns,
-                advice=self._advice(),
-                driver_wait=self._driver_wait,
-                state_before=state_before,
-                started=started,
-                waited=waited,
-            ),
-        )
-        with self._cond:
-            self._stats = replace(self._stats, unloads=self._stats.unloads + 1)
-        return report
-
-    # ------------------------------------------------------------------ keep-alive
-
-    def _schedule_expiry(self, stamp: int) -> None:
-        delay = self._keep_alive
-        if delay is None or self._closed:
-            return
-        scheduler = self._scheduler or default_scheduler()
-        scheduler.schedule(self, delay, stamp)
-
-    def _expire(self, stamp: int) -> None:
-        """Unload if nothing happened since ``stamp`` (called by the keep-alive scheduler)."""
-        with self._cond:
-            current = self._stamp == stamp and not self._leases
-            settled = self._state in (ModelState.READY, ModelState.OFFLOADED)
-        if not (current and settled):
-            return
-        try:
-            report = self.unload()
-        except ModelBusyError:
-            return  # a lease arrived in between: its end re-schedules the expiry
-        self._emit(
-            "expire",
-            report.state_before.value,
-            "UNLOADED",
-            seconds=report.seconds,
-            bytes=report.seen_bytes,
-            detail={"reason": f"idle for {self._keep_alive} s"},
-        )
-
-    def _emit(self, kind: str, before: str, after: str, **fields: Any) -> None:
-        """Log the transition and hand it to subscribers (see :mod:`vramkit.events`)."""
-        events.emit(events.Event(kind, self._name, str(self._device), before, after, **fields))
+        return self._unload(waits, limit, strict)
 
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
         """Unload (waiting for leases) and refuse further use."""
-        if self._closed:
+        if self._life.closed:
             return
         self.unload(wait=True)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ModelStateError(f"{self._name} is closed")
+        with self._life.cond:
+            self._life.closed = True
+            self._life.cond.notify_all()
 
     def __enter__(self) -> ManagedModel[T]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-# ---------------------------------------------------------------------- helpers
 
 
 def _check_options(cleanup: object, config: object, offload_dir: object) -> None:
@@ -1455,14 +693,6 @@ def _check_options(cleanup: object, config: object, offload_dir: object) -> None
             "offload_dir must be a directory path (a non-empty str or os.PathLike) or None; "
             f"got {offload_dir!r}"
         )
-
-
-def _current_task() -> object:
-    """The asyncio task running in this thread, or ``None`` outside an event loop."""
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no running loop in this thread
-        return None
 
 
 def _published_state() -> dict[str, Any]:

@@ -27,39 +27,42 @@ unloaded again and refused.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import datetime
 import logging
-import math
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from vramkit import events
 from vramkit._keepalive import KeepAliveScheduler, keep_alive_seconds
-from vramkit._units import check_flag, format_bytes, format_part_of, parse_bytes, parse_timeout
-from vramkit.cleaning import cleanup
+from vramkit._units import check_flag, format_bytes, parse_bytes, parse_timeout
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import (
     BudgetExceededError,
     InvalidArgumentError,
     ModelBusyError,
     ModelStateError,
-    OffloadError,
     UnknownModelError,
 )
 from vramkit.model import ManagedModel, ModelState
-from vramkit.model._lease import Lease
-from vramkit.oom import OomRetry, is_oom_error
+from vramkit.pool._budget import Charges, headroom_bytes, parse_budget
+from vramkit.pool._eviction import (
+    Member,
+    Plan,
+    describe,
+    evict,
+    eviction_order,
+    fewest_covering,
+    holders,
+)
+from vramkit.pool._lease import PoolLease, RetryOnce
+from vramkit.pool._prefetch import Prefetcher
+from vramkit.pool._report import PooledModel, PoolStatus
 
 __all__ = ["ModelPool", "PoolStatus", "PooledModel", "live_pools"]
 
@@ -68,14 +71,23 @@ R = TypeVar("R")
 
 EvictTo = Literal["auto", "cpu", "disk", "unload"]
 
-# The default headroom: an eighth of the whole budget, at most 512 MiB (ComfyUI
-# keeps about 0.8 GiB on large cards; activations stop growing with the card).
-DEFAULT_HEADROOM_DIVISOR = 8
-DEFAULT_HEADROOM_CAP = 512 * 1024**2
-
 _log = logging.getLogger("vramkit.pool")
 _pools: weakref.WeakSet[ModelPool] = weakref.WeakSet()
 _pools_lock = threading.Lock()
+
+
+def _checked(
+    timeout: float | None, evict_to: object, name: object
+) -> tuple[float | None, EvictTo, str]:
+    """The constructor's ``timeout``, ``evict_to`` and ``name``, checked."""
+    limit = parse_timeout(timeout)
+    if evict_to not in ("auto", "cpu", "disk", "unload"):
+        raise InvalidArgumentError(
+            f"evict_to must be 'auto', 'cpu', 'disk' or 'unload'; got {evict_to!r}"
+        )
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
+    return limit, evict_to, name
 
 
 def live_pools() -> list[ModelPool]:
@@ -90,97 +102,6 @@ def _close_pools_at_exit() -> None:
     # models are left to die with the process (no unload work at exit).
     for pool in live_pools():
         pool._stop_threads()
-
-
-@dataclass(frozen=True, slots=True)
-class PooledModel:
-    """One model's line in :meth:`ModelPool.status`."""
-
-    name: str
-    state: str
-    tier: str | None
-    device_bytes: int
-    size_bytes: int | None
-    leases: int
-    idle_seconds: float | None
-    pinned: bool
-    keep_alive: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStatus:
-    """A pool's accounting at one moment.
-
-    Attributes:
-        name: The pool's name.
-        device: Its device.
-        budget_bytes: The budget now (for ``budget=None``, the driver's free
-            memory plus what the pool's models hold).
-        charged_bytes: Bytes the pool counts against the budget: resident
-            models plus reservations of loads in progress.
-        headroom_bytes: Bytes kept free beyond each reservation.
-        peak_charged_bytes: Highest ``charged_bytes`` seen.
-        models: One :class:`PooledModel` per model, in registration order.
-        loads: Loads and wakes the pool admitted.
-        evictions: Models the pool evicted (offloaded or unloaded) to make room.
-    """
-
-    name: str
-    device: str
-    budget_bytes: int
-    charged_bytes: int
-    headroom_bytes: int
-    peak_charged_bytes: int
-    models: tuple[PooledModel, ...]
-    loads: int
-    evictions: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """The status as JSON-ready data (bytes as ints, ``models`` as a list of dicts)."""
-        # Not dataclasses.asdict: its deep copies cost more than the status itself.
-        data = {name: getattr(self, name) for name in _POOL_FIELDS}
-        data["models"] = [{name: getattr(m, name) for name in _MODEL_FIELDS} for m in self.models]
-        return data
-
-    def __str__(self) -> str:
-        lines = [
-            f"pool {self.name} on {self.device}: "
-            f"{format_part_of(self.charged_bytes, max(self.budget_bytes, 1))} budget used "
-            f"(peak {format_bytes(self.peak_charged_bytes)}, headroom "
-            f"{format_bytes(self.headroom_bytes)}), {self.loads} loads, "
-            f"{self.evictions} evictions"
-        ]
-        header = ("model", "state", "on device", "size", "leases", "idle", "keep-alive")
-        rows = [header]
-        for m in self.models:
-            state = m.state + (f" ({m.tier})" if m.tier else "") + (" pinned" if m.pinned else "")
-            rows.append(
-                (
-                    m.name,
-                    state,
-                    format_bytes(m.device_bytes),
-                    format_bytes(m.size_bytes),
-                    str(m.leases),
-                    "-" if m.idle_seconds is None else f"{m.idle_seconds:.1f} s",
-                    "never" if m.keep_alive is None else f"{m.keep_alive:g} s",
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines += [
-            "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows
-        ]
-        return "\n".join(lines)
-
-
-_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(PooledModel))
-_POOL_FIELDS = tuple(f.name for f in dataclasses.fields(PoolStatus) if f.name != "models")
-
-
-@dataclass(slots=True)
-class _Member:
-    model: ManagedModel[Any]
-    pinned: bool
 
 
 class ModelPool:
@@ -228,27 +149,19 @@ class ModelPool:
         if not callable(clock):
             raise InvalidArgumentError(f"clock must be a callable returning seconds; got {clock!r}")
         self._device = resolve_device(device)
-        self._budget = _parse_budget(budget)
+        self._budget = parse_budget(budget)
         self._fixed_headroom = None if headroom is None else parse_bytes(headroom, what="headroom")
         self._keep_alive = keep_alive_seconds(keep_alive)
-        self._timeout = parse_timeout(timeout)
-        if evict_to not in ("auto", "cpu", "disk", "unload"):
-            raise InvalidArgumentError(
-                f"evict_to must be 'auto', 'cpu', 'disk' or 'unload'; got {evict_to!r}"
-            )
-        self._evict_to: EvictTo = evict_to
-        if not isinstance(name, str) or not name:
-            raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
-        self._name = name
+        self._timeout, self._evict_to, self._name = _checked(timeout, evict_to, name)
         self._lock = threading.Condition(threading.RLock())
-        self._members: dict[str, _Member] = {}
+        self._members: dict[str, Member] = {}
         self._reserved: dict[str, int] = {}  # loads and wakes in progress
         self._evicting: set[str] = set()
         self._sizing: str | None = None  # the one first load of unknown size in progress
         self._overshoot = False  # over budget after a load: fit again as leases return
         self._entering: collections.Counter[str] = collections.Counter()  # leases being taken
         self._leaving: set[str] = set()  # models being removed
-        self._plan: collections.deque[str] = collections.deque()
+        self._plan = Plan()
         self._closed = False
         self._loads = 0
         self._evictions = 0
@@ -256,7 +169,7 @@ class ModelPool:
         self._scheduler = KeepAliveScheduler(
             f"vramkit-keepalive-{name}", clock=clock, start=start_threads
         )
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prefetcher = Prefetcher(name, self._room_without_waiting, self._entering_model)
         with _pools_lock:
             _pools.add(self)
 
@@ -307,11 +220,8 @@ class ModelPool:
             self._check_open()
             if model.name in self._members:
                 raise InvalidArgumentError(f"a model named {model.name!r} is already in the pool")
-            if model._owner is not None and model._owner is not self:
-                raise InvalidArgumentError(f"{model.name} already belongs to another pool")
-            model._owner = self
-            model._scheduler = self._scheduler
-            self._members[model.name] = _Member(model, pin)
+            model._join(self)  # refuses a model another pool owns
+            self._members[model.name] = Member(model, pin)
             self._peak = max(self._peak, self._charged())
         return model
 
@@ -347,9 +257,7 @@ class ModelPool:
         with self._lock:
             self._leaving.discard(name)
             del self._members[name]
-            with model._cond:  # leases check their pool under the model's lock
-                model._owner = None
-            model._scheduler = None
+            model._leave(self)  # under the model's lock, which leases check their pool under
             self._lock.notify_all()
         return model
 
@@ -390,7 +298,7 @@ class ModelPool:
 
     # ------------------------------------------------------------------ leases
 
-    def use(self, name: str) -> _PoolLease:
+    def use(self, name: str) -> PoolLease:
         """Borrow a model: ``with pool.use("asr") as model:`` (loads or wakes under the budget).
 
         If the block raises an out-of-memory error, the pool evicts every other
@@ -398,8 +306,8 @@ class ModelPool:
         room; :meth:`call` retries for you.
         """
         model = self[name]
-        self._advance_plan(name)
-        return _PoolLease(self, model)
+        self._plan.advance(name)
+        return PoolLease(self, model)
 
     def call(self, name: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run ``fn(model, *args, **kwargs)`` under a lease; on OOM, evict others and retry once.
@@ -421,7 +329,7 @@ class ModelPool:
             with self.use(name) as model:
                 return fn(model, *args, **kwargs)
 
-        return _RetryOnce(name, self._device).run(attempt)
+        return RetryOnce(name, self._device).run(attempt)
 
     def plan(self, names: Iterable[str]) -> None:
         """Tell the pool the order models will be used in, for Belady eviction.
@@ -437,15 +345,7 @@ class ModelPool:
         unknown = [n for n in names if n not in self._members]
         if unknown:
             raise InvalidArgumentError(f"plan names models not in the pool: {unknown}")
-        with self._lock:
-            self._plan = collections.deque(names)
-
-    def _advance_plan(self, name: str) -> None:
-        if not self._plan:  # no plan (the usual case): no lock on the lease path
-            return
-        with self._lock:
-            if self._plan and self._plan[0] == name:
-                self._plan.popleft()
+        self._plan.replace(names)
 
     # ------------------------------------------------------------------ prefetch
 
@@ -462,46 +362,7 @@ class ModelPool:
         model = self[name]
         with self._lock:
             self._check_open()
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=f"vramkit-prefetch-{self._name}"
-                )
-            executor = self._executor
-        return executor.submit(self._prefetch, model)
-
-    def _prefetch(self, model: ManagedModel[Any]) -> bool:
-        try:
-            with self._entering_model(model):
-                return self._prefetch_member(model)
-        except ModelStateError as exc:  # removed (or the pool closed) since it was queued
-            self._skipped(model, str(exc))
-            return False
-
-    def _prefetch_member(self, model: ManagedModel[Any]) -> bool:
-        if model.state is ModelState.READY:
-            return True
-        if not self._room_without_waiting(model):
-            self._skipped(model, "no room in the budget right now")
-            return False
-        try:
-            model.load()
-        except BudgetExceededError:
-            return False
-        events.emit(events.Event("prefetch", model.name, str(self._device), "UNLOADED", "READY"))
-        return True
-
-    def _skipped(self, model: ManagedModel[Any], reason: str) -> None:
-        state = model.state.value
-        events.emit(
-            events.Event(
-                "prefetch_skipped",
-                model.name,
-                str(self._device),
-                state,
-                state,
-                detail={"reason": reason},
-            )
-        )
+            return self._prefetcher.submit(model)
 
     def _room_without_waiting(self, model: ManagedModel[Any]) -> bool:
         with self._lock:
@@ -522,7 +383,7 @@ class ModelPool:
         Returns:
             The names evicted to fit.
         """
-        parsed = _parse_budget(budget)
+        parsed = parse_budget(budget)
         with self._lock:
             self._check_open()
             self._budget = parsed
@@ -531,21 +392,11 @@ class ModelPool:
 
     def budget_bytes(self) -> int:
         """The budget now, in bytes (for ``budget=None``, recomputed from the driver)."""
-        kind, value = self._budget
-        if kind == "bytes":
-            return int(value)
-        reading = self._device.read()
-        if kind == "fraction":
-            if reading.total_bytes is None:
-                raise ModelStateError(f"{self._device} reports no total: use a budget in bytes")
-            return int(reading.total_bytes * value)
-        free = reading.free_bytes
-        if free is None:
-            raise ModelStateError(
-                f"{self._device} reports no free memory (install the nvml extra?): "
-                "give the pool a budget in bytes"
-            )
-        return int(free) + self._charged_resident()
+        return self._budget.limit(self._device, self._charged_resident())
+
+    @staticmethod
+    def _size(member: Member) -> int:
+        return member.model.device_bytes
 
     def _charged_resident(self, exclude: str = "") -> int:
         return sum(
@@ -559,16 +410,18 @@ class ModelPool:
             v for n, v in self._reserved.items() if n != exclude
         )
 
+    def _charges(self, exclude: str = "") -> Charges:
+        """What the pool charges now; ``exclude`` names a model being admitted."""
+        own = self._members[exclude].model.device_bytes if exclude in self._members else 0
+        return Charges(
+            self._charged_resident(), self._charged(exclude), own, sum(self._reserved.values())
+        )
+
     def _available(self, exclude: str = "") -> int:
         """Room left for ``exclude`` (whose own bytes, if any, are not counted against it)."""
-        kind, _ = self._budget
-        if kind == "driver":
-            reading = self._device.read()
-            own = self._members[exclude].model.device_bytes if exclude in self._members else 0
-            return int(reading.free_bytes or 0) + own - sum(self._reserved.values())
-        return self.budget_bytes() - self._charged(exclude)
+        return self._budget.room(self._device, self._charges(exclude))
 
-    def _candidates(self, *, exclude: str) -> list[_Member]:
+    def _candidates(self, *, exclude: str) -> list[Member]:
         """Idle, resident models that may be evicted, in eviction order."""
         idle = [
             m
@@ -581,21 +434,7 @@ class ModelPool:
             and m.model.state in (ModelState.READY, ModelState.OFFLOADED)
             and m.model.device_bytes > 0
         ]
-        plan = list(self._plan)
-
-        def next_use(member: _Member) -> float:
-            try:
-                return float(plan.index(member.model.name))
-            except ValueError:
-                return math.inf
-
-        def key(member: _Member) -> tuple[bool, float, float]:
-            last = member.model._last_used or 0.0
-            if plan:  # Belady: furthest next use first
-                return (member.pinned, -next_use(member), last)
-            return (member.pinned, 0.0, last)  # least recently used first
-
-        return sorted(idle, key=key)
+        return eviction_order(idle, self._plan.names())
 
     def _before_load(self, model: ManagedModel[Any]) -> None:
         """Admission, called by a member in its loading thread before its loader runs."""
@@ -644,7 +483,7 @@ class ModelPool:
                 self._sizing = None
                 self._lock.notify_all()
 
-    def _admit(self, model: ManagedModel[Any], deadline: float | None) -> list[_Member] | None:
+    def _admit(self, model: ManagedModel[Any], deadline: float | None) -> list[Member] | None:
         """Reserve room for ``model`` (``None``), or pick victims to evict first (caller locks).
 
         Raises:
@@ -675,7 +514,7 @@ class ModelPool:
                         name,
                         need,
                         available,
-                        self._describe_members(),
+                        describe(self._members, self._reserved, self._size),
                     )
                 return None
             picked = self._pick(need - available, exclude=name)
@@ -700,7 +539,7 @@ class ModelPool:
             f"pool {self._name!r} is {format_bytes(whole)}"
         )
 
-    def _evict_all(self, victims: list[_Member], *, reason: str) -> list[str]:
+    def _evict_all(self, victims: list[Member], *, reason: str) -> list[str]:
         """Evict ``victims`` (already marked in ``_evicting``) outside the pool lock."""
         evicted = []
         try:
@@ -713,115 +552,31 @@ class ModelPool:
                 self._lock.notify_all()
         return evicted
 
-    def _describe_members(self) -> str:
-        return ", ".join(
-            f"{n} {m.model.state.value}"
-            + (f"({m.model.tier})" if m.model.tier else "")
-            + f" {self._reserved.get(n, m.model.device_bytes)}"
-            for n, m in self._members.items()
-        )
-
     def _whole_budget(self) -> int:
-        kind, _ = self._budget
-        if kind == "driver":
-            total = self._device.read().total_bytes
-            if total is not None:
-                return int(total)
-        return self.budget_bytes()
+        return self._budget.whole(self._device, self._charged_resident())
 
     def _headroom(self, whole: int) -> int:
-        """Bytes kept free beyond a reservation, for a pool whose whole budget is ``whole``.
+        return headroom_bytes(self._fixed_headroom, whole)
 
-        A fixed default would refuse everything under a budget smaller than
-        itself, so the default scales with the budget and is capped where a
-        large device's activations and allocator slack stop growing with it.
-        """
-        if self._fixed_headroom is not None:
-            return self._fixed_headroom
-        return min(DEFAULT_HEADROOM_CAP, whole // DEFAULT_HEADROOM_DIVISOR)
-
-    def _pick(self, shortfall: int, *, exclude: str) -> list[_Member] | None:
+    def _pick(self, shortfall: int, *, exclude: str) -> list[Member] | None:
         """The fewest idle models, in eviction order, whose eviction covers ``shortfall``."""
-        chosen: list[_Member] = []
-        freed = 0
-        for member in self._candidates(exclude=exclude):
-            if freed >= shortfall:
-                break
-            chosen.append(member)
-            freed += member.model.device_bytes
-        if freed < shortfall or not chosen:
-            return None
-        # Spare any victim the others already cover, the ones needed soonest first:
-        # evicting a small model that does not close the gap only costs a reload.
-        for member in reversed(list(chosen)):
-            size = member.model.device_bytes
-            if freed - size >= shortfall:
-                chosen.remove(member)
-                freed -= size
-        return chosen
+        return fewest_covering(self._candidates(exclude=exclude), shortfall, self._size)
 
     def _no_room(self, name: str, need: int, available: int) -> str:
-        holders = []
-        for n, member in self._members.items():
-            resident = self._reserved.get(n, member.model.device_bytes)
-            if resident:
-                why = (
-                    f"{member.model.leases} leases"
-                    if member.model.leases
-                    else (
-                        "loading" if n in self._reserved else "pinned" if member.pinned else "idle"
-                    )
-                )
-                holders.append(f"{n} {format_bytes(resident)} ({why})")
+        held = holders(self._members, self._reserved, self._size)
         return (
-            f"no room for {name} in pool {self._name!r} after waiting {self._timeout or 0:g} s: "
+            f"no room for {name} in pool {self._name!r} after waiting {self._timeout:g} s: "
             f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free of "
-            f"{format_bytes(self.budget_bytes())}; held by: {', '.join(holders) or 'nothing'}"
+            f"{format_bytes(self.budget_bytes())}; held by: {held}"
         )
 
     def _evict(self, model: ManagedModel[Any], *, reason: str) -> bool:
         """Offload or unload one idle model. Returns whether it freed its device bytes."""
-        tier = self._evict_to
-        if tier == "auto":
-            tier = model.choose_tier()  # type: ignore[assignment]
-        before = model.state
-        started = time.perf_counter()
-        try:
-            if tier in ("cpu", "disk"):
-                try:
-                    model.offload(tier)
-                except OffloadError as exc:
-                    # The tier could not be written (disk full...): the model is
-                    # still READY and the room is still needed, so unload it.
-                    # The error names the model already; say it once.
-                    reason = str(exc).removeprefix(f"{model.name}: ")
-                    events.logger.warning(
-                        "%s: evicting to the %s tier failed (%s); unloading instead",
-                        model.name,
-                        tier,
-                        reason,
-                    )
-                    tier = "unload"
-                    model.unload()
-            else:
-                model.unload()
-        except ModelBusyError:
-            return False  # a lease arrived in between: it is not idle any more
-        with self._lock:
-            self._evictions += 1
-        events.emit(
-            events.Event(
-                "evict",
-                model.name,
-                str(self._device),
-                before.value,
-                model.state.value,
-                seconds=time.perf_counter() - started,
-                bytes=model.size_bytes,
-                detail={"tier": tier, "reason": reason},
-            )
-        )
-        return True
+        evicted = evict(model, self._evict_to, reason=reason)
+        if evicted:
+            with self._lock:
+                self._evictions += 1
+        return evicted
 
     def evict_idle(self, *, exclude: Iterable[str] = ()) -> list[str]:
         """Evict every idle model now (after an out-of-memory error, say).
@@ -838,7 +593,7 @@ class ModelPool:
             self._evicting.update(v.model.name for v in victims)
         return self._evict_all(victims, reason="evict_idle")
 
-    # hooks called by member models -----------------------------------------
+    # the owner contract with member models (vramkit.model._owner.ModelOwner) ---------
 
     def _after_load(self, model: ManagedModel[Any], *, ok: bool) -> None:
         """A member's load or wake ended: its measured size replaces its reservation.
@@ -878,17 +633,14 @@ class ModelPool:
             over -= sum(
                 self._members[n].model.device_bytes for n in self._evicting if n in self._members
             )
-            victims: list[_Member] = []
+            victims: list[Member] = []
             if over > 0:
                 victims = self._pick(over, exclude=exclude) or self._candidates(exclude=exclude)
                 self._evicting.update(v.model.name for v in victims)
         return self._evict_all(victims, reason=reason) if victims else []
 
     def _over_budget(self) -> int:
-        kind, _ = self._budget
-        if kind == "driver":
-            return 0  # the driver's own accounting already includes the load
-        return self._charged() - self.budget_bytes()
+        return self._budget.overdrawn(self._device, self._charges())
 
     def _freed(self, model: ManagedModel[Any]) -> None:
         """A member unloaded, offloaded or went idle: wake admissions waiting for room."""
@@ -930,8 +682,7 @@ class ModelPool:
         """Each model's state, tier, bytes, leases and idle time, and the pool's accounting."""
         with self._lock:
             members = list(self._members.values())
-            charged = self._charged()
-            peak = self._peak
+            charged, peak = self._charged(), self._peak
             loads, evictions = self._loads, self._evictions
         try:
             budget = self.budget_bytes()
@@ -939,29 +690,17 @@ class ModelPool:
         except ModelStateError:
             budget = 0
             headroom = self._fixed_headroom if self._fixed_headroom is not None else 0
+        models = tuple(PooledModel.of(m.model, m.pinned) for m in members)
         return PoolStatus(
-            name=self._name,
-            device=str(self._device),
-            budget_bytes=budget,
-            charged_bytes=charged,
-            headroom_bytes=headroom,
-            peak_charged_bytes=peak,
-            models=tuple(
-                PooledModel(
-                    name=m.model.name,
-                    state=m.model.state.value,
-                    tier=m.model.tier,
-                    device_bytes=m.model.device_bytes,
-                    size_bytes=m.model.expected_bytes,
-                    leases=m.model.leases,
-                    idle_seconds=m.model.idle_seconds,
-                    pinned=m.pinned,
-                    keep_alive=m.model.keep_alive,
-                )
-                for m in members
-            ),
-            loads=loads,
-            evictions=evictions,
+            self._name,
+            str(self._device),
+            budget,
+            charged,
+            headroom,
+            peak,
+            models,
+            loads,
+            evictions,
         )
 
     def __str__(self) -> str:
@@ -985,14 +724,11 @@ class ModelPool:
         self._stop_threads()
         for member in members:
             member.model.unload(wait=True)
-            member.model._owner = None
-            member.model._scheduler = None
+            member.model._leave(self)
 
     def _stop_threads(self) -> None:
         self._scheduler.close()
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        self._prefetcher.shutdown()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1011,78 +747,7 @@ class ModelPool:
         thread = self._scheduler.thread
         if thread is not None and thread.is_alive():
             found.append(thread)
-        prefix = f"vramkit-prefetch-{self._name}"
-        found += [t for t in threading.enumerate() if t.name.startswith(prefix)]
-        return found
-
-
-class _RetryOnce(OomRetry):
-    """:meth:`ModelPool.call`'s retry: the lease already made room when it failed; say so, retry."""
-
-    __slots__ = ("device",)
-
-    def __init__(self, name: str, device: Device) -> None:
-        super().__init__(name, translate=False)
-        self.device = device
-
-    def again(self, exc: BaseException, attempt: int) -> bool:
-        return attempt < 2
-
-    def recover(self, exc: BaseException, attempt: int) -> None:
-        events.emit(
-            events.Event(
-                "oom",
-                self.name,
-                str(self.device),
-                "READY",
-                "READY",
-                detail={"reason": "out of memory in a lease: evicted others, retrying"},
-            )
-        )
-
-
-class _PoolLease:
-    """A lease taken through the pool: OOM inside the block evicts the others first."""
-
-    __slots__ = ("_lease", "_model", "_pool")
-
-    def __init__(self, pool: ModelPool, model: ManagedModel[Any]) -> None:
-        self._pool = pool
-        self._model = model
-        self._lease = Lease(model, pool)
-
-    def __enter__(self) -> Any:
-        with self._pool._entering_model(self._model):
-            return self._lease.__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._lease.__exit__(exc_type, exc, tb)
-        if exc is not None and is_oom_error(exc):
-            self._make_room()
-
-    async def __aenter__(self) -> Any:
-        with self._pool._entering_model(self._model):
-            return await self._lease.__aenter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._lease.__aexit__(exc_type, exc, tb)
-        if exc is not None and is_oom_error(exc):
-            await asyncio.to_thread(self._make_room)  # unloading can take seconds
-
-    def _make_room(self) -> None:
-        """After an out-of-memory error in the block: evict the other idle models, clean up."""
-        self._pool.evict_idle(exclude=[self._model.name])
-        cleanup(self._model.device)
+        return found + self._prefetcher.threads
 
 
 def _names(names: object, what: str) -> list[str]:
@@ -1096,19 +761,3 @@ def _names(names: object, what: str) -> list[str]:
     if wrong:
         raise InvalidArgumentError(f"{what} must hold model names (str); got {wrong[0]!r}")
     return listed
-
-
-def _parse_budget(budget: int | float | str | None) -> tuple[str, float]:
-    if budget is None:
-        return ("driver", 0.0)
-    if isinstance(budget, float) and not isinstance(budget, bool):
-        if not 0 < budget <= 1:
-            raise InvalidArgumentError(
-                f"budget as a fraction of the device must be in (0, 1]; got {budget!r} "
-                "(use bytes or a string like '10GiB' for an absolute budget)"
-            )
-        return ("fraction", budget)
-    value = parse_bytes(budget, what="budget")
-    if value == 0:
-        raise InvalidArgumentError("budget must be more than 0 bytes")
-    return ("bytes", float(value))

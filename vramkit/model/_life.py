@@ -1,0 +1,647 @@
+"""How a managed model does each step of its life: the machinery under ``ManagedModel``.
+
+:class:`~vramkit.model.ManagedModel` is the life of one model as its users see
+it, each step documented: load, lease, offload, wake, unload, close.
+:class:`ModelLife`, its base class, is how each step is done: the state
+machine claimed and settled (:mod:`vramkit.model._lease`), the owner's
+admission asked (:mod:`vramkit.model._owner`), the weights parked
+(:mod:`vramkit.model._parking`), the object released and proven dead
+(:mod:`vramkit.model._unload`), the keep-alive scheduled, every transition
+emitted as an event. A failed step leaves the model in the settled state it
+started from (or ``UNLOADED``), with the owner's room given back.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import torch
+
+from vramkit import events
+from vramkit._keepalive import default_scheduler
+from vramkit._oomerrors import is_oom_error
+from vramkit._units import format_bytes
+from vramkit._utils import clear_frames
+from vramkit.adapters import Adapter, adapter_for
+from vramkit.adapters._checkpoint import checkpoint_bytes
+from vramkit.cleaning import cleanup
+from vramkit.devices import Device
+from vramkit.errors import InvalidArgumentError, ModelBusyError, ModelStateError, VramLeakError
+from vramkit.memory import grown_bytes
+from vramkit.model import tiers
+from vramkit.model._lease import StateMachine
+from vramkit.model._loader import check_loaded, remember
+from vramkit.model._owner import ModelOwner
+from vramkit.model._parking import Parking
+from vramkit.model._unload import Unload, release_and_prove
+from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from vramkit.cleaning import CleanupPolicy, CleanupTracker
+    from vramkit.model.tiers import OffloadReport, Tier, TierCost, WakeReport
+
+__all__ = ["ModelLife"]
+
+T = TypeVar("T")
+
+_LEASE_REENTERED = (
+    "{name}: a lease was requested while this thread is {doing} the model "
+    "(a loader or release that uses the model it is building?)"
+)
+
+
+class ModelLife(Generic[T]):
+    """The machinery of one model's life; :class:`~vramkit.model.ManagedModel` is its face.
+
+    A subclass sets the settings (loader, name, device...) before calling
+    ``__init__``, which adds the state every step works on.
+    """
+
+    _loader: Callable[[], T]
+    _name: str
+    _device: Device
+    _keep_alive: float | None
+    _adapter_override: Adapter | None
+    _strict: bool
+    _free_survivors: bool
+    _owns: bool
+    _driver_wait: float
+    _policy: CleanupPolicy | None
+    _offload_dir: Path | None
+    _size_hint: int | None
+    _config: Mapping[str, Any]
+
+    def __init__(self) -> None:
+        self._adapter: Adapter | None = None
+        self._tracker: CleanupTracker | None = None
+        self._life: StateMachine[T] = StateMachine(self._name)  # state, object, leases
+        self._parked = Parking()  # where the weights are while OFFLOADED
+        self._stats = ModelStats()  # last_used excepted: the state machine keeps it
+        self._owner: ModelOwner[Any] | None = None  # a pool, through _join
+        self._last: weakref.ref[Any] | None = None  # the object of the last load, if alive
+
+    def __repr__(self) -> str:
+        size = format_bytes(self._stats.size_bytes) if self._stats.size_bytes is not None else "?"
+        tier = self._parked.tier
+        return (
+            f"<ManagedModel {self._name!r} {self._life.state}{f' ({tier})' if tier else ''} on "
+            f"{self._device}, {size}, {len(self._life.leases)} leases>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._life.closed
+
+    @property
+    def expected_bytes(self) -> int | None:
+        """Bytes the model will need when loaded: measured at its last load, else estimated.
+
+        The estimate is the size of its checkpoint files (``model.pt``,
+        ``*.safetensors``, ``*.onnx``... under the paths in ``config``) or the
+        ``size_hint`` it was given; ``None`` when nothing is known.
+        """
+        if self._stats.size_bytes is not None:
+            return self._stats.size_bytes
+        if self._size_hint is not None:
+            return self._size_hint
+        return checkpoint_bytes(self._config)
+
+    # ------------------------------------------------------------------ leases
+
+    def _acquire(self, pool: object = None) -> tuple[T, int]:
+        """Take a lease, loading or waking first if needed. Returns the object and a token.
+
+        Args:
+            pool: The pool the lease is taken through: refused if the model
+                left it meanwhile.
+        """
+        life = self._life
+        with life.lock:  # the pool's remove() changes the owner under this lock
+            if life.state is ModelState.READY and (pool is None or self._owner is pool):
+                return life.grant()
+        return self._acquire_slow(pool)
+
+    def _acquire_slow(self, pool: object) -> tuple[T, int]:
+        life = self._life
+        with life.lock:
+            life.acquiring += 1
+        try:
+            while True:
+                with life.cond:
+                    state = life.claim_to_load(_LEASE_REENTERED, check=self._member_of(pool))
+                    if state is ModelState.READY:
+                        return life.grant()
+                self._load_claimed(state)
+        finally:
+            with life.lock:
+                life.acquiring -= 1
+
+    @property
+    def _lease_coming(self) -> bool:
+        """Whether a thread is taking a lease through a load or wake (not to be evicted)."""
+        return self._life.acquiring > 0
+
+    def _try_acquire(self, task: object, pool: object) -> tuple[T, int] | None:
+        """A lease for ``task`` if the model is ready now, without waiting; else ``None``.
+
+        Async leases take their lease here, in the event loop's thread, owned by
+        the task; the loading happens in a worker thread (:meth:`_ensure_ready`)
+        that takes no lease, so a cancelled task leaves none behind.
+        """
+        life = self._life
+        with life.lock:
+            life.check_open()
+            if pool is not None and self._owner is not pool:
+                raise self._removed(pool)
+            if life.state is ModelState.READY:
+                return life.grant(task)
+        return None
+
+    def _ensure_ready(self, pool: object = None) -> None:
+        """Load or wake the model (or wait for another thread to) without taking a lease."""
+        while True:
+            with self._life.cond:
+                state = self._life.claim_to_load(_LEASE_REENTERED, check=self._member_of(pool))
+            if state is ModelState.READY:
+                return
+            self._load_claimed(state)
+
+    def _load_claimed(self, state: ModelState) -> None:
+        """Run the load (from ``UNLOADED``) or wake (from ``OFFLOADED``) this thread claimed."""
+        if state is ModelState.UNLOADED:
+            self._do_load()
+        else:
+            self._do_wake()
+
+    def _member_of(self, pool: object) -> Callable[[], None] | None:
+        """A check that the model still belongs to ``pool`` (``None``: no pool, no check)."""
+        if pool is None:
+            return None
+
+        def check() -> None:
+            if self._owner is not pool:
+                raise self._removed(pool)
+
+        return check
+
+    def _removed(self, pool: object) -> ModelStateError:
+        return ModelStateError(
+            f"{self._name} was removed from pool {getattr(pool, 'name', pool)!r}"
+        )
+
+    def _return(self, token: int) -> None:
+        stamp = self._life.give_back(token)
+        if stamp is not None:  # the last lease ended: the model is idle
+            self._idle(stamp)
+
+    def _after_call(self) -> None:
+        tracker = self._cleanup_tracker()
+        if tracker is not None:
+            tracker.after_call()
+
+    def _cleanup_tracker(self) -> CleanupTracker | None:
+        if self._tracker is None and self._policy is not None:
+            self._tracker = self._policy.tracker(self._device)
+        return self._tracker
+
+    # ------------------------------------------------------------------ load
+
+    def _do_load(self) -> LoadReport:
+        """Run the loader. The lifecycle is LOADING, this thread busy on it."""
+        started = time.perf_counter()
+        owner = self._owner
+        obj: Any = None
+        try:
+            if owner is not None:
+                owner._before_load(self)  # the pool's admission: may wait, may refuse
+            before = self._device.read()
+            threads = torch.get_num_threads()
+            obj = self._loader()
+            if torch.get_num_threads() != threads:  # loaders like FunASR's change it globally
+                torch.set_num_threads(threads)
+            adapter = self._adapter_override or adapter_for(obj)
+            after = self._device.read()
+            size = adapter.size_bytes(obj)
+            check_loaded(self._name, self._loader, obj, adapter, size, self._last, self._owns)
+            if size is None:
+                size = grown_bytes(before, after)
+        except BaseException as exc:
+            # The failed load's frames hold whatever it built: clear them so a
+            # half-built model does not stay alive through the traceback.
+            obj = None
+            clear_frames(exc.__traceback__)
+            self._failed(ModelState.UNLOADED, admitted=owner is not None)
+            self._emit(
+                "load_failed",
+                "LOADING",
+                "UNLOADED",
+                seconds=time.perf_counter() - started,
+                detail={"error": f"{type(exc).__name__}: {exc}"},
+            )
+            raise
+        seconds = time.perf_counter() - started
+        self._last = remember(obj)
+        life = self._life
+        with life.cond:
+            life.obj = obj
+            life.last_used = time.monotonic()
+            self._adapter = adapter
+            self._stats = replace(
+                self._stats, loads=self._stats.loads + 1, load_seconds=seconds, size_bytes=size
+            )
+            stamp = life.settle(ModelState.READY)
+        obj = None  # the model holds it now; a pool refusing it must be able to free it
+        if owner is not None:
+            owner._after_load(self, ok=True)
+        report = LoadReport(self._name, str(self._device), seconds, size, before, after)
+        self._emit(
+            "load",
+            "UNLOADED",
+            "READY",
+            seconds=seconds,
+            memory_before=before,
+            memory_after=after,
+            bytes=size,
+            detail={"adapter": adapter.name},
+        )
+        self._schedule_expiry(stamp)
+        return report
+
+    def _failed(self, state: ModelState, *, admitted: bool) -> None:
+        """A load, wake or offload failed: back to the settled ``state``, its room given back."""
+        with self._life.cond:
+            self._life.revert(state)
+        if admitted and self._owner is not None:
+            self._owner._after_load(self, ok=False)
+        cleanup(self._device)
+
+    # ------------------------------------------------------------------ offload tiers
+
+    def _do_wake(self) -> WakeReport:
+        """Bring an offloaded model back. The lifecycle is WAKING, this thread busy on it."""
+        parked, owner = self._parked, self._owner
+        tier = parked.tier or "cpu"
+        started = time.perf_counter()
+        if parked.rebuilds:
+            return self._wake_by_loading(tier, None, started)
+        try:
+            if owner is not None:
+                owner._before_load(self)  # the pool's admission: may wait, may refuse
+        except BaseException:
+            self._failed(ModelState.OFFLOADED, admitted=False)
+            raise
+        try:
+            report = parked.unpark(self._name, self._device)
+        except Exception as exc:
+            if tier != "disk" or is_oom_error(exc):
+                self._failed(ModelState.OFFLOADED, admitted=True)  # stay offloaded
+                raise
+            # A cache file deleted, changed or replaced behind our back: the
+            # loader still knows how to build the model. Say so, loudly.
+            if owner is not None:
+                owner._after_load(self, ok=False)
+            events.logger.warning(
+                "%s: the disk tier could not be read or trusted (%s: %s); "
+                "reloading with the loader",
+                self._name,
+                type(exc).__name__,
+                exc,
+            )
+            return self._wake_by_loading(tier, f"{type(exc).__name__}: {exc}", started)
+        except BaseException:
+            self._failed(ModelState.OFFLOADED, admitted=True)  # interrupted: stay offloaded
+            raise
+        life = self._life
+        with life.cond:
+            life.last_used = time.monotonic()
+            self._woke(tier, report.seconds)
+            stamp = life.settle(ModelState.READY)
+        if owner is not None:
+            owner._after_load(self, ok=True)
+        self._emit(
+            "wake",
+            "OFFLOADED",
+            "READY",
+            seconds=report.seconds,
+            bytes=report.weight_bytes,
+            detail={"tier": tier, "method": report.method},
+        )
+        self._schedule_expiry(stamp)
+        return report
+
+    def _wake_by_loading(self, tier: str, fallback: str | None, started: float) -> WakeReport:
+        """Wake by running the loader: the tier cannot restore (rebuild, or a broken file)."""
+        life = self._life
+        with life.cond:
+            box = [life.obj]
+            life.obj = None
+            life.state = ModelState.LOADING
+        self._parked.release()
+        self._parked.clear()
+        box.clear()
+        gc.collect()
+        load = self._do_load()
+        report = tiers.WakeReport(
+            self._name,
+            tiers.check_tier(tier),
+            "rebuild" if fallback is None else "file",
+            time.perf_counter() - started,
+            load.size_bytes or 0,
+            fallback=fallback,
+        )
+        with life.cond:
+            self._woke(tier, report.seconds)
+        return report
+
+    def _woke(self, tier: str, seconds: float) -> None:
+        stats = self._stats
+        self._stats = replace(
+            stats, wakes=stats.wakes + 1, wake_seconds={**stats.wake_seconds, tier: seconds}
+        )
+
+    def _offload(
+        self, chosen: Tier, waits: bool, timeout: float | None, rewrite: bool
+    ) -> OffloadReport:
+        """Offload to ``chosen`` (see :meth:`ManagedModel.offload`), arguments checked."""
+        parked, life = self._parked, self._life
+        with life.cond:
+            state = parked.state
+            if life.state is ModelState.OFFLOADED and state is not None and state.tier == chosen:
+                return tiers.OffloadReport(
+                    self._name, chosen, state.method, 0.0, 0, note=f"already offloaded to {chosen}"
+                )
+        state_before = life.claim(wait=waits, timeout=timeout, action="offload")
+        if state_before is ModelState.UNLOADED:
+            raise ModelStateError(f"{self._name} is not loaded: nothing to offload")
+        if state_before is ModelState.OFFLOADED and parked.wakes_before_moving_to(chosen):
+            # disk -> cpu, or a dropped object: wake first, then offload where asked.
+            with life.cond:
+                life.state = ModelState.WAKING
+            self._do_wake()
+            return self._offload(chosen, waits, timeout, rewrite)
+        with life.cond:
+            box = [life.obj]
+            life.obj = None
+        directory = self._offload_dir or tiers.default_offload_dir()
+        adapter = self._adapter_override or self._adapter
+        owner = tiers.Owner(self._name, self._device, adapter, self._stats.size_bytes)
+        try:
+            message = (
+                f"{self._name} is offloaded to {chosen} by vramkit: this reference "
+                f"cannot run it until it wakes; {self._advice()}"
+            )
+            report = parked.park(owner, box[0], chosen, directory, message, rewrite=rewrite)
+        except BaseException:
+            with life.cond:  # nothing changed: the model is as it was
+                life.obj = box.pop()
+                life.revert(state_before)
+            raise
+        assert parked.state is not None
+        # A dropped object is rebuilt by the loader (the cleanup below collects it).
+        dropped = remember(box[0]) if parked.state.method == "rebuild" else None
+        with life.cond:
+            life.obj = None if dropped is not None else box.pop()
+            box.clear()
+            self._stats = replace(
+                self._stats,
+                offloads=self._stats.offloads + 1,
+                offloaded_bytes={**self._stats.offloaded_bytes, chosen: report.weight_bytes},
+                offload_seconds={**self._stats.offload_seconds, chosen: report.seconds},
+            )
+            stamp = life.settle(ModelState.OFFLOADED)
+        cleaned = cleanup(self._device, gc_collect=parked.rebuilds)
+        if dropped is not None and dropped() is not None:
+            self._neutralise_dropped(dropped(), chosen)
+            cleaned = cleanup(self._device, gc_collect=False)
+        report = replace(report, memory_after=cleaned.after.readings[0])
+        if self._owner is not None:
+            self._owner._freed(self)
+        self._emit(
+            "offload",
+            state_before.value,
+            "OFFLOADED",
+            seconds=report.seconds,
+            memory_before=report.memory_before,
+            memory_after=report.memory_after,
+            bytes=report.weight_bytes,
+            detail={"tier": chosen, "method": report.method},
+        )
+        self._schedule_expiry(stamp)
+        return report
+
+    def _neutralise_dropped(self, survivor: object, tier: str) -> None:
+        """A dropped (rebuild-tier) object that something still holds: free it, make it loud.
+
+        A wake builds a new object, so the old one is never coming back.
+        """
+        adapter = self._adapter_override or self._adapter
+        if adapter is None or not self._owns or not self._free_survivors:
+            return
+        message = (
+            f"{self._name} was offloaded to {tier} by vramkit (dropped, to be rebuilt at the "
+            f"next lease) but this reference outlived it; {self._advice()}"
+        )
+        adapter.neutralise([survivor], message)
+
+    def tier_costs(self) -> dict[str, TierCost]:
+        """What each way of freeing the device would cost, from this model's measurements.
+
+        Returns:
+            ``{"cpu": ..., "disk": ..., "unload": ...}`` :class:`~vramkit.model.tiers.TierCost`
+            entries; wake times are measured where this model has woken from
+            that tier before, else estimated from its size.
+        """
+        return self._parked.costs(self._stats, on_host=self._device.is_host)
+
+    def choose_tier(self, *, host_free_bytes: int | None = None) -> str:
+        """The cheapest way to free this model's device memory: cpu, disk, or unload.
+
+        The ``cpu`` tier wins when host RAM can hold the weights (pinned copies
+        wake fastest); then ``disk`` when waking from it beats a reload; else
+        ``unload``. On a ``cpu`` device only ``disk`` or ``unload`` free anything.
+
+        Wake times decide, not offload plus wake: the file is written once and
+        reused by every later eviction while the weights are unchanged, and a
+        model that is evicted is usually wanted again. (Counting the first
+        write made the choice flip with the page cache: a loader that happened
+        to read warm files beat write-plus-wake once, and every later
+        eviction then paid a full reload.) :meth:`tier_costs` still reports
+        the write as ``offload_seconds``.
+
+        Args:
+            host_free_bytes: Host RAM available for the cpu tier (default: read now).
+        """
+        if host_free_bytes is None:
+            host_free_bytes = Device("cpu").read().free_bytes or 0
+        return tiers.choose_tier(self.tier_costs(), self._stats.size_bytes or 0, host_free_bytes)
+
+    # ------------------------------------------------------------------ unload
+
+    def _unload(self, waits: bool, timeout: float | None, strict: bool) -> UnloadReport:
+        """Unload (see :meth:`ManagedModel.unload`), arguments checked."""
+        started = time.perf_counter()
+        life = self._life
+        state_before = life.claim(wait=waits, timeout=timeout, action="unload")
+        waited = time.perf_counter() - started
+        if state_before is ModelState.UNLOADED:
+            return UnloadReport(
+                self._name,
+                str(self._device),
+                ModelState.UNLOADED,
+                ModelState.UNLOADED,
+                died=True,
+                verified=True,
+                waited_seconds=waited,
+            )
+        # The object travels in a one-item list that release_and_prove empties:
+        # a local variable here would keep it alive through the proof of death.
+        with life.cond:
+            box = [life.obj]
+            life.obj = None
+        try:
+            report = self._release_and_prove(box, state_before, started, waited)
+        finally:
+            box.clear()
+            with life.cond:
+                self._parked.clear()
+                life.revert(ModelState.UNLOADED)
+            if self._owner is not None:
+                self._owner._freed(self)
+        self._emit(
+            "unload",
+            state_before.value,
+            "UNLOADED",
+            seconds=report.seconds,
+            memory_before=report.memory_before,
+            memory_after=report.memory_after,
+            bytes=report.seen_bytes,
+            # The chains themselves, not just a count: a subscriber that only sees events
+            # (a serving framework's log) must be able to say who kept the model alive.
+            detail={
+                "died": report.died,
+                "holders": len(report.holders),
+                "held_by": tuple(str(chain) for chain in report.holders),
+                "neutralised_bytes": report.neutralised_bytes,
+            },
+        )
+        if report.error is not None:
+            error = ModelStateError(
+                f"{self._name}: releasing the model failed ({report.error}); it is UNLOADED "
+                "and vramkit dropped its reference anyway"
+            )
+            error.report = report  # type: ignore[attr-defined]
+            raise error
+        if strict and not report.died:
+            leak = VramLeakError(f"{self._name} survived unloading:\n{report}")
+            leak.report = report  # type: ignore[attr-defined]
+            raise leak
+        return report
+
+    def _release_and_prove(
+        self,
+        box: list[Any],
+        state_before: ModelState,
+        started: float,
+        waited: float,
+    ) -> UnloadReport:
+        before = self._device.read()
+        adapter = self._adapter_override or self._adapter or adapter_for(box[0])
+        tier = self._parked.tier
+        self._parked.release()  # host copies, pinned memory, cache files
+        expected = self._stats.size_bytes
+        if state_before is ModelState.OFFLOADED and (tier == "disk" or not self._device.is_host):
+            expected = 0  # the weights already left the device when it was offloaded
+        report = release_and_prove(
+            box,
+            adapter,
+            Unload(
+                name=self._name,
+                device=self._device,
+                before=before,
+                expected=expected,
+                free_survivors=self._free_survivors,
+                owns=self._owns,
+                advice=self._advice(),
+                driver_wait=self._driver_wait,
+                state_before=state_before,
+                started=started,
+                waited=waited,
+            ),
+        )
+        with self._life.cond:
+            self._stats = replace(self._stats, unloads=self._stats.unloads + 1)
+        return report
+
+    # ------------------------------------------------------------------ owner and keep-alive
+
+    def _join(self, owner: ModelOwner[Any]) -> None:
+        """Belong to ``owner`` (a pool): its admissions, its keep-alive thread.
+
+        Raises:
+            InvalidArgumentError: The model belongs to another owner.
+        """
+        with self._life.cond:
+            if self._owner is not None and self._owner is not owner:
+                raise InvalidArgumentError(f"{self._name} already belongs to another pool")
+            self._owner = owner
+
+    def _leave(self, owner: ModelOwner[Any]) -> None:
+        """Stop belonging to ``owner`` (a no-op if it is not the owner)."""
+        with self._life.cond:
+            if self._owner is owner:
+                self._owner = None
+
+    def _idle(self, stamp: int) -> None:
+        """The last lease ended at ``stamp``: tell the owner, and start the keep-alive."""
+        if self._owner is not None:
+            self._owner._freed(self)
+        self._schedule_expiry(stamp)
+
+    def _schedule_expiry(self, stamp: int) -> None:
+        delay = self._keep_alive
+        if delay is None or self._life.closed:
+            return
+        owner = self._owner
+        scheduler = owner._scheduler if owner is not None else default_scheduler()
+        scheduler.schedule(self, delay, stamp)
+
+    def _expire(self, stamp: int) -> None:
+        """Unload if nothing happened since ``stamp`` (called by the keep-alive scheduler)."""
+        life = self._life
+        with life.cond:
+            current = life.stamp == stamp and not life.leases
+            settled = life.state in (ModelState.READY, ModelState.OFFLOADED)
+        if not (current and settled):
+            return
+        try:
+            report = self._unload(False, None, self._strict)
+        except ModelBusyError:
+            return  # a lease arrived in between: its end re-schedules the expiry
+        self._emit(
+            "expire",
+            report.state_before.value,
+            "UNLOADED",
+            seconds=report.seconds,
+            bytes=report.seen_bytes,
+            detail={"reason": f"idle for {self._keep_alive} s"},
+        )
+
+    def _advice(self) -> str:
+        """What a stale reference's error tells its user to do instead."""
+        if self._owner is not None:
+            way = f"`pool.use({self._name!r})` (pool {self._owner.name!r})"
+        else:
+            way = f"`{self._name}.use()`"
+        return f"borrow it with {way} instead of keeping a reference"
+
+    def _emit(self, kind: str, before: str, after: str, **fields: Any) -> None:
+        """Log the transition and hand it to subscribers (see :mod:`vramkit.events`)."""
+        events.emit(events.Event(kind, self._name, str(self._device), before, after, **fields))
