@@ -212,7 +212,7 @@ def test_disk_errors_while_evicting_fall_back_to_unloading(
 def test_out_of_memory_in_the_middle_of_a_wake(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reliability: Record
 ) -> None:
-    import safetensors.torch
+    from vramkit.model import tiers
 
     pool = ModelPool("cpu", budget="8MiB", headroom=0, name="wake")
     mm = pool.register("m", build, offload_dir=tmp_path)
@@ -220,13 +220,14 @@ def test_out_of_memory_in_the_middle_of_a_wake(
     mm.offload("disk")
     calls = [0]
 
-    def read_then_fail(*args: Any, **kwargs: Any) -> None:
-        # The weights' way back from the file is where a real wake runs out of memory.
+    def bring_back_then_fail(tensors: Any, data: Any) -> None:
+        # Giving the weights back to the model's own tensors is where a real wake
+        # runs out of device memory.
         calls[0] += 1
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
     with monkeypatch.context() as patched:
-        patched.setattr(safetensors.torch, "load_file", read_then_fail)
+        patched.setattr(tiers, "_bring_back", bring_back_then_fail)
         with pytest.raises(torch.OutOfMemoryError):
             mm.wake()
     assert calls[0] == 1
