@@ -54,6 +54,7 @@ from vramkit.errors import (
     ModelStateError,
 )
 from vramkit.model import tiers
+from vramkit.model._checks import check_options
 from vramkit.model._lease import InferenceFunction, Lease
 from vramkit.model._life import ModelLife
 from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
@@ -201,7 +202,7 @@ class ManagedModel(ModelLife[T]):
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
         adapter = _adapter_given(adapter, release, size, name)
-        _check_options(cleanup, config, offload_dir)
+        check_options(cleanup, config, offload_dir)
         self._loader = loader
         self._name = name
         self._device = resolve_device(device)
@@ -546,7 +547,7 @@ class ManagedModel(ModelLife[T]):
         """
         if inference_mode is not None:
             check_flag(inference_mode, "inference_mode")
-        _check_options(cleanup, None, None)
+        check_options(cleanup, None, None)
 
         def decorate(function: Callable[..., R]) -> Callable[..., R]:
             if not callable(function):
@@ -676,23 +677,6 @@ class ManagedModel(ModelLife[T]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _check_options(cleanup: object, config: object, offload_dir: object) -> None:
-    """Refuse, at construction, options that would otherwise fail later (after a forward)."""
-    if cleanup is not None and not isinstance(cleanup, CleanupPolicy):
-        raise InvalidArgumentError(
-            f"cleanup must be a CleanupPolicy (vramkit.CleanupPolicy(...)) or None; got {cleanup!r}"
-        )
-    if config is not None and not isinstance(config, Mapping):
-        raise InvalidArgumentError(f"config must be a mapping (a dict) or None; got {config!r}")
-    if offload_dir is not None and (
-        not isinstance(offload_dir, str | os.PathLike) or not os.fspath(offload_dir)
-    ):
-        raise InvalidArgumentError(
-            "offload_dir must be a directory path (a non-empty str or os.PathLike) or None; "
-            f"got {offload_dir!r}"
-        )
 
 
 def _published_state() -> dict[str, Any]:
