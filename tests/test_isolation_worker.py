@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from vramkit import ManagedModel
 from vramkit.errors import (
     InvalidArgumentError,
     ModelStateError,
@@ -82,7 +83,7 @@ def _fds() -> set[str]:
 
 
 def _worker(loader: str, name: str = "m", **options: Any) -> Worker:
-    worker = Worker(WorkerSpec(loader, name, "cpu", {}), Isolation(**options))
+    worker = Worker(WorkerSpec(ManagedModel, loader, name, "cpu", {}), Isolation(**options))
     worker.start()
     return worker
 
@@ -285,7 +286,7 @@ def test_worker_exceptions_reraise_with_the_worker_traceback(inspector: WorkerPr
 
 
 def test_loader_errors_reach_the_caller_and_end_the_worker() -> None:
-    spec = WorkerSpec("tests.isolation_models:failing_loader", "m", "cpu", {})
+    spec = WorkerSpec(ManagedModel, "tests.isolation_models:failing_loader", "m", "cpu", {})
     worker = Worker(spec, Isolation())
     with pytest.raises(FileNotFoundError, match="no weights") as info:
         worker.start()
@@ -410,9 +411,11 @@ import sys, time
 from vramkit.isolation import Isolation, WorkerProxy
 from vramkit.isolation._spec import WorkerSpec
 from vramkit.isolation._worker import Worker
+from vramkit.model import ManagedModel
 
 if __name__ == "__main__":
-    worker = Worker(WorkerSpec("vramkit.testing.workers:faulty_model", "m", "cpu", {}), Isolation())
+    spec = WorkerSpec(ManagedModel, "vramkit.testing.workers:faulty_model", "m", "cpu", {})
+    worker = Worker(spec, Isolation())
     worker.start()
     if sys.argv[1] == "pipe-only":
         WorkerProxy(worker).disarm_parent_death_signal()

@@ -28,8 +28,6 @@ from vramkit.isolation._transport import Channel, ChannelClosedError
 if TYPE_CHECKING:
     import socket
 
-    from vramkit.model import ManagedModel
-
 __all__ = ["ROOT", "Remote", "RemoteError", "main"]
 
 _PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
@@ -156,7 +154,7 @@ class _Server:
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
-        self._model: ManagedModel[Any] | None = None
+        self._model: Any = None  # the worker's ManagedModel
         self._ops: dict[str, Callable[..., Any]] = {
             "call": self._call,
             "get": self._get,

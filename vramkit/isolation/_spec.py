@@ -9,12 +9,9 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vramkit.errors import InvalidArgumentError
-
-if TYPE_CHECKING:
-    from vramkit.model import ManagedModel
 
 __all__ = ["Isolation", "WorkerSpec", "check_sendable", "isolation_options", "resolve_loader"]
 
@@ -157,19 +154,24 @@ def resolve_loader(loader: Callable[[], Any] | str) -> Callable[[], Any]:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker builds: an in-process :class:`~vramkit.ManagedModel` of the loader.
+    """What a worker builds: ``builder(loader, name=..., device=..., **options)``.
 
-    The worker's own ``ManagedModel`` runs the calls (leases, inference mode),
-    the offload tiers and the adapter's release, exactly as an in-process model
-    would; the caller's model holds a proxy to it.
+    The builder is :class:`vramkit.ManagedModel` itself, pickled by reference:
+    the worker's own ``ManagedModel`` runs the calls (leases, inference mode),
+    the offload tiers and the adapter's release, exactly as an in-process
+    model would, while the caller's model holds a proxy to it. (Passing the
+    class keeps this package free of an import of the model layer, which
+    imports it.)
 
     Attributes:
+        builder: Makes the worker's model; called in the worker.
         loader: A picklable zero-argument callable, or an import path.
         name: The model's name.
         device: The device, as torch writes it (``"cuda:0"``, ``"cpu"``).
-        options: Keyword arguments for the worker's ``ManagedModel``.
+        options: Keyword arguments for ``builder``.
     """
 
+    builder: Callable[..., Any]
     loader: Callable[[], Any] | str
     name: str
     device: str
@@ -181,10 +183,8 @@ class WorkerSpec:
         for key, value in self.options.items():
             check_sendable(value, key)
 
-    def build(self) -> ManagedModel[Any]:
-        """Make the worker's ``ManagedModel`` (in the worker; nothing loads yet)."""
-        from vramkit.model import ManagedModel
-
-        return ManagedModel(
+    def build(self) -> Any:
+        """Make the worker's model (in the worker; nothing loads yet)."""
+        return self.builder(
             resolve_loader(self.loader), name=self.name, device=self.device, **self.options
         )

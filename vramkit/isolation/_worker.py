@@ -38,6 +38,7 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from vramkit.devices import process_used_bytes, resolve_device
 from vramkit.errors import ModelStateError, WorkerCrashedError, WorkerTimeoutError
 from vramkit.isolation import _child
 from vramkit.isolation._spec import Isolation, WorkerSpec
@@ -190,6 +191,19 @@ class Worker:
         """The error its death raised, once it crashed."""
         return self._crash
 
+    def used_bytes(self) -> int | None:
+        """Bytes the process holds on its device as the driver sees them (its RSS on cpu).
+
+        NVML's per-process figure on CUDA (the context included); without it,
+        the worker's own reading of its device. 0 once the process is gone.
+        """
+        seen = process_used_bytes(resolve_device(self.device), self._pid)
+        if seen is not None or self._state is not WorkerState.READY:
+            return seen
+        reading, _ = self.request("read", ())
+        value = reading.process_used_bytes or reading.reserved_bytes
+        return None if value is None else int(value)
+
     def log_lines(self) -> tuple[str, ...]:
         """The last lines the worker wrote to stdout and stderr, oldest first."""
         lines = tuple(self._tail)
@@ -200,8 +214,14 @@ class Worker:
 
         It runs in the thread that noticed (a caller, before its call raises,
         or the monitor thread for a worker that died idle); it must be quick.
+        A worker that already crashed calls it at once.
         """
-        self._on_exit.append(callback)
+        with self._state_lock:
+            crash = self._crash
+            if crash is None:
+                self._on_exit.append(callback)
+        if crash is not None:
+            callback(self, crash)
 
     def __repr__(self) -> str:
         return f"<Worker {self.name!r} pid {self._pid} {self._state.value}>"

@@ -57,7 +57,11 @@ from vramkit.errors import (
     ModelBusyError,
     ModelStateError,
     VramLeakError,
+    WorkerCrashedError,
 )
+from vramkit.isolation import Isolation
+from vramkit.isolation._loader import IsolatedLoader
+from vramkit.isolation._spec import isolation_options
 from vramkit.model import tiers
 from vramkit.model._lease import InferenceFunction, Lease
 from vramkit.model._loader import check_loaded, remember
@@ -169,6 +173,12 @@ class ManagedModel(Generic[T]):
             for budgets; replaced by the measured size once loaded.
         config: The configuration the loader closes over, for display
             (``mm.config``); the ``from_*`` constructors fill it in.
+        isolate: Run the loader in a worker process of its own (``True``, or
+            a :class:`~vramkit.isolation.Isolation` with time bounds): leases
+            lend a :class:`~vramkit.isolation.WorkerProxy`, unloading ends the
+            process, a crash raises :class:`~vramkit.WorkerCrashedError`. The
+            loader (and ``adapter``, ``release``, ``size``) must then be
+            picklable, or ``loader`` an import path ``"package.module:function"``.
 
     Example:
         >>> import torch
@@ -198,7 +208,27 @@ class ManagedModel(Generic[T]):
         offload_dir: str | os.PathLike[str] | None = None,
         size_hint: int | str | None = None,
         config: Mapping[str, Any] | None = None,
+        isolate: bool | Isolation = False,
     ) -> None:
+        if isolate is not False:
+            # The loader, the adapter and the cleanup policy go to the worker;
+            # here the loaded object is a proxy, handled by the worker adapter.
+            worker_options = {
+                "inference_mode": inference_mode,
+                **{
+                    key: value
+                    for key, value in (
+                        ("adapter", adapter),
+                        ("release", release),
+                        ("size", size),
+                        ("cleanup", cleanup),
+                        ("offload_dir", offload_dir),
+                    )
+                    if value is not None
+                },
+            }
+            loader = self._isolated(loader, name, device, isolate, worker_options)
+            adapter = release = size = cleanup = None
         if not callable(loader):
             raise InvalidArgumentError(
                 f"loader must be a zero-argument callable that returns the model; got {loader!r}"
@@ -264,6 +294,62 @@ class ManagedModel(Generic[T]):
         with _instances_lock:
             _instances.add(self)
 
+    def _isolated(
+        self,
+        loader: object,
+        name: str | None,
+        device: DeviceLike | None,
+        isolate: bool | Isolation,
+        worker_options: Mapping[str, Any],
+    ) -> Callable[[], Any]:
+        """The loader of an isolated model: start a worker that runs ``loader``."""
+        options = isolation_options(isolate)
+        assert options is not None
+        if not (callable(loader) or isinstance(loader, str)):
+            raise InvalidArgumentError(
+                "loader must be a zero-argument callable or an import path "
+                f"'package.module:function'; got {loader!r}"
+            )
+        lost = weakref.WeakMethod(self._object_lost)
+
+        def crashed(proxy: object, error: BaseException) -> None:
+            model = lost()
+            if model is not None:
+                model(proxy, error)
+
+        return IsolatedLoader(
+            ManagedModel,  # what the worker builds its own (in-process) model with
+            loader,
+            name=name,
+            device=str(resolve_device(device)),
+            options=options,
+            worker_options=worker_options,
+            on_crash=crashed,
+        )
+
+    def _object_lost(self, obj: object, error: BaseException) -> None:
+        """The loaded object died on its own (its worker process crashed): now UNLOADED.
+
+        Leases still out keep their (dead) object and fail when they use it;
+        the next lease loads afresh.
+        """
+        with self._cond:
+            before = self._state
+            if self._obj is not obj or before not in (ModelState.READY, ModelState.OFFLOADED):
+                return  # already replaced, or a transition in progress handles it
+            self._obj = self._offloaded = None
+            self._tier = None
+            self._settle(ModelState.UNLOADED)
+        if self._owner is not None:
+            self._owner._freed(self)
+        self._emit(
+            "crash",
+            before.value,
+            "UNLOADED",
+            bytes=self._stats.size_bytes,
+            detail={"error": str(error).partition("\n")[0]},
+        )
+
     # ------------------------------------------------------------------ constructors
 
     @classmethod
@@ -313,6 +399,7 @@ class ManagedModel(Generic[T]):
         name: str | None = None,
         disable_update: bool = True,
         manager_options: Mapping[str, Any] | None = None,
+        isolate: bool | Isolation = False,
         **automodel_kwargs: Any,
     ) -> ManagedModel[Any]:
         """Manage a FunASR ``AutoModel`` built from a local directory or a hub name.
@@ -337,6 +424,7 @@ class ManagedModel(Generic[T]):
             disable_update: Skip FunASR's version check against PyPI.
             manager_options: Options for :class:`ManagedModel` itself
                 (``keep_alive``, ``strict``...), kept apart from FunASR's own.
+            isolate: Run the pipeline in a worker process (see :class:`ManagedModel`).
             **automodel_kwargs: Passed to ``funasr.AutoModel``.
 
         Raises:
@@ -361,6 +449,7 @@ class ManagedModel(Generic[T]):
             name=name or Path(os.fspath(model)).name or "funasr",
             device=target,
             config=config,
+            isolate=isolate,
             **options,
         )
 
@@ -935,9 +1024,17 @@ class ManagedModel(Generic[T]):
         return report
 
     def _wake_failed(self, exc: BaseException) -> WakeReport:
-        """A wake that ran out of memory (or was interrupted): stay OFFLOADED, re-raise."""
+        """A wake that ran out of memory (or was interrupted): stay OFFLOADED, re-raise.
+
+        A wake whose object died (its worker crashed) leaves the model UNLOADED.
+        """
         with self._cond:
-            self._state = ModelState.OFFLOADED
+            if isinstance(exc, WorkerCrashedError):
+                self._obj = self._offloaded = None
+                self._tier = None
+                self._state = ModelState.UNLOADED
+            else:
+                self._state = ModelState.OFFLOADED
             self._busy_thread = None
             self._cond.notify_all()
         cleanup(self._device)
@@ -1049,11 +1146,14 @@ class ManagedModel(Generic[T]):
                 previous=previous,
                 file=self._disk_cache,
             )
-        except BaseException:
+        except BaseException as exc:
             with self._cond:  # nothing changed: the model is as it was
                 self._obj = obj
                 self._offloaded = previous
                 self._state = ModelState.READY if previous is None else ModelState.OFFLOADED
+                if isinstance(exc, WorkerCrashedError):  # ...unless its worker died
+                    self._obj = self._offloaded = None
+                    self._state = ModelState.UNLOADED
                 self._busy_thread = None
                 self._cond.notify_all()
             raise

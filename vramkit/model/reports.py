@@ -82,7 +82,8 @@ class UnloadReport:
         expected_bytes: The model's size as measured at load.
         freed_bytes: Bytes given back per layer: ``allocated``, ``reserved``,
             ``used`` (device-wide, driver or OS), ``process`` (this process per
-            driver or RSS); ``None`` where the layer cannot be read here.
+            driver or RSS), and ``worker`` for an isolated model (what its
+            ended worker process held); ``None`` where the layer cannot be read here.
         memory_before: The device's reading before unloading.
         memory_after: The reading after cleanup.
         cleanup: The cleanup that ran after release.
@@ -120,7 +121,7 @@ class UnloadReport:
     @property
     def seen_bytes(self) -> int | None:
         """Bytes that came back in the most telling layer (allocated, else process)."""
-        for layer in ("allocated", "process", "used"):
+        for layer in ("worker", "allocated", "process", "used"):
             value = self.freed_bytes.get(layer)
             if value is not None:
                 return value
@@ -132,7 +133,7 @@ class UnloadReport:
         verdict = "freed" if self.ok else ("unverified" if not self.verified else "HELD")
         # Device-wide "used" on the host moves with every other process: not shown for cpu.
         layers = (
-            ("allocated", "reserved", "process")
+            ("worker", "allocated", "reserved", "process")
             if self.device == "cpu"
             else tuple(self.freed_bytes)
         )
