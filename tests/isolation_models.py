@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import types
 from typing import Any
 
 import numpy as np
@@ -72,6 +74,13 @@ class Inspector(nn.Module):
 
     def raise_unpicklable(self) -> None:
         raise _Unpicklable(1, 2)
+
+    def only_here(self) -> object:
+        """An instance of a class from a module that exists in this process only."""
+        module = types.ModuleType("vk_worker_only")
+        exec("class Thing:\n    pass\n", module.__dict__)
+        sys.modules[module.__name__] = module
+        return module.Thing()
 
 
 def inspector() -> Inspector:

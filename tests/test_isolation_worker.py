@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,22 @@ def test_worker_exceptions_reraise_with_the_worker_traceback(inspector: WorkerPr
     with pytest.raises(RuntimeError, match=r"isolation_models\._Unpicklable: 1 and 2"):
         inspector.raise_unpicklable()
     assert inspector.scale == 2.0  # the worker is fine
+
+
+def test_values_one_side_cannot_rebuild_fail_the_call_not_the_worker(
+    inspector: WorkerProxy,
+) -> None:
+    module = types.ModuleType("vk_caller_only")
+    exec("class Thing:\n    pass\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        with pytest.raises(ModuleNotFoundError, match="vk_caller_only"):
+            inspector.describe(module.Thing())  # the worker cannot import its class
+    finally:
+        del sys.modules[module.__name__]
+    with pytest.raises(ModuleNotFoundError, match="vk_worker_only"):
+        inspector.only_here()  # nor can the caller import this result's class
+    assert inspector.scale == 2.0  # and the worker answers on, in step
 
 
 def test_loader_errors_reach_the_caller_and_end_the_worker() -> None:

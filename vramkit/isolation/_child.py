@@ -10,23 +10,21 @@ import contextlib
 import ctypes
 import faulthandler
 import logging
+import multiprocessing.spawn
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import traceback
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from vramkit.isolation._spec import WorkerSpec
 from vramkit.isolation._transport import Channel, ChannelClosedError
-
-if TYPE_CHECKING:
-    import socket
 
 __all__ = ["ROOT", "Remote", "RemoteError", "main"]
 
@@ -86,23 +84,33 @@ class RemoteError:
         return cls(f"{kind.__module__}.{kind.__qualname__}", str(exc), text, pickled)
 
 
-def main(sock: socket.socket, lifeline: Connection, log: Connection, parent_pid: int) -> None:
-    """Entry point of the worker process (the target ``multiprocessing`` spawns).
+def main(sock_fd: int, lifeline_fd: int, sentinel_fd: int, parent_pid: int) -> None:
+    """Entry point of the worker process (``python -c`` runs it; see ``_process``).
+
+    Its stdout and stderr are already the parent's log pipe.
 
     Args:
-        sock: This end of the call channel.
-        lifeline: The read end of a pipe only the parent holds open: end of
+        sock_fd: This end of the call channel.
+        lifeline_fd: The read end of a pipe only the parent holds open: end of
             file there means the parent is gone.
-        log: Where stdout and stderr go (the parent keeps the last lines).
+        sentinel_fd: The write end of the pipe the parent watches for our
+            exit: held, never written.
         parent_pid: The parent's process id, to notice it died before we watched.
     """
-    _exit_with_parent(lifeline.fileno(), parent_pid)
-    _redirect_output(log)
+    _exit_with_parent(lifeline_fd, parent_pid)
+    for fd in (sock_fd, lifeline_fd, sentinel_fd):
+        os.set_inheritable(fd, False)  # not for the processes the model may start
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     # The terminal's Ctrl-C reaches the whole process group; the parent decides
     # what it means, and ends its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a segfault prints the Python stack into the log
-    _Server(Channel(sock)).serve()
+    channel = Channel(socket.socket(fileno=sock_fd))
+    preparation = channel.recv()
+    if preparation:
+        multiprocessing.spawn.prepare(preparation)  # import the script as __mp_main__
+    _Server(channel).serve()
     # Served its last request: leave now. Interpreter shutdown would wait for
     # any non-daemon thread the model started, and the operating system
     # returns the memory, the CUDA context and the files all the same.
@@ -136,19 +144,6 @@ def _exit_with_parent(lifeline_fd: int, parent_pid: int) -> None:
     threading.Thread(target=watch, name="vramkit-lifeline", daemon=True).start()
 
 
-def _redirect_output(log: Connection) -> None:
-    """Send stdout and stderr (Python's and native code's) into the parent's log pipe."""
-    fd = log.fileno()
-    for stream, target in ((sys.stdout, 1), (sys.stderr, 2)):
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.dup2(fd, target)
-    log.close()
-    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-
-
 class _Server:
     """Answers the parent's requests, one at a time, with the worker's ManagedModel."""
 
@@ -180,9 +175,17 @@ class _Server:
         self._channel.send((call_id, True, info))
         while True:
             try:
-                call_id, op, payload = self._channel.recv()
+                frame = self._channel.recv_frame()
             except ChannelClosedError:
                 return  # the parent closed the channel: nothing more to do
+            try:
+                call_id, op, payload = self._channel.decode(frame)
+            except Exception as exc:
+                # An argument that cannot be rebuilt here (its class is not
+                # importable in the worker): the caller, waiting in step, gets
+                # the error as the answer to its request, whose id it carries.
+                self._channel.send((None, False, RemoteError.of(exc)))
+                continue
             if op == "stop":
                 self._channel.send((call_id, True, None))
                 return

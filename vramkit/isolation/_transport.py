@@ -295,17 +295,39 @@ class Channel:
         Raises:
             ChannelClosedError: The other end is gone.
         """
-        size, fds = self._recv_header()
-        slots: list[int | None] = list(fds)
+        return self.decode(self.recv_frame())
+
+    def recv_frame(self) -> tuple[bytearray, list[int]]:
+        """Read one whole message off the socket: its pickle and its descriptors.
+
+        Once this returns the stream is at the next message, whatever
+        :meth:`decode` then makes of this one.
+
+        Raises:
+            ChannelClosedError: The other end is gone.
+        """
         try:
-            body = bytearray(size)
-            self._recv_exact(memoryview(body))
-            _received.fds = slots
+            size, fds = self._recv_header()
             try:
-                return pickle.loads(body)
-            finally:
-                _received.fds = None
+                body = bytearray(size)
+                self._recv_exact(memoryview(body))
+            except BaseException:
+                for fd in fds:
+                    _close(fd)
+                raise
+        except ConnectionResetError as exc:  # it died with our data unread
+            raise ChannelClosedError("the other end of the channel is gone") from exc
+        return body, fds
+
+    def decode(self, frame: tuple[bytearray, list[int]]) -> Any:
+        """Unpickle a frame from :meth:`recv_frame`; every descriptor is used or closed."""
+        body, fds = frame
+        slots: list[int | None] = list(fds)
+        _received.fds = slots
+        try:
+            return pickle.loads(body)
         finally:
+            _received.fds = None
             # Whatever the pickle did not claim (an error half-way) is ours to close.
             for fd in slots:
                 if fd is not None:

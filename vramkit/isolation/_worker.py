@@ -24,7 +24,6 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
 import select
 import signal
@@ -35,17 +34,14 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import Any, Final, NoReturn
 
 from vramkit.devices import process_used_bytes, resolve_device
 from vramkit.errors import ModelStateError, WorkerCrashedError, WorkerTimeoutError
 from vramkit.isolation import _child
+from vramkit.isolation._process import WorkerProcess, main_preparation
 from vramkit.isolation._spec import Isolation, WorkerSpec
 from vramkit.isolation._transport import Channel, ChannelClosedError
-
-if TYPE_CHECKING:
-    from multiprocessing.process import BaseProcess
 
 __all__ = ["RemoteTraceback", "StopReport", "Worker", "WorkerState", "live_workers"]
 
@@ -125,7 +121,7 @@ class Worker:
         self._state_lock = threading.Lock()
         self._state = WorkerState.STARTING
         self._ids = itertools.count(1)
-        self._process: BaseProcess | None = None
+        self._process: WorkerProcess | None = None
         self._channel: Channel | None = None
         self._lifeline = -1
         self._poller: select.poll | None = None
@@ -244,15 +240,10 @@ class Worker:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         lifeline_r, lifeline_w = os.pipe()
         log_r, log_w = os.pipe()
-        lifeline = Connection(lifeline_r, writable=False)
-        log = Connection(log_w, readable=False)
-        process = multiprocessing.get_context("spawn").Process(
-            target=_child.main,
-            args=(child_sock, lifeline, log, os.getpid()),
-            name=f"vramkit-worker-{self.name}",
-        )
         try:
-            _monitor().run(process.start)
+            process = _monitor().run(
+                lambda: WorkerProcess.spawn(child_sock.fileno(), lifeline_r, log_w)
+            )
         except BaseException:
             os.close(log_r)
             os.close(lifeline_w)
@@ -260,10 +251,12 @@ class Worker:
             raise
         finally:
             # The child has its copies now; ours would keep the pipes open.
-            for end in (child_sock, lifeline, log):
-                end.close()
+            child_sock.close()
+            os.close(lifeline_r)
+            os.close(log_w)
+        assert isinstance(process, WorkerProcess)
         self._process = process
-        self._pid = int(process.pid or 0)
+        self._pid = process.pid
         self._channel = Channel(parent_sock)
         self._lifeline = lifeline_w
         self._sentinel = process.sentinel
@@ -277,6 +270,8 @@ class Worker:
                 atexit.register(_stop_all)
                 _atexit_registered = True
         try:
+            with contextlib.suppress(ChannelClosedError):  # a failed start shows in the reply
+                self._channel.send(main_preparation(self._spec))
             info: dict[str, Any] = self.request(
                 "start", self._spec, timeout=self._options.start_timeout
             )
@@ -341,7 +336,7 @@ class Worker:
             ready = {fd for fd, _ in self._poller.poll(wait_ms)}
             if channel_fd in ready:
                 try:
-                    reply_id, ok, value = self._channel.recv()
+                    frame = self._channel.recv_frame()
                 except ChannelClosedError:
                     raise self._died(op) from None
                 except BaseException:
@@ -349,7 +344,10 @@ class Worker:
                     # be trusted any more, and neither can the worker's state.
                     self._kill_unanswerable(f"interrupted while receiving the reply to {op}")
                     raise
-                if reply_id != call_id:
+                # A reply that cannot be rebuilt here (its class is not
+                # importable) raises to the caller; the stream is still in step.
+                reply_id, ok, value = self._channel.decode(frame)
+                if reply_id is not None and reply_id != call_id:
                     continue  # the late reply to a call that was interrupted here
                 if ok:
                     return value
@@ -505,7 +503,7 @@ class Worker:
                 self._lock.release()
         return report
 
-    def _end(self, process: BaseProcess, *, asked: bool) -> str:
+    def _end(self, process: WorkerProcess, *, asked: bool) -> str:
         """Graceful, then terminate, then kill; returns which ended it."""
         options = self._options
         if asked and self._channel is not None:
@@ -541,7 +539,7 @@ class Worker:
         process = self._process
         if process is not None and process.exitcode is not None:
             self._exitcode = process.exitcode
-            process.close()  # its sentinel and pipe
+            process.close()  # its sentinel
             self._process_closed = True
         self._finished = True
 
