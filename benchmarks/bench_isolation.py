@@ -3,7 +3,9 @@
 1. A small call: ``mm(x)`` on an ``nn.Linear(8, 8)`` with a 1x8 input, in a
    worker against in-process (interleaved batches). The reference for the
    floor: one round trip of a 100-byte message over a socketpair between two
-   processes, on this machine, now. Goal: at most 100 µs added.
+   processes, on this machine, now. Goal: at most 100 µs added. Wall time on a
+   busy machine is mostly waiting for a CPU, so the CPU time a call costs
+   (caller plus worker, from getrusage and /proc) is printed too.
 2. A 64 MiB float32 tensor argument and a 64 MiB result (``nn.ReLU``, a fresh
    input each call, so every call moves 128 MiB): the time isolation adds,
    as bandwidth, against ``memcpy`` bandwidth (``dst.copy_(src)`` of 64 MiB
@@ -63,6 +65,25 @@ def pipe_round_trip(rounds: int) -> float:
     return statistics.median(samples)
 
 
+def _schedstat(pid: int) -> tuple[float, float]:
+    """Seconds a process's main thread ran on a CPU, and waited for one (ns-exact)."""
+    with open(f"/proc/{pid}/schedstat", encoding="ascii") as fh:
+        ran, waited, _ = fh.read().split()
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+def cpu_per_call(call: Callable[[], object], calls: int, worker: int | None) -> tuple[float, float]:
+    """Per call: CPU seconds (this process plus ``worker``) and seconds spent waiting for a CPU."""
+    pids = [os.getpid()] if worker is None else [os.getpid(), worker]
+    before = [_schedstat(pid) for pid in pids]
+    for _ in range(calls):
+        call()
+    after = [_schedstat(pid) for pid in pids]
+    ran = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    waited = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return ran / calls, waited / calls
+
+
 def small_calls(quick: bool, floor: float) -> None:
     x = torch.ones(1, 8)
     factory = functools.partial(torch.nn.Linear, 8, 8)
@@ -77,6 +98,8 @@ def small_calls(quick: bool, floor: float) -> None:
     }
     medians = interleaved_per_call(cases, calls=calls, rounds=rounds)
     added = medians["isolated:   mm(x)"] - medians["in-process: mm(x)"]
+    cpu_local = cpu_per_call(lambda: local(x), calls * 2, None)
+    cpu_isolated = cpu_per_call(lambda: isolated(x), calls * 2, _pid_of(isolated))
     print(
         f"\n1. A small call: nn.Linear(8, 8), 1x8 input, cpu "
         f"(median of {rounds} interleaved batches of {calls} calls)"
@@ -84,6 +107,13 @@ def small_calls(quick: bool, floor: float) -> None:
     for name, cost in medians.items():
         print(f"   {name:<28} {fmt_seconds(cost):>10}")
     print(f"   {'added by isolation':<28} {fmt_seconds(added):>10}")
+    print(
+        f"   {'CPU per call, in-process':<28} {fmt_seconds(cpu_local[0]):>10}\n"
+        f"   {'CPU per call, isolated':<28} {fmt_seconds(cpu_isolated[0]):>10}  (caller + worker)\n"
+        f"   {'CPU added by isolation':<28} {fmt_seconds(cpu_isolated[0] - cpu_local[0]):>10}\n"
+        f"   {'waiting for a CPU, isolated':<28} {fmt_seconds(cpu_isolated[1]):>10}  "
+        "(run queue, per call: the machine's load)"
+    )
     reference = "reference: pipe round trip"
     print(f"   {reference:<28} {fmt_seconds(floor):>10}  (100 bytes, no Python work)")
     verdict = "meets" if added <= GOAL_CALL_ADDED else "MISSES"
@@ -174,6 +204,8 @@ def start_and_unload(quick: bool) -> None:
 def main() -> None:
     quick = "--quick" in sys.argv
     print(versions(threads=True))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average {load} on {os.cpu_count()} cpus: figures scale with how busy it is")
     # Before any worker starts: forking once threads run is asking for trouble.
     floor = pipe_round_trip(5 if quick else 15)
     small_calls(quick, floor)

@@ -19,7 +19,7 @@ import sys
 import threading
 import traceback
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -222,18 +222,11 @@ class _Server:
             else:
                 self._channel.send((call_id, False, RemoteError.of(exc)))
 
-    @contextlib.contextmanager
-    def _target(self, path: tuple[tuple[str, Any], ...]) -> Iterator[tuple[Any, Any]]:
-        """Lease the model and yield it with the object ``path`` names in it."""
-        assert self._model is not None
-        with self._model.use() as obj:
-            yield obj, _resolve(obj, path)
-
     def _call(
         self, path: tuple[tuple[str, Any], ...], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        with self._target(path) as (obj, function):
-            result = function(*args, **kwargs)
+        with self._model.use() as obj:
+            result = _resolve(obj, path)(*args, **kwargs)
             if result is obj:
                 return ROOT
         if isinstance(result, types.GeneratorType):
@@ -241,7 +234,8 @@ class _Server:
         return result
 
     def _get(self, path: tuple[tuple[str, Any], ...]) -> Any:
-        with self._target(path) as (obj, value):
+        with self._model.use() as obj:
+            value = _resolve(obj, path)
             if value is obj:
                 return ROOT
             torch = sys.modules.get("torch")
@@ -250,7 +244,8 @@ class _Server:
             return value
 
     def _set(self, path: tuple[tuple[str, Any], ...], step: tuple[str, Any], value: Any) -> None:
-        with self._target(path) as (_, target):
+        with self._model.use() as obj:
+            target = _resolve(obj, path)
             kind, key = step
             if kind == "attr":
                 setattr(target, key, value)
@@ -258,26 +253,23 @@ class _Server:
                 target[key] = value
 
     def _dir(self, path: tuple[tuple[str, Any], ...]) -> list[str]:
-        with self._target(path) as (_, target):
-            return sorted(dir(target))
+        with self._model.use() as obj:
+            return sorted(dir(_resolve(obj, path)))
 
     def _len(self, path: tuple[tuple[str, Any], ...]) -> int:
-        with self._target(path) as (_, target):
-            return len(target)
+        with self._model.use() as obj:
+            return len(_resolve(obj, path))
 
     def _offload(self, tier: str) -> Any:
-        assert self._model is not None
         return self._model.offload(tier)
 
     def _wake(self) -> Any:
-        assert self._model is not None
         return self._model.wake()
 
     def _read(self) -> Any:
         """The worker's reading of its device, and its model's size, both in bytes."""
         from vramkit.devices import get_backend
 
-        assert self._model is not None
         device = self._model.device
         return get_backend(device.kind).read(device.index or 0), self._model.size_bytes
 
