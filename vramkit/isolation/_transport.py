@@ -7,7 +7,8 @@ reductions (:mod:`torch.multiprocessing.reductions`): with the
 shared-memory file and what travels is that file's descriptor, passed beside
 the pickle with ``SCM_RIGHTS``; the receiver maps the same pages. CUDA tensors
 travel as CUDA IPC handles, the same way torch sends them between its own
-processes.
+processes, and the receiver copies them into its own memory on arrival (see
+:func:`_own_copy`): neither process then depends on the other staying alive.
 
 torch's reductions wrap each descriptor with
 ``multiprocessing.reduction.DupFd``, which asks the "spawning popen" of the
@@ -39,7 +40,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import TYPE_CHECKING, Any, Final
@@ -159,6 +160,11 @@ def _reduce_tensor(torch: Any, tensor: torch.Tensor) -> Any:
         # An autograd graph cannot cross processes; its values can.
         return (_same, (tensor.detach(),))
     kind = type(tensor)
+    if tensor.is_cuda and tensor.layout is torch.strided and not tensor.is_nested:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        # A CUDA IPC handle, copied into the receiver's own memory on arrival.
+        return (_own_copy, reduce_tensor(tensor))  # type: ignore[no-untyped-call]
     if (
         (kind is not torch.Tensor and kind is not torch.nn.Parameter)
         or tensor.layout is not torch.strided
@@ -193,6 +199,29 @@ def _rebuild_small(
     if kind is torch.nn.Parameter:
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)
     return tensor.requires_grad_() if requires_grad else tensor
+
+
+def _own_copy(rebuild: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> torch.Tensor:
+    """Open a CUDA tensor sent by IPC, copy it device to device, and let go of the mapping.
+
+    A mapping of another process's allocation is valid only while that process
+    keeps it: a result would dangle once its worker ends, and an argument
+    kept by the model would pin the caller's memory (through torch's IPC
+    reference count) until the worker let go. The copy decouples the two
+    lifetimes, at device bandwidth.
+    """
+    import torch
+
+    shared = rebuild(*args)
+    try:
+        copy = shared.detach().clone()
+        requires_grad = shared.requires_grad
+        parameter = isinstance(shared, torch.nn.Parameter)
+    finally:
+        del shared  # releases torch's IPC reference: the sender may free its block
+    if parameter:
+        return torch.nn.Parameter(copy, requires_grad=requires_grad)
+    return copy.requires_grad_() if requires_grad else copy
 
 
 def _reduce_ndarray(array_: numpy.ndarray[Any, Any]) -> Any:
