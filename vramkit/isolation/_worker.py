@@ -5,12 +5,8 @@ socket (pickled requests and replies, see :mod:`._transport`), a lifeline pipe
 whose write end only this process holds (the worker exits when it reads end
 of file), and a log pipe carrying the worker's stdout and stderr.
 
-One daemon thread per process (the *monitor*) starts every worker, reads their
-logs and notices their exits. Starting workers there matters on Linux: a
-worker asks for ``SIGKILL`` when its parent dies (``PR_SET_PDEATHSIG``), and
-the kernel sends it when the *thread* that forked the worker exits, so a
-worker started from a short-lived thread (``asyncio.to_thread``, a prefetch
-executor) would die with that thread.
+One daemon thread per process (the monitor, :mod:`._monitor`) starts every
+worker, reads their logs and notices their exits.
 
 Calls are serialised: a worker runs one request at a time, so a second caller
 waits for the first (bounded by its own ``timeout``).
@@ -20,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -39,6 +34,7 @@ from typing import Any, Final, NoReturn
 from vramkit.devices import process_used_bytes, resolve_device
 from vramkit.errors import ModelStateError, WorkerCrashedError, WorkerTimeoutError
 from vramkit.isolation import _child
+from vramkit.isolation._monitor import monitor
 from vramkit.isolation._process import WorkerProcess, main_preparation
 from vramkit.isolation._spec import Isolation, WorkerSpec
 from vramkit.isolation._transport import Channel, ChannelClosedError
@@ -47,7 +43,6 @@ __all__ = ["RemoteTraceback", "StopReport", "Worker", "WorkerState", "live_worke
 
 _log = logging.getLogger("vramkit.isolation")
 _SHOWN_LINES: Final = 20  # of the kept log lines, how many a crash message quotes
-_READ_SIZE: Final = 65536
 _NO_DEADLINE: Final = float("inf")
 
 
@@ -241,7 +236,7 @@ class Worker:
         lifeline_r, lifeline_w = os.pipe()
         log_r, log_w = os.pipe()
         try:
-            process = _monitor().run(
+            process = monitor().run(
                 lambda: WorkerProcess.spawn(child_sock.fileno(), lifeline_r, log_w)
             )
         except BaseException:
@@ -263,7 +258,7 @@ class Worker:
         self._poller = select.poll()
         self._poller.register(self._channel.fileno(), select.POLLIN)
         self._poller.register(self._sentinel, select.POLLIN)
-        _monitor().watch(self, os.dup(self._sentinel), log_r)
+        monitor().watch(self, os.dup(self._sentinel), log_r)
         with _workers_lock:
             _workers.add(self)
             if not _atexit_registered:
@@ -593,119 +588,3 @@ def _stop_all() -> None:
     for worker in live_workers():
         with contextlib.suppress(Exception):
             worker.stop()
-
-
-# ---------------------------------------------------------------------- the monitor
-
-
-class _Watch:
-    __slots__ = ("log_fd", "sentinel", "worker")
-
-    def __init__(self, worker: Worker, sentinel: int, log_fd: int) -> None:
-        self.worker = worker
-        self.sentinel = sentinel
-        self.log_fd = log_fd
-
-
-class _Monitor:
-    """The thread that starts workers, reads their output and notices their exits."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._tasks: collections.deque[
-            tuple[Callable[[], object], concurrent.futures.Future[object]]
-        ] = collections.deque()
-        self._poller = select.poll()
-        self._poller.register(self._wake_r, select.POLLIN)
-        self._by_fd: dict[int, _Watch] = {}
-        self._thread = threading.Thread(target=self._run, name="vramkit-workers", daemon=True)
-        self._thread.start()
-
-    def run(self, task: Callable[[], object]) -> object:
-        """Run ``task`` on the monitor thread and return its result (or raise its error)."""
-        if threading.current_thread() is self._thread:
-            return task()  # from an exit callback: queueing would wait for ourselves
-        future: concurrent.futures.Future[object] = concurrent.futures.Future()
-        self._tasks.append((task, future))
-        os.write(self._wake_w, b"\0")
-        return future.result()
-
-    def watch(self, worker: Worker, sentinel: int, log_fd: int) -> None:
-        """Follow ``worker``: the monitor owns ``sentinel`` and ``log_fd`` and closes them."""
-
-        def add() -> None:
-            watch = _Watch(worker, sentinel, log_fd)
-            os.set_blocking(log_fd, False)
-            for fd in (sentinel, log_fd):
-                self._by_fd[fd] = watch
-                self._poller.register(fd, select.POLLIN)
-
-        self.run(add)
-
-    def _run(self) -> None:
-        while True:
-            for fd, _ in self._poller.poll():
-                try:
-                    self._handle(fd)
-                except Exception:  # the thread must outlive any one worker's trouble
-                    _log.exception("the worker monitor failed handling descriptor %d", fd)
-
-    def _handle(self, fd: int) -> None:
-        if fd == self._wake_r:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_r, 4096)
-            while self._tasks:
-                task, future = self._tasks.popleft()
-                try:
-                    future.set_result(task())
-                except BaseException as exc:
-                    future.set_exception(exc)
-            return
-        watch = self._by_fd.get(fd)
-        if watch is None:
-            return
-        if fd == watch.log_fd:
-            if not self._read_log(watch):
-                self._forget(fd)
-                os.close(fd)
-                watch.log_fd = -1
-            return
-        # The sentinel: the process is gone. Read what it wrote last, then report.
-        while watch.log_fd >= 0 and self._read_log(watch, final=True):
-            pass
-        for owned in (watch.sentinel, watch.log_fd):
-            if owned >= 0:
-                self._forget(owned)
-                os.close(owned)
-        watch.log_fd = watch.sentinel = -1
-        watch.worker._exited()
-
-    def _read_log(self, watch: _Watch, *, final: bool = False) -> bool:
-        """Read one chunk of a worker's output; ``False`` at end of file (or nothing, if final)."""
-        try:
-            data = os.read(watch.log_fd, _READ_SIZE)
-        except BlockingIOError:
-            return not final
-        if data:
-            watch.worker._feed(data)
-        return bool(data)
-
-    def _forget(self, fd: int) -> None:
-        self._by_fd.pop(fd, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self._poller.unregister(fd)
-
-
-_the_monitor: _Monitor | None = None
-_monitor_lock = threading.Lock()
-
-
-def _monitor() -> _Monitor:
-    """The process's monitor thread, started on first use (and again in a forked child)."""
-    global _the_monitor
-    with _monitor_lock:
-        if _the_monitor is None or _the_monitor.pid != os.getpid():
-            _the_monitor = _Monitor()
-        return _the_monitor
