@@ -30,7 +30,8 @@ class Isolation:
             call raises :class:`~vramkit.WorkerTimeoutError`; per call,
             :func:`vramkit.isolation.call_timeout` overrides it.
         start_timeout: Seconds from starting the worker to its model being
-            loaded (``None``: no limit); past it the worker is killed.
+            loaded (``None``, the default: no limit, as for an in-process
+            load); past it the worker is killed.
         stop_timeout: Seconds an unload waits for the worker to exit by itself.
         terminate_timeout: Then seconds to wait after ``SIGTERM``.
         kill_timeout: Then seconds to wait after ``SIGKILL``.
@@ -44,7 +45,7 @@ class Isolation:
     """
 
     call_timeout: float | None = None
-    start_timeout: float | None = 600.0
+    start_timeout: float | None = None
     stop_timeout: float = 10.0
     terminate_timeout: float = 5.0
     kill_timeout: float = 5.0
