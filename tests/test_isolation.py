@@ -29,6 +29,7 @@ import torch
 import vramkit
 from vramkit import InvalidArgumentError, ManagedModel, ModelPool, ModelState, WorkerCrashedError
 from vramkit.isolation import Isolation, WorkerProxy, worker_pid
+from vramkit.model import ModelStats, tiers
 from vramkit.testing.models import build_onnx_mlp, synthetic_audio, tiny_mlp
 
 from .test_isolation_worker import GONE_WITHIN, _alive, _rss, _wait_gone
@@ -165,6 +166,35 @@ def test_crashes_leave_the_model_unloaded_and_the_next_use_works(
         assert "SIGSEGV" in crashed[0].detail["error"]
     finally:
         pool.close()
+
+
+@pytest.mark.slow
+def test_a_pool_counts_what_an_offload_inside_a_worker_leaves_behind() -> None:
+    with ModelPool("cpu", headroom=0, evict_to="disk", name="residue") as pool:
+        first = pool.register("first", FAULTY, isolate=True)
+        second = pool.register("second", FAULTY, isolate=True)
+        first.load()
+        pid = _pid(first)
+        assert first.size_bytes is not None
+        pool.set_budget(int(first.size_bytes * 1.5))  # room for one worker, not two
+        second.load()  # evicts `first` to disk, inside its worker...
+        residue = first.stats.offload_residue_bytes["disk"]
+        assert residue > first.size_bytes // 2  # ...which keeps its interpreter: counted,
+        assert first.state is ModelState.UNLOADED  # so the pool unloaded it after all
+        assert not _alive(pid)
+        status = pool.status()
+        assert status.charged_bytes == second.size_bytes <= status.budget_bytes
+
+
+def test_choose_tier_weighs_what_an_offload_leaves_behind() -> None:
+    def choice(**residue: int) -> str:
+        stats = ModelStats(size_bytes=100 * MiB, load_seconds=5.0, offload_residue_bytes=residue)
+        costs = tiers.tier_costs(stats, on_host=False, file=None)
+        return tiers.choose_tier(costs, 100 * MiB, host_free_bytes=1 << 40)
+
+    assert choice() == "cpu"  # in-process: the weights are all there is
+    assert choice(cpu=80 * MiB) == "disk"  # a worker's context stays: cpu frees a fifth
+    assert choice(cpu=80 * MiB, disk=80 * MiB) == "unload"  # ...and so does disk
 
 
 def test_loaders_that_cannot_reach_a_worker_fail_at_construction() -> None:

@@ -795,6 +795,8 @@ class ModelPool:
         tier = self._evict_to
         if tier == "auto":
             tier = model.choose_tier()  # type: ignore[assignment]
+        if tier == model.tier:
+            tier = "unload"  # already there, and what it still holds is wanted: all of it
         before = model.state
         started = time.perf_counter()
         try:

@@ -596,16 +596,20 @@ class ManagedModel(Generic[T]):
         switching tiers) from an offloaded state holds nothing on the device
         any more; one waking holds nothing yet. On ``cpu`` the cpu tier keeps
         the weights where they were, so a model offloaded there still counts.
+        An isolated model offloaded inside its worker counts what the worker
+        still holds (its interpreter, imports and CUDA context).
         """
         state = self._state
         size = self._stats.size_bytes or 0
         in_place = self._tier == "cpu" and self._device.kind == "cpu"
+        # What an offload leaves behind: an isolated model's worker process.
+        residue = self._stats.offload_residue_bytes.get(self._tier or "", 0)
         if state is ModelState.READY:
             return size
         if state in (ModelState.UNLOADING, ModelState.OFFLOADING):
-            return size if self._tier is None or in_place else 0
+            return size if self._tier is None or in_place else residue
         if state in (ModelState.OFFLOADED, ModelState.WAKING):
-            return size if in_place else 0
+            return size if in_place else residue
         return 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -1164,6 +1168,10 @@ class ManagedModel(Generic[T]):
         if previous is not None:
             tiers.release_host_copies(previous)
             previous = None
+        residue = self._stats.offload_residue_bytes
+        if state.method == "delegated" and self.adapter is not None:
+            # The object offloaded itself and stays: measure what it still holds.
+            residue = {**residue, chosen: self.adapter.size_bytes(obj) or 0}
         with self._cond:
             self._obj = obj
             self._offloaded = state
@@ -1173,6 +1181,7 @@ class ManagedModel(Generic[T]):
                 offloads=self._stats.offloads + 1,
                 offloaded_bytes={**self._stats.offloaded_bytes, chosen: report.weight_bytes},
                 offload_seconds={**self._stats.offload_seconds, chosen: report.seconds},
+                offload_residue_bytes=residue,
             )
         obj = None
         cleaned = cleanup(self._device, gc_collect=state.method == "rebuild")

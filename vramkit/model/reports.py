@@ -175,6 +175,10 @@ class ModelStats:
         wake_seconds: Wall time of the last wake, per tier.
         offloaded_bytes: Bytes held per tier by the last offload.
         offload_seconds: Wall time of the last offload, per tier.
+        offload_residue_bytes: Device bytes the model still held while
+            offloaded to each tier, measured after its last offload there
+            (absent: none). An isolated model's worker keeps its process and
+            its CUDA context through an offload inside it.
     """
 
     loads: int = 0
@@ -187,3 +191,4 @@ class ModelStats:
     wake_seconds: Mapping[str, float] = field(default_factory=dict)
     offloaded_bytes: Mapping[str, int] = field(default_factory=dict)
     offload_seconds: Mapping[str, float] = field(default_factory=dict)
+    offload_residue_bytes: Mapping[str, int] = field(default_factory=dict)

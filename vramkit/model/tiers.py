@@ -641,6 +641,7 @@ def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> 
     measured = stats.wake_seconds
     written = stats.offload_seconds
     load = stats.load_seconds
+    residue = stats.offload_residue_bytes  # what a tier leaves on the device (isolated models)
     # Estimates before a measurement: ~8 GB/s host<->device, ~1.5 GB/s reading
     # page cache or disk, ~0.5 GB/s writing a file and syncing it.
     cpu_estimate = 0.0 if on_host else size / 8e9
@@ -650,7 +651,7 @@ def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> 
     return {
         "cpu": TierCost(
             "cpu",
-            0 if on_host else size,
+            0 if on_host else max(size - residue.get("cpu", 0), 0),
             size,
             0,
             measured.get("cpu", cpu_estimate),
@@ -659,7 +660,7 @@ def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> 
         ),
         "disk": TierCost(
             "disk",
-            size,
+            max(size - residue.get("disk", 0), 0),
             0,
             size,
             measured.get("disk", disk_estimate),
@@ -682,11 +683,18 @@ def choose_tier(costs: Mapping[str, TierCost], size_bytes: int, host_free_bytes:
 
     ``cpu`` when host RAM holds the weights with :data:`HOST_HEADROOM` to spare
     and the tier frees anything; then ``disk`` when waking from it beats a
-    reload; else ``unload``.
+    reload; else ``unload``. A tier that frees less than half of what an
+    unload frees (an isolated model's worker keeps its interpreter and CUDA
+    context through an offload) is not worth its wake: ``unload``.
     """
-    cpu = costs["cpu"]
-    if cpu.frees_device_bytes and size_bytes + HOST_HEADROOM <= host_free_bytes:
+    enough = costs["unload"].frees_device_bytes / 2
+    cpu, disk = costs["cpu"], costs["disk"]
+    if (
+        cpu.frees_device_bytes
+        and cpu.frees_device_bytes >= enough
+        and size_bytes + HOST_HEADROOM <= host_free_bytes
+    ):
         return "cpu"
-    if costs["disk"].wake_seconds < costs["unload"].wake_seconds:
+    if disk.frees_device_bytes >= enough and disk.wake_seconds < costs["unload"].wake_seconds:
         return "disk"
     return "unload"
