@@ -79,17 +79,22 @@ def isolation_options(isolate: object) -> Isolation | None:
     """``isolate=`` as options: ``None`` when not isolated.
 
     Raises:
-        InvalidArgumentError: ``isolate`` is neither a bool nor an :class:`Isolation`.
+        InvalidArgumentError: ``isolate`` is neither a bool nor an
+            :class:`Isolation`, or this is Windows (the transport passes file
+            descriptors over Unix sockets).
     """
     if isolate is False or isolate is None:
         return None
-    if isolate is True:
-        return Isolation()
-    if isinstance(isolate, Isolation):
-        return isolate
-    raise InvalidArgumentError(
-        f"isolate must be True, False or a vramkit.isolation.Isolation; got {isolate!r}"
-    )
+    if isolate is not True and not isinstance(isolate, Isolation):
+        raise InvalidArgumentError(
+            f"isolate must be True, False or a vramkit.isolation.Isolation; got {isolate!r}"
+        )
+    if sys.platform == "win32":
+        raise InvalidArgumentError(
+            "isolate=True needs a POSIX system (Linux or macOS): workers receive shared "
+            "memory as file descriptors over Unix sockets"
+        )
+    return Isolation() if isolate is True else isolate
 
 
 def check_sendable(value: object, what: str) -> None:
