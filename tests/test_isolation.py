@@ -110,6 +110,43 @@ def test_an_isolated_torch_model_keeps_its_api(events: list[vramkit.events.Event
     assert not _alive(new_pid)
 
 
+def test_controls_and_vramkit_ps_show_the_worker_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vramkit._ps import ps_data, ps_text
+    from vramkit._runtime import read_records
+    from vramkit.controls import Controls
+    from vramkit.devices import _nvml
+
+    monkeypatch.setenv("VRAMKIT_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.delenv("VRAMKIT_PUBLISH", raising=False)
+    with ModelPool("cpu", budget="8GiB", headroom=0, name="iso") as pool:
+        mm = pool.register("shown", FAULTY, isolate=True)
+        mm.load()
+        pid = _pid(mm)
+        line = mm.to_dict()
+        assert line["isolated"] is True and line["worker_pid"] == pid
+        assert line["device_bytes"] == mm.size_bytes  # the worker's resident set
+        # Published once, by the caller: the worker writes no record of its own.
+        records = read_records()
+        assert [r.pid for r in records if any(m["name"] == "shown" for m in r.models)] == [
+            os.getpid()
+        ]
+        assert pid not in {r.pid for r in records}
+        # The driver lists the worker: it is vramkit's, not a foreign GPU process.
+        monkeypatch.setattr(vramkit._ps, "_nvml_absent", lambda: None)
+        monkeypatch.setattr(_nvml, "device_count", lambda: 1)
+        monkeypatch.setattr(_nvml, "gpu_processes", lambda i: {pid: 300 * MiB, 1: 3 * 2**30})
+        assert [p["pid"] for p in ps_data()["gpu_processes"]] == [1]
+        assert f"shown (worker {pid})" in ps_text()
+
+        operation = Controls(pool).unload("shown")
+        assert operation.outcome == "ok" and not _alive(pid)
+        assert "its worker process ended" in operation.message
+        assert operation.detail["worker_freed_bytes"] >= 32 * MiB
+        assert mm.to_dict()["worker_pid"] is None
+
+
 def test_keep_alive_ends_an_idle_worker() -> None:
     mm = ManagedModel(FAULTY, device="cpu", keep_alive=0, isolate=True)
     assert mm.name == "faulty_model"

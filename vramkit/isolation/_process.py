@@ -82,6 +82,9 @@ class WorkerProcess:
                 stdout=log_fd,
                 stderr=log_fd,
                 pass_fds=(sock_fd, lifeline_fd, sentinel_w),
+                # The caller's record lists the model (with this worker's pid);
+                # a record of the worker's own would show it twice in `vramkit ps`.
+                env={**os.environ, "VRAMKIT_PUBLISH": "0"},
             )
         except BaseException:
             os.close(sentinel_r)

@@ -59,7 +59,7 @@ from vramkit.errors import (
     VramLeakError,
     WorkerCrashedError,
 )
-from vramkit.isolation import Isolation
+from vramkit.isolation import Isolation, WorkerProxy, worker_pid
 from vramkit.isolation._loader import IsolatedLoader
 from vramkit.isolation._spec import isolation_options
 from vramkit.model import tiers
@@ -619,10 +619,13 @@ class ManagedModel(Generic[T]):
             ``name``, ``device``, ``state``, ``tier``, ``device_bytes``,
             ``size_bytes`` (the expected size), ``leases``, ``idle_seconds``,
             ``keep_alive`` (seconds or ``None``), ``pool`` (its pool's name or
-            ``None``), ``loads``, ``wakes``, ``offloads``, ``unloads``.
+            ``None``), ``loads``, ``wakes``, ``offloads``, ``unloads``,
+            ``isolated`` and ``worker_pid`` (the process an isolated model
+            runs in while loaded, else ``None``).
         """
         stats = self._stats
         pool = self._owner
+        obj = self._obj
         return {
             "name": self._name,
             "device": str(self._device),
@@ -638,6 +641,8 @@ class ManagedModel(Generic[T]):
             "wakes": stats.wakes,
             "offloads": stats.offloads,
             "unloads": stats.unloads,
+            "isolated": isinstance(self._loader, IsolatedLoader),
+            "worker_pid": worker_pid(obj) if isinstance(obj, WorkerProxy) else None,
         }
 
     def __repr__(self) -> str:
