@@ -38,6 +38,8 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc to prove processes and memory gone"
 )
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 FAULTY = "vramkit.testing.workers:faulty_model"
@@ -145,6 +147,50 @@ def test_controls_and_vramkit_ps_show_the_worker_once(
         assert "its worker process ended" in operation.message
         assert operation.detail["worker_freed_bytes"] >= 32 * MiB
         assert mm.to_dict()["worker_pid"] is None
+
+
+MARKED = """
+import pytest
+import vramkit
+
+kept = []
+
+
+@pytest.fixture(scope="module")
+def model():
+    mm = vramkit.ManagedModel("tests.isolation_models:inspector", device="cpu", isolate=True)
+    mm.load()
+    yield mm
+    mm.unload()
+
+
+@pytest.mark.no_vram_leak
+def test_results_dropped(model):
+    with model.use() as proxy:
+        for _ in range(3):
+            assert float(proxy.ramp(8 * 2**20)[-1]) == 8 * 2**20 - 1
+
+
+@pytest.mark.no_vram_leak
+def test_result_kept(model):
+    with model.use() as proxy:
+        kept.append(proxy.ramp(8 * 2**20))
+"""
+
+
+@pytest.mark.slow  # a worker starts inside a nested pytest run
+def test_leak_markers_judge_what_calls_leave_in_the_caller(pytester: pytest.Pytester) -> None:
+    # 32 MiB results arrive through shared memory: dropped, nothing of them
+    # stays in the caller; kept, they are the caller's leak, named as usual.
+    pytester.makeini("[pytest]\naddopts = -p no:hypothesispytest\nvram_device = cpu\n")
+    pytester.makepyfile(test_marked=MARKED)
+    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["  Tensor[[]8388608[]] float32 on cpu, 32.0 MiB"])
+    result.stdout.fnmatch_lines(["    held by test_marked.kept[[]0[]]"])
+    assert "test_results_dropped" not in "".join(
+        line for line in result.stdout.lines if "VRAM LEAK" in line
+    )
 
 
 def test_keep_alive_ends_an_idle_worker() -> None:
