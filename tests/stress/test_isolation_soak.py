@@ -3,8 +3,9 @@
 Each cycle starts a worker (``load``), makes a call that moves a tensor and a
 numpy array through shared memory both ways, and unloads (the worker ends).
 After a warm-up, the caller's open file descriptors, threads (Python's and the
-OS's), shared-memory mappings and ``/dev/shm`` entries must not grow, every
-worker must be gone, and every result must be right. Short mode runs a dozen
+OS's), shared-memory mappings and its own (and its workers') ``/dev/shm``
+entries must not grow, every worker must be gone, and every result must be
+right. Short mode runs a dozen
 cycles (a worker start costs seconds: torch is imported each time);
 ``VRAMKIT_STRESS=long`` runs 200.
 """
@@ -51,14 +52,27 @@ def _shared_mappings() -> int:
         return sum(1 for line in fh if "/dev/shm/" in line or "(deleted)" in line)
 
 
-def _probe() -> dict[str, int]:
+def _ours(entry: str, pids: set[int]) -> bool:
+    """A /dev/shm entry torch made for this process or one of its workers (``torch_<pid>_...``).
+
+    Other processes on the machine make and remove entries of their own
+    meanwhile: counting those would judge their work, not this test's.
+    """
+    prefix, _, rest = entry.partition("_")
+    pid = rest.partition("_")[0]
+    return prefix == "torch" and pid.isdigit() and int(pid) in pids
+
+
+def _probe(workers: set[int]) -> dict[str, int]:
     shm = Path("/dev/shm")
+    pids = {os.getpid(), *workers}
+    entries = [p.name for p in shm.iterdir()] if shm.is_dir() else []
     return {
         "fds": len(os.listdir("/proc/self/fd")),
         "threads": threading.active_count(),
         "os_threads": _os_threads(),
         "shm_mappings": _shared_mappings(),
-        "dev_shm_entries": len(list(shm.iterdir())) if shm.is_dir() else 0,
+        "dev_shm_entries": sum(_ours(entry, pids) for entry in entries),
     }
 
 
@@ -77,10 +91,12 @@ def test_load_call_unload_cycles_leak_nothing(reliability: Record) -> None:
     audio = np.linspace(-1, 1, ARRAY, dtype=np.float32)
     baseline: dict[str, int] = {}
     lingering, wrong = [], 0
+    workers: set[int] = set()
     started = time.perf_counter()
     for cycle in range(cycles):
         with mm.use() as model:
             pid = worker_pid(model)
+            workers.add(pid)
             seen = model.describe(tensor, audio)
             ramp = model.ramp(ARRAY)
         del model
@@ -94,8 +110,8 @@ def test_load_call_unload_cycles_leak_nothing(reliability: Record) -> None:
         if _alive(pid):
             lingering.append(pid)
         if cycle + 1 == WARMUP:
-            baseline = _probe()
-    end = _probe()
+            baseline = _probe(workers)
+    end = _probe(workers)
     reliability.area = "isolation"
     reliability.load = f"{cycles} cycles: start a worker, one call with shared tensors, unload"
     reliability.lost = "nothing" if not lingering and not wrong else f"{lingering} {wrong}"
