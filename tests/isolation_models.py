@@ -89,3 +89,11 @@ def inspector() -> Inspector:
 
 def failing_loader() -> None:
     raise FileNotFoundError("no weights at /nowhere/model.pt")
+
+
+SHARED = nn.Linear(4, 2)
+
+
+def shared() -> nn.Module:
+    """A module-level model, the same object at each call: the loader contract's owns=False case."""
+    return SHARED

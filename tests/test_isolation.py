@@ -295,6 +295,19 @@ def test_loaders_that_cannot_reach_a_worker_fail_at_construction() -> None:
         pool.register("m", lambda: 1, isolate=True)
 
 
+@pytest.mark.slow  # two workers start
+def test_the_loader_contract_holds_in_the_worker() -> None:
+    # The loader runs in the worker, so its owns= goes there too: a shared
+    # object is refused as in-process, and accepted with owns=False.
+    refused = ManagedModel("tests.isolation_models:shared", device="cpu", isolate=True)
+    with pytest.raises(InvalidArgumentError, match="owns=False"):
+        refused.load()
+    assert refused.state is ModelState.UNLOADED
+    mm = ManagedModel("tests.isolation_models:shared", device="cpu", owns=False, isolate=True)
+    assert mm(torch.ones(1, 4)).shape == (1, 2)
+    mm.unload()
+
+
 @pytest.mark.slow
 def test_an_isolated_funasr_pipeline(funasr_module: Any, funasr_pipeline: Any) -> None:
     audio = synthetic_audio(2.0)

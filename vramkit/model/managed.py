@@ -215,6 +215,7 @@ class ManagedModel(Generic[T]):
             # here the loaded object is a proxy, handled by the worker adapter.
             worker_options = {
                 "inference_mode": inference_mode,
+                "owns": owns,  # the loader's contract holds where the loader runs
                 **{
                     key: value
                     for key, value in (
