@@ -291,6 +291,13 @@ def test_loaders_that_cannot_reach_a_worker_fail_at_construction() -> None:
         ManagedModel("tests.isolation_models", isolate=True)
     with pytest.raises(InvalidArgumentError, match="isolate"):
         ManagedModel(FAULTY, isolate="yes")  # type: ignore[arg-type]
+    # Options the worker's model takes are checked here, not at its first load.
+    with pytest.raises(InvalidArgumentError, match="cleanup must be a CleanupPolicy"):
+        ManagedModel(FAULTY, cleanup="x", isolate=True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="offload_dir"):
+        ManagedModel(FAULTY, offload_dir=5, isolate=True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="manager_options must be"):
+        ManagedModel.from_funasr("model-dir", manager_options={"isolate": True})
     with ModelPool("cpu", name="refuses") as pool, pytest.raises(InvalidArgumentError):
         pool.register("m", lambda: 1, isolate=True)
 

@@ -116,7 +116,8 @@ def _manager_options(options: object) -> dict[str, Any]:
     """
     if options is None:
         return {}
-    taken = ("loader", "name", "device", "config")  # the from_* method sets these itself
+    # The from_* method sets these itself (isolate= is its own parameter).
+    taken = ("loader", "name", "device", "config", "isolate")
     allowed = [p for p in inspect.signature(ManagedModel.__init__).parameters if p != "self"]
     allowed = [p for p in allowed if p not in taken]
     if not isinstance(options, Mapping) or not all(k in allowed for k in options):
@@ -213,6 +214,8 @@ class ManagedModel(Generic[T]):
         if isolate is not False:
             # The loader, the adapter and the cleanup policy go to the worker;
             # here the loaded object is a proxy, handled by the worker adapter.
+            # Checked here first: in the worker a bad option would fail only at load.
+            _check_options(cleanup, config, offload_dir)
             worker_options = {
                 "inference_mode": inference_mode,
                 "owns": owns,  # the loader's contract holds where the loader runs
