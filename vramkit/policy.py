@@ -53,6 +53,11 @@ _log = logging.getLogger("vramkit")
 class CleanupPolicy:
     """When to run :func:`vramkit.cleanup` after calls. Rules combine: any one firing cleans.
 
+    A cleanup fired by ``every_calls`` or ``every_seconds`` collects the young
+    garbage-collector generations only (what the last calls dropped, in
+    microseconds); one fired by ``above_fraction`` runs a full collection,
+    whose cost grows with the whole heap, to get everything back.
+
     Attributes:
         every_calls: Clean after this many calls since the last cleanup
             (``1``: after every call, one call being one batch).
@@ -282,7 +287,13 @@ class CleanupTracker:
             if fire and policy.on_pressure is not None and reading is not None:
                 policy.on_pressure(reading)
         finally:
-            report = cleanup(self._device) if reason is not None else None
+            report = None
+            if reason is not None:
+                # A cadence cleans what the last calls dropped: the young
+                # generations hold it, and a full collection would cost a walk
+                # of the whole heap every batch. Pressure wants everything back.
+                generation = 2 if reason == "pressure" else 1
+                report = cleanup(self._device, generation=generation)
         return report
 
     def __repr__(self) -> str:
