@@ -34,6 +34,16 @@ def versions(*, threads: bool = False, with_pytest: bool = False) -> str:
     return " · ".join(parts)
 
 
+def load_line() -> str:
+    """The machine's load, printed beside figures that a busy machine would change."""
+    import os
+
+    one, five, fifteen = os.getloadavg()
+    return (
+        f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cpus"
+    )
+
+
 def median_seconds(fn: Callable[[], object], *, runs: int, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` over ``runs`` calls, after ``warmup`` calls."""
     for _ in range(warmup):

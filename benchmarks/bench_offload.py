@@ -24,11 +24,12 @@ Run: ``python benchmarks/bench_offload.py [--quick]``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
+import json
 import mmap
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -198,19 +199,45 @@ def make_loader(path: str, dim: int) -> Callable[[], torch.nn.Module]:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
-    loader_runs, tier_runs, read_runs = (3, 3, 5) if quick else (5, 7, 9)
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer runs (and 16 MiB with --wake-only)"
+    )
+    parser.add_argument(
+        "--wake-only",
+        action="store_true",
+        help="only the cpu tier's wake against a pinned copy of the same bytes",
+    )
+    parser.add_argument("--device", default=None, help="--wake-only: the device (default cuda)")
+    parser.add_argument("--json", default=None, help="--wake-only: also write the figures here")
+    args = parser.parse_args()
+    loader_runs, tier_runs, read_runs = (3, 3, 5) if args.quick else (5, 7, 9)
     print(versions(threads=True))
     with tempfile.TemporaryDirectory(prefix="bench-offload-") as workdir:
-        run(workdir, loader_runs, tier_runs, read_runs)
+        if not args.wake_only:
+            run(workdir, loader_runs, tier_runs, read_runs)
+            return
+        device = args.device or "cuda"
+        mib = 16 if args.quick else MODEL_MIB
+        checkpoint, dim = save_checkpoint(workdir, mib)
+        figures = wake_bandwidth(make_loader(checkpoint, dim), dim, workdir, tier_runs, device)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump(figures, out, indent=2)
+
+
+def save_checkpoint(workdir: str, mib: float) -> tuple[str, int]:
+    """A ``TinyMLP`` of ``mib`` MiB saved with ``torch.save``; its path and width."""
+    checkpoint = os.path.join(workdir, "model.pt")
+    source = tiny_mlp(mib, layers=LAYERS)
+    dim = source.dim
+    torch.save(source.state_dict(), checkpoint)
+    return checkpoint, dim
 
 
 def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
-    checkpoint = os.path.join(workdir, "model.pt")
-    source = tiny_mlp(MODEL_MIB, layers=LAYERS)
-    dim, weight_bytes = source.dim, module_nbytes(source)
-    torch.save(source.state_dict(), checkpoint)
-    del source
+    checkpoint, dim = save_checkpoint(workdir, MODEL_MIB)
+    weight_bytes = module_nbytes(TinyMLP(dim, LAYERS))
     gc.collect()
     vramkit.cleanup("cpu")
     print(
@@ -376,67 +403,89 @@ def run(workdir: str, loader_runs: int, tier_runs: int, read_runs: int) -> None:
     )
 
     if torch.cuda.is_available():
-        cuda_bandwidth(make_loader(checkpoint, dim), dim, workdir, tier_runs)
+        wake_bandwidth(make_loader(checkpoint, dim), dim, workdir, tier_runs, "cuda")
     else:
         print("\nCUDA not available: host-to-device bandwidth of the cpu-tier wake not measured")
 
 
-def cuda_bandwidth(
-    loader: Callable[[], torch.nn.Module], dim: int, workdir: str, runs: int
-) -> None:
-    """The cpu tier's wake on CUDA vs a plain pinned ``tensor.to("cuda")`` of the same bytes."""
-    device = torch.device("cuda")
-    mm = ManagedModel.from_torch(loader, device=device, name="mlp512-cuda", offload_dir=workdir)
+def wake_bandwidth(
+    loader: Callable[[], torch.nn.Module], dim: int, workdir: str, runs: int, device: str
+) -> dict[str, Any]:
+    """The cpu tier's wake vs a plain (on CUDA, pinned) host-to-device copy of the same bytes.
+
+    On a CPU device the cpu tier keeps the weights where they are, so the wake
+    and the host copy measure only that the path runs (``--dry-run`` of the GPU check).
+    """
+    on_cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize(device)
+
+    mm = ManagedModel.from_torch(loader, device=device, name="mlp-wake", offload_dir=workdir)
     x = torch.randn(1, dim, device=device)
     mm(x)
-    torch.cuda.synchronize()
+    sync()
     wakes: list[float] = []
     pinned = False
     nbytes = 0
     for _ in range(runs):
         report = mm.offload("cpu")
         pinned, nbytes = report.pinned, report.weight_bytes
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         mm.wake()
-        torch.cuda.synchronize()
+        sync()
         wakes.append(time.perf_counter() - started)
     first_forward: list[float] = []
     for _ in range(runs):
         mm.offload("cpu")
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         mm(x)
-        torch.cuda.synchronize()
+        sync()
         first_forward.append(time.perf_counter() - started)
     mm.unload()
 
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    if on_cuda:
+        host = host.pin_memory()
     host.fill_(1)
     copies: list[float] = []
     for i in range(runs + 1):
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
-        on_device = host.to(device, non_blocking=True)
-        torch.cuda.synchronize()
+        on_device = host.to(device, non_blocking=True) if on_cuda else host.clone()
+        sync()
         if i:  # the first copy also grows the caching allocator
             copies.append(time.perf_counter() - started)
         del on_device
     del host
-    torch.cuda.empty_cache()
+    if on_cuda:
+        torch.cuda.empty_cache()
 
     wake_s, copy_s = median(wakes), median(copies)
+    where = f"CUDA ({torch.cuda.get_device_name(device)})" if on_cuda else "cpu (no transfer)"
     print(
-        f"\nCUDA ({torch.cuda.get_device_name()}): cpu-tier wake of {nbytes / MIB:.0f} MiB, "
+        f"\n{where}: cpu-tier wake of {nbytes / MIB:.0f} MiB, "
         f"host copy pinned: {pinned} (median of {runs})"
     )
     print(f"{'cpu-tier wake()':<50} {fmt_seconds(wake_s):>10} {nbytes / wake_s / 1e9:>7.2f} GB/s")
     print(f"{'cpu-tier wake + first forward':<50} {fmt_seconds(median(first_forward)):>10}")
-    print(
-        f"{'pinned tensor.to(cuda), one block (peak)':<50} {fmt_seconds(copy_s):>10} "
-        f"{nbytes / copy_s / 1e9:>7.2f} GB/s"
-    )
-    print(f"wake bandwidth is {copy_s / wake_s:.0%} of the pinned peak")
+    copy_label = "pinned tensor.to(cuda), one block (peak)" if on_cuda else "host clone, one block"
+    print(f"{copy_label:<50} {fmt_seconds(copy_s):>10} {nbytes / copy_s / 1e9:>7.2f} GB/s")
+    print(f"wake bandwidth is {copy_s / wake_s:.0%} of the one-block copy")
+    return {
+        "device": device,
+        "nbytes": nbytes,
+        "pinned": pinned,
+        "wake_seconds": wake_s,
+        "wake_gbps": nbytes / wake_s / 1e9,
+        "wake_and_forward_seconds": median(first_forward),
+        "copy_seconds": copy_s,
+        "copy_gbps": nbytes / copy_s / 1e9,
+        "wake_vs_copy": copy_s / wake_s,
+    }
 
 
 if __name__ == "__main__":

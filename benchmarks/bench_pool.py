@@ -9,7 +9,13 @@ model, then again with memory to spare, and prints:
 - peak bytes charged to the pool vs the budget,
 - wall time vs the unlimited-memory run (the price of fitting in the budget).
 
-Run: ``python benchmarks/bench_pool.py [--items 30] [--device cuda]``.
+With ``--micro`` it measures instead what the pool adds per call, against
+same-run references: ``pool.use(name)`` against ``mm.use()`` of the same
+loaded model (target: at most 1.2x), and one admission decision (room found,
+nothing to evict) and one victim choice in pools of 10, 100 and 1,000 loaded
+members (target at 1,000: at most 100 µs each).
+
+Run: ``python benchmarks/bench_pool.py [--items 30] [--device cuda] [--micro]``.
 """
 
 from __future__ import annotations
@@ -59,11 +65,118 @@ def minimum_fetches(
     return min(cost.values())
 
 
+TARGET_POOL_USE_VS_USE = 1.2
+TARGET_ADMISSION_SECONDS = 100e-6  # at 1,000 members
+MEMBER_COUNTS = (10, 100, 1000)
+
+
+def micro(quick: bool) -> None:
+    """Per-call costs of a pool: a lease through it, and admission as members grow."""
+
+    import torch
+    from _common import fmt_seconds, interleaved_per_call, load_line, versions
+
+    from vramkit import ManagedModel, ModelPool
+
+    print(versions())
+    print(load_line())
+    with ModelPool("cpu", budget="1GiB", headroom=0, start_threads=False) as pool:
+        # Fresh layers: a factory returning one kept here would survive each
+        # unload and send it looking for the holder.
+        pooled = pool.register("layer", lambda: torch.nn.Linear(4, 4), inference_mode=False)
+        pooled.load()
+        alone = ManagedModel(
+            lambda: torch.nn.Linear(4, 4), name="alone", device="cpu", inference_mode=False
+        )
+        alone.load()
+
+        def bare_use() -> None:
+            with alone.use():
+                pass
+
+        def pool_use() -> None:
+            with pool.use("layer"):
+                pass
+
+        calls = 500 if quick else 2000
+        medians = interleaved_per_call(
+            {"mm.use()": bare_use, "pool.use(name)": pool_use}, calls=calls
+        )
+        ratio = medians["pool.use(name)"] / medians["mm.use()"]
+        print(f"\n{'empty lease':<40} {'median':>10}")
+        for name, cost in medians.items():
+            print(f"{name:<40} {fmt_seconds(cost):>10}")
+        verdict = "meets" if ratio <= TARGET_POOL_USE_VS_USE else "MISSES"
+        print(
+            f"target: pool.use(name) = {ratio:.2f}x mm.use() "
+            f"(target <= {TARGET_POOL_USE_VS_USE}x): {verdict}"
+        )
+
+    print(f"\n{'members':>8} {'admission':>12} {'victim choice':>14}")
+    results = {}
+    for count, admit, pick in _admission(MEMBER_COUNTS, runs=50 if quick else 200):
+        results[count] = admit, pick
+        print(f"{count:>8,} {fmt_seconds(admit):>12} {fmt_seconds(pick):>14}")
+    admit, pick = results[MEMBER_COUNTS[-1]]
+    worst = max(admit, pick)
+    verdict = "meets" if worst <= TARGET_ADMISSION_SECONDS else "MISSES"
+    print(
+        f"target: at {MEMBER_COUNTS[-1]:,} members, admission {fmt_seconds(admit)}, victim "
+        f"choice {fmt_seconds(pick)} (target <= {fmt_seconds(TARGET_ADMISSION_SECONDS)}): {verdict}"
+    )
+    print(load_line())
+
+
+def _admission(counts: tuple[int, ...], runs: int) -> list[tuple[int, float, float]]:
+    """Median seconds of one admission (room found) and one victim choice at each member count.
+
+    One pool grows through ``counts``. Times the pool's own decision
+    (``_before_load`` / ``_after_load`` around no load at all, and ``_pick``),
+    since a real load would swamp it. The pool is left open: closing it would
+    unload and prove the death of every member, minutes at 1,000 members for
+    what no figure here measures; the models die with the process.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    from vramkit import ModelPool
+
+    pool = ModelPool("cpu", budget="1GiB", headroom=0, start_threads=False)
+    newcomer = pool.register("newcomer", lambda: torch.nn.Linear(4, 4), size_hint=80)
+    newcomer.load()
+    newcomer.unload()  # its size is known now: admission reserves it
+    found = []
+    members = 0
+    for count in counts:
+        for i in range(members, count):
+            # A size hint: an unknown size would make room by evicting everyone.
+            pool.register(f"m{i}", lambda: torch.nn.Linear(4, 4), size_hint=80).load()
+        members = count
+        admit, pick = [], []
+        for _ in range(runs):
+            started = time.perf_counter()
+            pool._before_load(newcomer)
+            pool._after_load(newcomer, ok=False)
+            admit.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            pool._pick(1, exclude="newcomer")
+            pick.append(time.perf_counter() - started)
+        found.append((count, statistics.median(admit), statistics.median(pick)))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=30)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--micro", action="store_true", help="per-call costs only")
+    parser.add_argument("--quick", action="store_true", help="--micro: fewer runs")
     args = parser.parse_args()
+    if args.micro:
+        micro(args.quick)
+        return
     cache = Path(tempfile.mkdtemp(prefix="vramkit-bench-pool-"))
     # Build the models and import FunASR once before timing anything, so
     # neither run pays for that one-off setup.

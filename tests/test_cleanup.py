@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -63,3 +64,31 @@ def test_cleanup_returns_a_freed_256_mib_tensor_to_the_os() -> None:
     mib = 1024**2
     assert figures["held"] - figures["base"] >= 250 * mib
     assert figures["after"] - figures["base"] < 16 * mib, figures
+
+
+def test_a_young_collection_frees_a_cycle_just_dropped_and_says_which_it_ran() -> None:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+            self.payload = torch.ones(256, 1024)
+
+    gc.disable()  # no automatic collection may free it first, or promote it
+    try:
+        node = Node()
+        storage = StorageWeakRef(node.payload.untyped_storage())
+        del node
+        assert not storage.expired()  # only a collection frees a cycle
+        report = vramkit.cleanup("cpu", generation=1)
+    finally:
+        gc.enable()
+    assert storage.expired()
+    assert report.steps[0] == "gc young (1)"
+    assert report.collected >= 2
+
+
+@pytest.mark.parametrize("generation", [3, -1, 1.0, True, "2", None])
+def test_a_bad_generation_is_refused_before_anything_runs(generation: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="generation must be 0, 1 or 2"):
+        vramkit.cleanup("cpu", generation=generation)  # type: ignore[arg-type]

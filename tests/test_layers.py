@@ -6,7 +6,9 @@ Layers, bottom up (a module may import its own layer and the ones below):
   which layer of a reading is the number, and events (torch-free, all of them);
 - devices (where memory lives) and adapters (what holds it): the two axes, each
   on the base only and never on each other;
-- readings: memory, tensors, referrers, cleaning;
+- readings: memory, tensors, referrers, cleaning; and process isolation (a
+  worker process, its transport and proxy), which the model layer uses for
+  ``isolate=True`` and which reaches the model only through what it is given;
 - model: ``ManagedModel`` and its tiers;
 - services: pools, sessions, policies, out-of-memory recovery, status;
 - the facade (``vramkit`` itself);
@@ -47,6 +49,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "vramkit.tensors": (2, "readings"),
     "vramkit.referrers": (2, "readings"),
     "vramkit.cleaning": (2, "readings"),
+    "vramkit.isolation": (2, "isolation"),
     "vramkit.model": (3, "model"),
     "vramkit.offload": (3, "model"),
     "vramkit.pool": (4, "services"),
@@ -54,7 +57,6 @@ LAYERS: dict[str, tuple[int, str]] = {
     "vramkit.policy": (4, "services"),
     "vramkit.oom": (4, "services"),
     "vramkit._leakcheck": (4, "services"),
-    "vramkit.isolation": (4, "services"),
     "vramkit._status": (4, "services"),
     "vramkit.controls": (4, "services"),
     "vramkit": (5, "facade"),

@@ -537,3 +537,15 @@ def test_a_safetensors_header_gives_the_size_before_the_first_load(tmp_path: Any
     (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 16)  # unreadable header: its size
     assert checkpoint_bytes({"path": str(tmp_path / "m.safetensors")}) == 4 * (256 * 256 + 256)
     assert checkpoint_bytes({"model": str(tmp_path)}) == 4 * (256 * 256 + 256) + 16
+
+
+def test_evicting_a_model_already_in_the_chosen_tier_unloads_it() -> None:
+    # On a cpu device the cpu tier frees nothing; offloading there again used
+    # to change nothing, and the admission waited out its timeout.
+    with make_pool("6MiB", evict_to="cpu") as pool:
+        pool.register("a", mlp, size_hint=SIZE)
+        pool.register("b", mlp, size_hint=SIZE)
+        run(pool, "a")
+        run(pool, "b")  # a: offloaded "in place", still counted, then unloaded
+        assert pool["a"].state is ModelState.UNLOADED
+        assert pool["b"].state is ModelState.READY

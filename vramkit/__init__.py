@@ -34,6 +34,8 @@ from vramkit.errors import (
     VramkitError,
     VramLeakError,
     VramLeakWarning,
+    WorkerCrashedError,
+    WorkerTimeoutError,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +124,8 @@ __all__ = [
     "VramLeakError",
     "VramLeakWarning",
     "VramkitError",
+    "WorkerCrashedError",
+    "WorkerTimeoutError",
     "__version__",
     "adaptive_batch_size",
     "cleanup",

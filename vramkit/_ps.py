@@ -81,7 +81,9 @@ def ps_data() -> dict[str, Any]:
             {**model, "idle_seconds": record.idle_seconds(model, now)} for model in record.models
         ]
         processes.append(entry)
-    others, notes = _gpu_processes({r.pid for r in records})
+    # An isolated model's worker is vramkit's too: its caller's record names it.
+    workers = {m["worker_pid"] for r in records for m in r.models if m.get("worker_pid")}
+    others, notes = _gpu_processes({r.pid for r in records} | workers)
     return {"processes": processes, "gpu_processes": others, "notes": notes}
 
 
@@ -163,7 +165,7 @@ def ps_text() -> str:
                 (
                     str(process["pid"]),
                     command,
-                    model["name"],
+                    _model_cell(model),
                     model.get("pool") or "-",
                     model["device"],
                     state,
@@ -186,6 +188,12 @@ def ps_text() -> str:
         lines += _table(gpu_rows)
     lines += [f"note: {note}" for note in data["notes"]]
     return "\n".join(lines)
+
+
+def _model_cell(model: Any) -> str:
+    """The model's name, and the worker process it runs in when isolated."""
+    pid = model.get("worker_pid")
+    return str(model["name"]) + (f" (worker {pid})" if pid else "")
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -523,6 +523,12 @@ class Controls:
                     f" (memory freed anyway: {format_bytes(report.neutralised_bytes)})"
                 )
             detail = {"died": report.died, "holders": [str(h) for h in report.holders]}
+            if "worker" in report.freed_bytes:
+                # An isolated model: its memory was another process's, which this
+                # process's readings never held, so the report's figure is the one.
+                worker = report.freed_bytes["worker"]
+                text += f"; its worker process ended ({format_bytes(worker)} back)"
+                detail["worker_freed_bytes"] = worker
             return "ok", text, detail
 
         return self._model_op("unload", name, caller, run)

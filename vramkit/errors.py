@@ -8,7 +8,9 @@ so existing ``except`` clauses keep working::
     ├── InvalidArgumentError(ValueError, TypeError)   bad input, caught at the call
     │   └── UnknownModelError(KeyError)               no model of that name in the pool
     ├── ModelStateError(RuntimeError)                 operation not allowed in this state
-    │   └── ModelBusyError                            leases are out; cannot unload now
+    │   ├── ModelBusyError                            leases are out; cannot unload now
+    │   └── WorkerCrashedError                        an isolated model's worker process died
+    │       └── WorkerTimeoutError(TimeoutError)      a call got no reply in time; worker killed
     ├── BudgetExceededError(RuntimeError)             a memory budget cannot make room
     ├── OutOfMemoryError(MemoryError)                 the device ran out even after recovery
     ├── OffloadError(OSError)                         an offload tier could not be written
@@ -41,6 +43,8 @@ __all__ = [
     "VramLeakError",
     "VramLeakWarning",
     "VramkitError",
+    "WorkerCrashedError",
+    "WorkerTimeoutError",
 ]
 
 
@@ -70,6 +74,50 @@ class ModelStateError(VramkitError, RuntimeError):
 
 class ModelBusyError(ModelStateError):
     """A model cannot be unloaded or offloaded because leases are still out."""
+
+
+class WorkerCrashedError(ModelStateError):
+    """The worker process of an isolated model died (segfault, ``os._exit``, OOM kill, SIGKILL).
+
+    Calls that were in flight fail with it; the model is ``UNLOADED`` and its
+    next use starts a new worker.
+
+    Attributes:
+        model: The model's name.
+        pid: The worker's process id.
+        exitcode: Its exit status, or ``None`` when it was ended by a signal
+            (or could not be reaped).
+        signal: The number of the signal that ended it, or ``None``.
+        log_lines: The last lines it wrote to stdout and stderr (a segfault's
+            Python traceback among them), oldest first.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str = "",
+        pid: int | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+        log_lines: tuple[str, ...] = (),
+    ) -> None:
+        """Build the error; the message already says how the worker ended."""
+        super().__init__(message)
+        self.model = model
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+        self.log_lines = log_lines
+
+
+class WorkerTimeoutError(WorkerCrashedError, TimeoutError):
+    """An isolated model's call got no reply within its ``timeout``; the worker was killed.
+
+    A worker that does not answer is in an unknown state (hung in native code,
+    deadlocked, swapping), so vramkit ends it rather than queue more calls
+    behind it. A :class:`TimeoutError`, so ``except TimeoutError`` catches it.
+    """
 
 
 class BudgetExceededError(VramkitError, RuntimeError):

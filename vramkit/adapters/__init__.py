@@ -1,6 +1,7 @@
 """What holds memory: one adapter per kind of object, found through a registry.
 
-Built in, tried in this order: FunASR ``AutoModel``, ONNX Runtime
+Built in, tried in this order: a model in a worker process (``isolate=True``),
+FunASR ``AutoModel``, ONNX Runtime
 ``InferenceSession``, torch ``nn.Module``, and a fallback for any other object
 (measured through the torch modules and tensors in its attributes). Anything
 with its own teardown gets a :class:`GenericAdapter` with ``release=`` and
@@ -18,6 +19,7 @@ from vramkit.adapters.generic import GenericAdapter
 from vramkit.adapters.objects import ObjectAdapter
 from vramkit.adapters.onnxruntime import OnnxRuntimeAdapter
 from vramkit.adapters.torch import TorchAdapter
+from vramkit.adapters.worker import WorkerAdapter
 from vramkit.errors import InvalidArgumentError
 
 __all__ = [
@@ -28,13 +30,19 @@ __all__ = [
     "ObjectAdapter",
     "OnnxRuntimeAdapter",
     "TorchAdapter",
+    "WorkerAdapter",
     "adapter_for",
     "register_adapter",
     "unregister_adapter",
 ]
 
 _lock = threading.Lock()
-_adapters: tuple[Adapter, ...] = (FunasrAdapter(), OnnxRuntimeAdapter(), TorchAdapter())
+_adapters: tuple[Adapter, ...] = (
+    WorkerAdapter(),
+    FunasrAdapter(),
+    OnnxRuntimeAdapter(),
+    TorchAdapter(),
+)
 _fallback: Adapter = ObjectAdapter()
 
 

@@ -45,8 +45,14 @@ class Adapter(Protocol):
         """
         ...
 
-    def release(self, obj: object) -> None:
-        """Tear ``obj`` down before vramkit drops its reference (close files, free handles)."""
+    def release(self, obj: object) -> Mapping[str, int | None] | None:
+        """Tear ``obj`` down before vramkit drops its reference (close files, free handles).
+
+        Returns:
+            ``None``, or bytes it gave back per layer where only it can tell
+            (an ended worker process: ``{"worker": bytes}``); the unload report
+            adds them to its ``freed_bytes``.
+        """
         ...
 
     def neutralise(self, survivors: Sequence[object], message: str) -> int:
@@ -87,8 +93,9 @@ class AdapterBase:
         """No torch modules: offloading drops and rebuilds."""
         return {}
 
-    def release(self, obj: object) -> None:
+    def release(self, obj: object) -> Mapping[str, int | None] | None:
         """Nothing to tear down: dropping the reference is enough."""
+        return None
 
     def neutralise(self, survivors: Sequence[object], message: str) -> int:
         """Nothing this adapter can do for a survivor; the report names its holders."""

@@ -11,6 +11,7 @@ by type name, so ``import funasr`` (about 7 s) never happens here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -295,10 +296,12 @@ def funasr_loader(
     kwargs["disable_update"] = disable_update
     kwargs["device"] = device
     model_ref = os.fspath(model)
-
-    def load_funasr() -> Any:
-        funasr = import_funasr("ManagedModel.from_funasr")
-        with funasr_side_effects_undone():
-            return funasr.AutoModel(model=model_ref, **kwargs)
-
+    # A partial, not a closure: an isolated model's loader is pickled to its worker.
+    load_funasr = functools.partial(_load_funasr, model_ref, kwargs)
     return load_funasr, {"model": model_ref, **kwargs}
+
+
+def _load_funasr(model: str, kwargs: Mapping[str, Any]) -> Any:
+    funasr = import_funasr("ManagedModel.from_funasr")
+    with funasr_side_effects_undone():
+        return funasr.AutoModel(model=model, **kwargs)

@@ -13,6 +13,7 @@ memory difference across the load.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -202,19 +203,29 @@ def onnx_loader(
         The loader, and the configuration it closes over (for ``mm.config``).
     """
     chosen = list(providers)
-
-    def load_onnx() -> Any:
-        from vramkit._optional import require
-
-        ort = require("onnxruntime", "ManagedModel.from_onnx")
-        session_options = sess_options if sess_options is not None else ort.SessionOptions()
-        if not arena:
-            session_options.enable_cpu_mem_arena = False
-        return ort.InferenceSession(
-            str(file),
-            sess_options=session_options,
-            providers=chosen,
-            provider_options=provider_options,
-        )
-
+    # A partial, not a closure: an isolated model's loader is pickled to its worker.
+    load_onnx = functools.partial(
+        _load_onnx, str(file), sess_options, chosen, provider_options, arena
+    )
     return load_onnx, {"path": str(file), "providers": chosen, "arena": arena}
+
+
+def _load_onnx(
+    path: str,
+    sess_options: Any,
+    providers: list[Any],
+    provider_options: list[dict[str, Any]] | None,
+    arena: bool,
+) -> Any:
+    from vramkit._optional import require
+
+    ort = require("onnxruntime", "ManagedModel.from_onnx")
+    session_options = sess_options if sess_options is not None else ort.SessionOptions()
+    if not arena:
+        session_options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(
+        path,
+        sess_options=session_options,
+        providers=providers,
+        provider_options=provider_options,
+    )

@@ -9,6 +9,7 @@ rebuild them, since their parameters are ``meta`` placeholders.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,33 +91,37 @@ def torch_loader(
     Returns:
         The loader, and the configuration it closes over (for ``mm.config``).
     """
-    use_eval = eval
-
-    def load_torch() -> torch.nn.Module:
-        module = factory()
-        if not isinstance(module, torch.nn.Module):
-            raise InvalidArgumentError(
-                f"from_torch factory must return a torch.nn.Module; got {type(module).__name__}"
-            )
-        if any(is_tombstone(t) for t in module_tensors(module)):
-            raise ModelStateError(
-                "the factory returned the object vramkit unloaded before (its memory was "
-                "freed); a factory must build a new module at each call, so drop the cache that "
-                "keeps it (functools.lru_cache, a global)"
-            )
-        if dispatched(module):
-            if dtype is not None:
-                raise InvalidArgumentError(
-                    "from_torch: the factory returned a model dispatched by accelerate (its "
-                    "weights live in hooks), which cannot be cast with dtype=; load it in the "
-                    "dtype wanted instead (from_pretrained(..., torch_dtype=...))"
-                )
-        else:  # accelerate placed a dispatched model: moving it would break its hooks
-            module = module.to(device=torch.device(device), dtype=dtype)
-        return module.eval() if use_eval else module
-
+    # A partial of a module-level function, not a closure: an isolated model's
+    # loader is pickled to its worker process.
+    load_torch = functools.partial(_load_torch, factory, device, dtype, eval)
     config = {"factory": getattr(factory, "__qualname__", repr(factory)), "dtype": dtype}
     return load_torch, config
+
+
+def _load_torch(
+    factory: Callable[[], torch.nn.Module], device: str, dtype: torch.dtype | None, eval: bool
+) -> torch.nn.Module:
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise InvalidArgumentError(
+            f"from_torch factory must return a torch.nn.Module; got {type(module).__name__}"
+        )
+    if any(is_tombstone(t) for t in module_tensors(module)):
+        raise ModelStateError(
+            "the factory returned the object vramkit unloaded before (its memory was "
+            "freed); a factory must build a new module at each call, so drop the cache that "
+            "keeps it (functools.lru_cache, a global)"
+        )
+    if dispatched(module):
+        if dtype is not None:
+            raise InvalidArgumentError(
+                "from_torch: the factory returned a model dispatched by accelerate (its "
+                "weights live in hooks), which cannot be cast with dtype=; load it in the "
+                "dtype wanted instead (from_pretrained(..., torch_dtype=...))"
+            )
+    else:  # accelerate placed a dispatched model: moving it would break its hooks
+        module = module.to(device=torch.device(device), dtype=dtype)
+    return module.eval() if eval else module
 
 
 def dispatched(module: torch.nn.Module) -> bool:

@@ -49,6 +49,7 @@ __all__ = [
     "available_devices",
     "default_device",
     "get_backend",
+    "process_used_bytes",
     "register_backend",
     "resolve_device",
     "unregister_backend",
@@ -104,6 +105,23 @@ def _forget_devices() -> None:
     """Drop the cached device list (caller holds the lock): a kind came or went."""
     global _available, _parsed
     _available, _parsed = None, frozenset()
+
+
+def process_used_bytes(device: Device, pid: int) -> int | None:
+    """Bytes another process (a worker) holds on ``device``, as the driver or the OS sees it.
+
+    Backends answer through an optional ``read_process(index, pid)``: NVML's
+    per-process usage on CUDA (the context included), the resident set size on
+    ``cpu``. A backend without it answers ``None``.
+
+    Returns:
+        Bytes; 0 once the process is gone; ``None`` where this cannot be read.
+    """
+    read = getattr(get_backend(device.kind), "read_process", None)
+    if read is None:
+        return None
+    value = read(device.index or 0, pid)
+    return None if value is None else int(value)
 
 
 def available_devices() -> tuple[Device, ...]:

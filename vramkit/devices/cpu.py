@@ -81,6 +81,15 @@ class _ProcReader:
         )
 
 
+def _psutil_rss(pid: int) -> int | None:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.NoSuchProcess:
+        return 0
+    except psutil.Error:
+        return None
+
+
 def _field_kib(blob: bytes, key: bytes) -> int | None:
     start = blob.find(key)
     if start < 0:
@@ -165,6 +174,31 @@ class CpuBackend(BackendBase):
             process_used_bytes=info.rss,
             process_peak_bytes=peak,
         )
+
+    def read_process(self, index: int, pid: int) -> int | None:
+        """Resident bytes of process ``pid`` (another process: a worker), 0 once it is gone.
+
+        Args:
+            index: Ignored: there is one host.
+            pid: The process.
+
+        Returns:
+            Its resident set size in bytes; 0 when no such process exists (its
+            memory is the operating system's again); ``None`` when it cannot be
+            read (another user's process on a hardened ``/proc``).
+        """
+        try:
+            with open(f"/proc/{pid}/status", "rb") as fh:
+                status = fh.read()
+        except (FileNotFoundError, ProcessLookupError):
+            if os.path.isdir("/proc/self"):
+                return 0  # /proc is there and the process is not: it is gone
+            return _psutil_rss(pid)  # no /proc (macOS, Windows)
+        except OSError:
+            return None
+        if b"\nState:\tZ" in status:
+            return 0  # a zombie: it exited, only its exit status is left
+        return _field_kib(status, b"VmRSS:") or 0
 
     def empty_cache(self, index: int = 0) -> None:
         """Give freed heap pages back to the OS (``malloc_trim(0)`` on glibc)."""

@@ -139,6 +139,15 @@ class CudaBackend(BackendBase):
             process_used_bytes=_nvml.process_used(index),
         )
 
+    def read_process(self, index: int, pid: int) -> int | None:
+        """Bytes process ``pid`` (a worker) holds on ``cuda:<index>`` per NVML, context included.
+
+        Returns:
+            Bytes; 0 when the process has no context there (or is gone);
+            ``None`` without NVML or where the driver hides per-process usage.
+        """
+        return _nvml.process_used(index, pid)
+
     def empty_cache(self, index: int) -> None:
         """Release torch's cached blocks, finished IPC handles, and cached pinned host memory."""
         if not is_initialized():

@@ -31,7 +31,13 @@ from vramkit.adapters import Adapter, adapter_for
 from vramkit.adapters._checkpoint import checkpoint_bytes
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device
-from vramkit.errors import InvalidArgumentError, ModelBusyError, ModelStateError, VramLeakError
+from vramkit.errors import (
+    InvalidArgumentError,
+    ModelBusyError,
+    ModelStateError,
+    VramLeakError,
+    WorkerCrashedError,
+)
 from vramkit.memory import grown_bytes
 from vramkit.model import tiers
 from vramkit.model._lease import StateMachine
@@ -301,6 +307,11 @@ class ModelLife(Generic[T]):
         try:
             report = parked.unpark(self._name, self._device)
         except Exception as exc:
+            if isinstance(exc, WorkerCrashedError):
+                with self._life.cond:
+                    self._lost()  # its worker died: nothing is left to wake
+                self._failed(ModelState.UNLOADED, admitted=True)
+                raise
             if tier != "disk" or is_oom_error(exc):
                 self._failed(ModelState.OFFLOADED, admitted=True)  # stay offloaded
                 raise
@@ -361,6 +372,14 @@ class ModelLife(Generic[T]):
             self._woke(tier, report.seconds)
         return report
 
+    def _lost(self) -> None:
+        """Forget an object that died on its own (an isolated model's worker crashed).
+
+        The caller holds the lock.
+        """
+        self._life.obj = None
+        self._parked.clear()
+
     def _woke(self, tier: str, seconds: float) -> None:
         stats = self._stats
         self._stats = replace(
@@ -399,14 +418,21 @@ class ModelLife(Generic[T]):
                 f"cannot run it until it wakes; {self._advice()}"
             )
             report = parked.park(owner, box[0], chosen, directory, message, rewrite=rewrite)
-        except BaseException:
-            with life.cond:  # nothing changed: the model is as it was
+        except BaseException as exc:
+            with life.cond:  # nothing changed: the model is as it was...
                 life.obj = box.pop()
+                if isinstance(exc, WorkerCrashedError):  # ...unless its worker died
+                    self._lost()
+                    state_before = ModelState.UNLOADED
                 life.revert(state_before)
             raise
         assert parked.state is not None
         # A dropped object is rebuilt by the loader (the cleanup below collects it).
         dropped = remember(box[0]) if parked.state.method == "rebuild" else None
+        residue = self._stats.offload_residue_bytes
+        if parked.state.method == "delegated" and adapter is not None:
+            # The object offloaded itself and stays: measure what it still holds.
+            residue = {**residue, chosen: adapter.size_bytes(box[0]) or 0}
         with life.cond:
             life.obj = None if dropped is not None else box.pop()
             box.clear()
@@ -415,6 +441,7 @@ class ModelLife(Generic[T]):
                 offloads=self._stats.offloads + 1,
                 offloaded_bytes={**self._stats.offloaded_bytes, chosen: report.weight_bytes},
                 offload_seconds={**self._stats.offload_seconds, chosen: report.seconds},
+                offload_residue_bytes=residue,
             )
             stamp = life.settle(ModelState.OFFLOADED)
         cleaned = cleanup(self._device, gc_collect=parked.rebuilds)

@@ -45,21 +45,22 @@ class Parking:
         """Whether waking must run the loader: nothing parked, or an object that was dropped."""
         return self.state is None or self.state.method == "rebuild"
 
-    def device_bytes(self, state: ModelState, size: int, *, on_host: bool) -> int:
+    def device_bytes(self, state: ModelState, size: int, *, on_host: bool, residue: int = 0) -> int:
         """Of a model's ``size`` bytes in ``state``, those on its device now.
 
         Transitional states count what is really there: a model unloading (or
-        switching tiers) from a parked state holds nothing on the device any
-        more; one waking holds nothing yet. On the host the cpu tier keeps the
-        weights where they were, so a model parked there still counts.
+        switching tiers) from a parked state holds only the ``residue`` its
+        tier leaves on the device (an isolated model's worker process), one
+        waking nothing more yet. On the host the cpu tier keeps the weights
+        where they were, so a model parked there still counts.
         """
         in_place = self.tier == "cpu" and on_host
         if state is ModelState.READY:
             return size
         if state in (ModelState.UNLOADING, ModelState.OFFLOADING):
-            return size if self.tier is None or in_place else 0
+            return size if self.tier is None or in_place else residue
         if state in (ModelState.OFFLOADED, ModelState.WAKING):
-            return size if in_place else 0
+            return size if in_place else residue
         return 0
 
     def wakes_before_moving_to(self, tier: Tier) -> bool:

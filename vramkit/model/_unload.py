@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,9 +140,10 @@ def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> Unloa
     obj = box.pop()
     error: str | None = None
     interrupted: BaseException | None = None
+    given_back: Mapping[str, int | None] | None = None
     try:
         if obj is not None:
-            adapter.release(obj)
+            given_back = adapter.release(obj)
     except Exception as exc:  # recorded and raised after the unload completes
         error = f"{type(exc).__name__}: {exc}"
         clear_frames(exc.__traceback__)  # the release's frames hold the model
@@ -183,7 +185,11 @@ def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> Unloa
         held_bytes=freed.held,
         held=freed.reasons,
         expected_bytes=unload.expected,
-        freed_bytes=DeviceMemoryDelta.between(unload.before, after).freed(),
+        # Layers only the adapter sees (an ended worker process) join the device's.
+        freed_bytes={
+            **DeviceMemoryDelta.between(unload.before, after).freed(),
+            **(given_back or {}),
+        },
         memory_before=unload.before,
         memory_after=after,
         cleanup=report_cleanup,

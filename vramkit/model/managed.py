@@ -53,6 +53,9 @@ from vramkit.errors import (
     InvalidArgumentError,
     ModelStateError,
 )
+from vramkit.isolation import Isolation, WorkerProxy, worker_pid
+from vramkit.isolation._loader import IsolatedLoader
+from vramkit.isolation._spec import isolation_options
 from vramkit.model import tiers
 from vramkit.model._checks import check_options
 from vramkit.model._lease import InferenceFunction, Lease
@@ -106,7 +109,8 @@ def _manager_options(options: object) -> dict[str, Any]:
     """
     if options is None:
         return {}
-    taken = ("loader", "name", "device", "config")  # the from_* method sets these itself
+    # The from_* method sets these itself (isolate= is its own parameter).
+    taken = ("loader", "name", "device", "config", "isolate")
     allowed = [p for p in inspect.signature(ManagedModel.__init__).parameters if p != "self"]
     allowed = [p for p in allowed if p not in taken]
     if not isinstance(options, Mapping) or not all(k in allowed for k in options):
@@ -163,6 +167,12 @@ class ManagedModel(ModelLife[T]):
             for budgets; replaced by the measured size once loaded.
         config: The configuration the loader closes over, for display
             (``mm.config``); the ``from_*`` constructors fill it in.
+        isolate: Run the loader in a worker process of its own (``True``, or
+            a :class:`~vramkit.isolation.Isolation` with time bounds): leases
+            lend a :class:`~vramkit.isolation.WorkerProxy`, unloading ends the
+            process, a crash raises :class:`~vramkit.WorkerCrashedError`. The
+            loader (and ``adapter``, ``release``, ``size``) must then be
+            picklable, or ``loader`` an import path ``"package.module:function"``.
 
     Example:
         >>> import torch
@@ -192,7 +202,30 @@ class ManagedModel(ModelLife[T]):
         offload_dir: str | os.PathLike[str] | None = None,
         size_hint: int | str | None = None,
         config: Mapping[str, Any] | None = None,
+        isolate: bool | Isolation = False,
     ) -> None:
+        if isolate is not False:
+            # The loader, the adapter and the cleanup policy go to the worker;
+            # here the loaded object is a proxy, handled by the worker adapter.
+            # Checked here first: in the worker a bad option would fail only at load.
+            check_options(cleanup, config, offload_dir)
+            worker_options = {
+                "inference_mode": inference_mode,
+                "owns": owns,  # the loader's contract holds where the loader runs
+                **{
+                    key: value
+                    for key, value in (
+                        ("adapter", adapter),
+                        ("release", release),
+                        ("size", size),
+                        ("cleanup", cleanup),
+                        ("offload_dir", offload_dir),
+                    )
+                    if value is not None
+                },
+            }
+            loader = self._isolated(loader, name, device, isolate, worker_options)
+            adapter = release = size = cleanup = None
         if not callable(loader):
             raise InvalidArgumentError(
                 f"loader must be a zero-argument callable that returns the model; got {loader!r}"
@@ -221,6 +254,63 @@ class ManagedModel(ModelLife[T]):
         self._created = next(_creation)
         with _instances_lock:
             _instances.add(self)
+
+    def _isolated(
+        self,
+        loader: object,
+        name: str | None,
+        device: DeviceLike | None,
+        isolate: bool | Isolation,
+        worker_options: Mapping[str, Any],
+    ) -> Callable[[], Any]:
+        """The loader of an isolated model: start a worker that runs ``loader``."""
+        options = isolation_options(isolate)
+        assert options is not None
+        if not (callable(loader) or isinstance(loader, str)):
+            raise InvalidArgumentError(
+                "loader must be a zero-argument callable or an import path "
+                f"'package.module:function'; got {loader!r}"
+            )
+        lost = weakref.WeakMethod(self._object_lost)
+
+        def crashed(proxy: object, error: BaseException) -> None:
+            model = lost()
+            if model is not None:
+                model(proxy, error)
+
+        return IsolatedLoader(
+            ManagedModel,  # what the worker builds its own (in-process) model with
+            loader,
+            name=name,
+            device=str(resolve_device(device)),
+            options=options,
+            worker_options=worker_options,
+            on_crash=crashed,
+        )
+
+    def _object_lost(self, obj: object, error: BaseException) -> None:
+        """The loaded object died on its own (its worker process crashed): now UNLOADED.
+
+        Leases still out keep their (dead) object and fail when they use it;
+        the next lease loads afresh.
+        """
+        life = self._life
+        with life.cond:
+            before = life.state
+            if life.obj is not obj or before not in (ModelState.READY, ModelState.OFFLOADED):
+                return  # already replaced, or a transition in progress handles it
+            life.obj = None
+            self._parked.clear()
+            life.settle(ModelState.UNLOADED)
+        if self._owner is not None:
+            self._owner._freed(self)
+        self._emit(
+            "crash",
+            before.value,
+            "UNLOADED",
+            bytes=self._stats.size_bytes,
+            detail={"error": str(error).partition("\n")[0]},
+        )
 
     # ------------------------------------------------------------------ constructors
 
@@ -271,6 +361,7 @@ class ManagedModel(ModelLife[T]):
         name: str | None = None,
         disable_update: bool = True,
         manager_options: Mapping[str, Any] | None = None,
+        isolate: bool | Isolation = False,
         **automodel_kwargs: Any,
     ) -> ManagedModel[Any]:
         """Manage a FunASR ``AutoModel`` built from a local directory or a hub name.
@@ -295,6 +386,7 @@ class ManagedModel(ModelLife[T]):
             disable_update: Skip FunASR's version check against PyPI.
             manager_options: Options for :class:`ManagedModel` itself
                 (``keep_alive``, ``strict``...), kept apart from FunASR's own.
+            isolate: Run the pipeline in a worker process (see :class:`ManagedModel`).
             **automodel_kwargs: Passed to ``funasr.AutoModel``.
 
         Raises:
@@ -319,6 +411,7 @@ class ManagedModel(ModelLife[T]):
             name=name or Path(os.fspath(model)).name or "funasr",
             device=target,
             config=config,
+            isolate=isolate,
             **options,
         )
 
@@ -453,10 +546,15 @@ class ManagedModel(ModelLife[T]):
     def device_bytes(self) -> int:
         """Bytes the model holds on its device now: what leaving the device would free.
 
-        Mid-transition, what is really there: nothing once the weights left the device.
+        Mid-transition, what is really there: nothing once the weights left the
+        device. An isolated model offloaded inside its worker counts what the
+        worker still holds (its interpreter, imports and CUDA context).
         """
         size = self._stats.size_bytes or 0
-        return self._parked.device_bytes(self._life.state, size, on_host=self._device.is_host)
+        residue = self._stats.offload_residue_bytes.get(self._parked.tier or "", 0)
+        return self._parked.device_bytes(
+            self._life.state, size, on_host=self._device.is_host, residue=residue
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The model's line as JSON-ready data (what status pages and ``vramkit ps`` show).
@@ -465,10 +563,13 @@ class ManagedModel(ModelLife[T]):
             ``name``, ``device``, ``state``, ``tier``, ``device_bytes``,
             ``size_bytes`` (the expected size), ``leases``, ``idle_seconds``,
             ``keep_alive`` (seconds or ``None``), ``pool`` (its pool's name or
-            ``None``), ``loads``, ``wakes``, ``offloads``, ``unloads``.
+            ``None``), ``loads``, ``wakes``, ``offloads``, ``unloads``,
+            ``isolated`` and ``worker_pid`` (the process an isolated model
+            runs in while loaded, else ``None``).
         """
         stats = self._stats
         pool = self.pool
+        obj = self._life.obj
         return {
             "name": self._name,
             "device": str(self._device),
@@ -484,6 +585,8 @@ class ManagedModel(ModelLife[T]):
             "wakes": stats.wakes,
             "offloads": stats.offloads,
             "unloads": stats.unloads,
+            "isolated": isinstance(self._loader, IsolatedLoader),
+            "worker_pid": worker_pid(obj) if isinstance(obj, WorkerProxy) else None,
         }
 
     # ------------------------------------------------------------------ leases

@@ -83,8 +83,9 @@ class UnloadReport:
         expected_bytes: The model's size as measured at load.
         freed_bytes: Bytes given back per layer of :data:`vramkit.memory.LAYERS`:
             ``allocated``, ``reserved``, ``process`` (this process per driver
-            or RSS), ``used`` (device-wide, driver or OS); ``None`` where the
-            layer cannot be read here.
+            or RSS), ``used`` (device-wide, driver or OS), and ``worker`` for
+            an isolated model (what its ended worker process held); ``None``
+            where the layer cannot be read here.
         memory_before: The device's reading before unloading.
         memory_after: The reading after cleanup.
         cleanup: The cleanup that ran after release.
@@ -121,15 +122,15 @@ class UnloadReport:
 
     @property
     def seen_bytes(self) -> int | None:
-        """Bytes that came back in the first of :data:`vramkit.memory.USAGE_LAYERS` known here."""
-        known = (self.freed_bytes.get(layer) for layer in USAGE_LAYERS)
+        """Bytes that came back: ``worker``, else the first of ``USAGE_LAYERS`` known here."""
+        known = (self.freed_bytes.get(layer) for layer in ("worker", *USAGE_LAYERS))
         return next((value for value in known if value is not None), None)
 
     def __str__(self) -> str:
         if self.state_before is ModelState.UNLOADED:
             return f"{self.model} was not loaded: nothing to unload"
         verdict = "freed" if self.ok else ("unverified" if not self.verified else "HELD")
-        layers = (
+        layers = ("worker",) + (
             shown_layers(self.memory_before) if self.memory_before is not None else tuple(LAYERS)
         )
         came_back = ", ".join(
@@ -170,6 +171,10 @@ class ModelStats:
         wake_seconds: Wall time of the last wake, per tier.
         offloaded_bytes: Bytes held per tier by the last offload.
         offload_seconds: Wall time of the last offload, per tier.
+        offload_residue_bytes: Device bytes the model still held while
+            offloaded to each tier, measured after its last offload there
+            (absent: none). An isolated model's worker keeps its process and
+            its CUDA context through an offload inside it.
     """
 
     loads: int = 0
@@ -182,3 +187,4 @@ class ModelStats:
     wake_seconds: Mapping[str, float] = field(default_factory=dict)
     offloaded_bytes: Mapping[str, int] = field(default_factory=dict)
     offload_seconds: Mapping[str, float] = field(default_factory=dict)
+    offload_residue_bytes: Mapping[str, int] = field(default_factory=dict)

@@ -29,9 +29,10 @@ they were, and a reference kept across the offload works again.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -73,6 +74,7 @@ __all__ = [
 
 Tier = Literal["cpu", "disk"]
 
+Method = Literal["move", "file", "rebuild", "delegated"]
 HOST_HEADROOM = 512 * 1024**2
 """Host RAM left free when a cpu-tier copy is made (or chosen), in bytes."""
 
@@ -85,9 +87,11 @@ class OffloadReport:
         model: The model's name.
         tier: ``"cpu"`` or ``"disk"``.
         method: ``"move"`` (weights moved to host RAM), ``"file"`` (weights in a
-            safetensors file, module a ``meta`` skeleton), or ``"rebuild"`` (the
+            safetensors file, module a ``meta`` skeleton), ``"rebuild"`` (the
             object was dropped and will be rebuilt by the loader: ONNX Runtime
-            sessions and other objects without torch modules).
+            sessions and other objects without torch modules), or
+            ``"delegated"`` (the object offloaded itself through its adapter:
+            an isolated model, inside its worker process; ``note`` says how).
         seconds: Wall time.
         weight_bytes: Bytes of the weights that moved (tied weights once).
         pinned: Whether the host copy is pinned (``cpu`` tier from CUDA).
@@ -101,7 +105,7 @@ class OffloadReport:
 
     model: str
     tier: Tier
-    method: Literal["move", "file", "rebuild"]
+    method: Method
     seconds: float
     weight_bytes: int
     pinned: bool = False
@@ -112,7 +116,12 @@ class OffloadReport:
     note: str = ""
 
     def __str__(self) -> str:
-        where = {"move": "to host RAM", "file": f"to {self.path}", "rebuild": "by dropping it"}
+        where = {
+            "move": "to host RAM",
+            "file": f"to {self.path}",
+            "rebuild": "by dropping it",
+            "delegated": f"to {self.tier}",
+        }
         text = (
             f"offloaded {self.model} ({format_bytes(self.weight_bytes)}) {where[self.method]} "
             f"in {self.seconds:.3f} s"
@@ -129,7 +138,8 @@ class WakeReport:
     Attributes:
         model: The model's name.
         tier: The tier it woke from.
-        method: How: ``"move"``, ``"file"`` or ``"rebuild"`` (the loader ran).
+        method: How: ``"move"``, ``"file"``, ``"rebuild"`` (the loader ran) or
+            ``"delegated"`` (the object woke itself, in its worker process).
         seconds: Wall time to ready.
         weight_bytes: Bytes brought back.
         fallback: Why the loader ran instead of the tier (a missing or
@@ -138,7 +148,7 @@ class WakeReport:
 
     model: str
     tier: Tier
-    method: Literal["move", "file", "rebuild"]
+    method: Method
     seconds: float
     weight_bytes: int
     fallback: str | None = None
@@ -188,7 +198,7 @@ class _Offloaded:
     """
 
     tier: Tier
-    method: Literal["move", "file", "rebuild"]
+    method: Method
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # cpu tier: key -> host copy
     devices: dict[str, torch.device] = field(default_factory=dict)  # key -> where it lived
@@ -198,6 +208,7 @@ class _Offloaded:
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
     weight_bytes: int = 0
     pinned: bool = False
+    resume: Callable[[], object] | None = None  # a delegated tier: how the object wakes itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +367,23 @@ def offload_object(
     """
     started = time.perf_counter()
     before = owner.device.read()
+    in_place = getattr(owner.adapter, "offload_in_place", None)
+    if in_place is not None:
+        # The object manages its own tiers (an isolated model: its worker
+        # offloads, keeping its process and CUDA context, so waking stays fast).
+        weight_bytes, note = in_place(obj, tier)
+        wake_in_place = owner.adapter.wake_in_place  # type: ignore[union-attr]
+        state = _Offloaded(
+            tier,
+            "delegated",
+            weight_bytes=weight_bytes,
+            resume=functools.partial(wake_in_place, obj),
+        )
+        seconds = time.perf_counter() - started
+        report = OffloadReport(
+            owner.name, tier, "delegated", seconds, weight_bytes, memory_before=before, note=note
+        )
+        return state, report, file
     modules = modules_of(owner.adapter, obj)
     if not modules and previous is None:
         state = _Offloaded(tier, "rebuild", weight_bytes=owner.size_bytes or 0)
@@ -516,11 +544,14 @@ def wake_object(
     """
     started = time.perf_counter()
     file = None
-    with torch._C.DisableTorchFunctionSubclass():  # the tensors are tombstones until restored
-        if state.method == "move":
-            _from_host(state, device)
-        else:
-            file = _from_disk(state, device)
+    if state.resume is not None:
+        state.resume()
+    else:
+        with torch._C.DisableTorchFunctionSubclass():  # the tensors are tombstones until restored
+            if state.method == "move":
+                _from_host(state, device)
+            else:
+                file = _from_disk(state, device)
     report = WakeReport(
         name, state.tier, state.method, time.perf_counter() - started, state.weight_bytes
     )
@@ -568,6 +599,7 @@ def release_host_copies(state: _Offloaded) -> None:
     """Drop a cpu-tier state's host copies (pinned memory included) once they moved on."""
     state.host.clear()
     state.tensors.clear()
+    state.resume = None  # it holds the object: an unload must see it die
 
 
 def discard(state: _Offloaded | None, file: _DiskCache | None) -> None:
@@ -611,6 +643,7 @@ def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> 
     measured = stats.wake_seconds
     written = stats.offload_seconds
     load = stats.load_seconds
+    residue = stats.offload_residue_bytes  # what a tier leaves on the device (isolated models)
     # Estimates before a measurement: ~8 GB/s host<->device, ~1.5 GB/s reading
     # page cache or disk, ~0.5 GB/s writing a file and syncing it.
     cpu_estimate = 0.0 if on_host else size / 8e9
@@ -620,7 +653,7 @@ def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> 
     return {
         "cpu": TierCost(
             "cpu",
-            0 if on_host else size,
+            0 if on_host else max(size - residue.get("cpu", 0), 0),
             size,
             0,
             measured.get("cpu", cpu_estimate),
@@ -629,7 +662,7 @@ def tier_costs(stats: ModelStats, *, on_host: bool, file: _DiskCache | None) -> 
         ),
         "disk": TierCost(
             "disk",
-            size,
+            max(size - residue.get("disk", 0), 0),
             0,
             size,
             measured.get("disk", disk_estimate),
@@ -652,11 +685,18 @@ def choose_tier(costs: Mapping[str, TierCost], size_bytes: int, host_free_bytes:
 
     ``cpu`` when host RAM holds the weights with :data:`HOST_HEADROOM` to spare
     and the tier frees anything; then ``disk`` when waking from it beats a
-    reload; else ``unload``.
+    reload; else ``unload``. A tier that frees less than half of what an
+    unload frees (an isolated model's worker keeps its interpreter and CUDA
+    context through an offload) is not worth its wake: ``unload``.
     """
-    cpu = costs["cpu"]
-    if cpu.frees_device_bytes and size_bytes + HOST_HEADROOM <= host_free_bytes:
+    enough = costs["unload"].frees_device_bytes / 2
+    cpu, disk = costs["cpu"], costs["disk"]
+    if (
+        cpu.frees_device_bytes
+        and cpu.frees_device_bytes >= enough
+        and size_bytes + HOST_HEADROOM <= host_free_bytes
+    ):
         return "cpu"
-    if costs["disk"].wake_seconds < costs["unload"].wake_seconds:
+    if disk.frees_device_bytes >= enough and disk.wake_seconds < costs["unload"].wake_seconds:
         return "disk"
     return "unload"

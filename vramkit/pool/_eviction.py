@@ -164,6 +164,8 @@ def evict(model: ManagedModel[Any], evict_to: str, *, reason: str) -> bool:
         Whether it left the device; ``False`` when a lease arrived in between.
     """
     tier = model.choose_tier() if evict_to == "auto" else evict_to
+    if tier == model.tier:
+        tier = "unload"  # already there, and what it still holds is wanted: all of it
     before = model.state
     started = time.perf_counter()
     try:
