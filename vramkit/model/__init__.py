@@ -21,11 +21,19 @@ The package, room by room:
 - ``_unload``: release and prove: weak references, survivors, holders, the driver wait;
 - :mod:`~vramkit.model.tiers`: offload and wake of the weights (cpu and disk tiers),
   their reports, and what each tier would cost;
-- ``_tierfile``: the disk tier's file format, folder and clean-up.
+- ``_tierfile``: the disk tier's file format, folder and clean-up;
+- ``_checks`` and ``_isolated``: the constructor's option checks, and the
+  loader of a model isolated in a worker process.
+
+This package also publishes its live models for ``vramkit ps`` (see
+:mod:`vramkit._runtime`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from vramkit import _runtime
 from vramkit.model.managed import ManagedModel, live_models
 from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
 
@@ -37,3 +45,20 @@ __all__ = [
     "UnloadReport",
     "live_models",
 ]
+
+
+def _published_state() -> dict[str, Any]:
+    """What this process publishes for ``vramkit ps``: its models, and their pools' accounting."""
+    models = [m for m in live_models() if not m.closed]
+    pools = {id(m.pool): m.pool for m in models if m.pool is not None}
+    return {
+        "models": [m.to_dict() for m in models],
+        # Each model has its own line, naming its pool: a pool's line leaves them out.
+        "pools": [
+            {k: v for k, v in pool.status().to_dict().items() if k != "models"}
+            for pool in pools.values()
+        ],
+    }
+
+
+_runtime.install(_published_state)

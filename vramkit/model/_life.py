@@ -372,6 +372,29 @@ class ModelLife(Generic[T]):
             self._woke(tier, report.seconds)
         return report
 
+    def _object_lost(self, obj: object, error: BaseException) -> None:
+        """The loaded object died on its own (its worker process crashed): now UNLOADED.
+
+        Leases still out keep their (dead) object and fail when they use it;
+        the next lease loads afresh.
+        """
+        life = self._life
+        with life.cond:
+            before = life.state
+            if life.obj is not obj or before not in (ModelState.READY, ModelState.OFFLOADED):
+                return  # already replaced, or a transition in progress handles it
+            self._lost()
+            life.settle(ModelState.UNLOADED)
+        if self._owner is not None:
+            self._owner._freed(self)
+        self._emit(
+            "crash",
+            before.value,
+            "UNLOADED",
+            bytes=self._stats.size_bytes,
+            detail={"error": str(error).partition("\n")[0]},
+        )
+
     def _lost(self) -> None:
         """Forget an object that died on its own (an isolated model's worker crashed).
 

@@ -18,7 +18,6 @@ names the holder and the memory is freed anyway.
 from __future__ import annotations
 
 import datetime
-import inspect
 import itertools
 import os
 import threading
@@ -32,11 +31,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 import torch
 
-from vramkit import _runtime
 from vramkit._keepalive import keep_alive_seconds
 from vramkit._units import check_flag, check_seconds, parse_bytes, parse_timeout
 from vramkit._utils import callable_name
-from vramkit.adapters import Adapter, GenericAdapter
+from vramkit.adapters import Adapter
 from vramkit.adapters.funasr import check_funasr, funasr_loader
 from vramkit.adapters.onnxruntime import (
     check_onnx_path,
@@ -55,9 +53,9 @@ from vramkit.errors import (
 )
 from vramkit.isolation import Isolation, WorkerProxy, worker_pid
 from vramkit.isolation._loader import IsolatedLoader
-from vramkit.isolation._spec import isolation_options
 from vramkit.model import tiers
-from vramkit.model._checks import check_options
+from vramkit.model._checks import adapter_given, check_options, manager_options_of
+from vramkit.model._isolated import isolated_loader
 from vramkit.model._lease import InferenceFunction, Lease
 from vramkit.model._life import ModelLife
 from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
@@ -76,49 +74,11 @@ _instances: weakref.WeakSet[ManagedModel[Any]] = weakref.WeakSet()
 _instances_lock = threading.Lock()
 
 
-def _adapter_given(
-    adapter: Adapter | None,
-    release: Callable[[Any], object] | None,
-    size: Callable[[Any], int | None] | None,
-    name: str,
-) -> Adapter | None:
-    """The adapter a model was given: ``adapter=``, or one made of ``release=`` / ``size=``."""
-    if adapter is not None and (release is not None or size is not None):
-        raise InvalidArgumentError("pass either adapter= or release=/size=, not both")
-    if release is not None or size is not None:
-        return GenericAdapter(release=release, size=size, name=name)
-    if adapter is not None and not isinstance(adapter, Adapter):
-        raise InvalidArgumentError(
-            f"adapter must implement vramkit.adapters.Adapter; got {adapter!r}"
-        )
-    return adapter
-
-
 def live_models() -> list[ManagedModel[Any]]:
     """Every ``ManagedModel`` alive in this process, oldest first (for reports and status)."""
     with _instances_lock:
         models = list(_instances)
     return sorted(models, key=lambda m: m._created)
-
-
-def _manager_options(options: object) -> dict[str, Any]:
-    """Check ``manager_options=``: a mapping of the constructor's own keyword options.
-
-    Passed on as ``**options``, a wrong key would fail inside the constructor
-    with a TypeError about an "unexpected keyword argument".
-    """
-    if options is None:
-        return {}
-    # The from_* method sets these itself (isolate= is its own parameter).
-    taken = ("loader", "name", "device", "config", "isolate")
-    allowed = [p for p in inspect.signature(ManagedModel.__init__).parameters if p != "self"]
-    allowed = [p for p in allowed if p not in taken]
-    if not isinstance(options, Mapping) or not all(k in allowed for k in options):
-        raise InvalidArgumentError(
-            f"manager_options must be a mapping of ManagedModel options ({', '.join(allowed)}) "
-            f"or None; got {options!r}"
-        )
-    return dict(options)
 
 
 class ManagedModel(ModelLife[T]):
@@ -209,22 +169,21 @@ class ManagedModel(ModelLife[T]):
             # here the loaded object is a proxy, handled by the worker adapter.
             # Checked here first: in the worker a bad option would fail only at load.
             check_options(cleanup, config, offload_dir)
-            worker_options = {
-                "inference_mode": inference_mode,
-                "owns": owns,  # the loader's contract holds where the loader runs
-                **{
-                    key: value
-                    for key, value in (
-                        ("adapter", adapter),
-                        ("release", release),
-                        ("size", size),
-                        ("cleanup", cleanup),
-                        ("offload_dir", offload_dir),
-                    )
-                    if value is not None
-                },
-            }
-            loader = self._isolated(loader, name, device, isolate, worker_options)
+            loader = isolated_loader(
+                ManagedModel,  # what the worker builds its own (in-process) model with
+                loader,
+                name=name,
+                device=device,
+                isolate=isolate,
+                on_lost=self._object_lost,
+                inference_mode=inference_mode,
+                owns=owns,  # the loader's contract holds where the loader runs
+                adapter=adapter,
+                release=release,
+                size=size,
+                cleanup=cleanup,
+                offload_dir=offload_dir,
+            )
             adapter = release = size = cleanup = None
         if not callable(loader):
             raise InvalidArgumentError(
@@ -234,7 +193,7 @@ class ManagedModel(ModelLife[T]):
             name = callable_name(loader)
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
-        adapter = _adapter_given(adapter, release, size, name)
+        adapter = adapter_given(adapter, release, size, name)
         check_options(cleanup, config, offload_dir)
         self._loader = loader
         self._name = name
@@ -254,63 +213,6 @@ class ManagedModel(ModelLife[T]):
         self._created = next(_creation)
         with _instances_lock:
             _instances.add(self)
-
-    def _isolated(
-        self,
-        loader: object,
-        name: str | None,
-        device: DeviceLike | None,
-        isolate: bool | Isolation,
-        worker_options: Mapping[str, Any],
-    ) -> Callable[[], Any]:
-        """The loader of an isolated model: start a worker that runs ``loader``."""
-        options = isolation_options(isolate)
-        assert options is not None
-        if not (callable(loader) or isinstance(loader, str)):
-            raise InvalidArgumentError(
-                "loader must be a zero-argument callable or an import path "
-                f"'package.module:function'; got {loader!r}"
-            )
-        lost = weakref.WeakMethod(self._object_lost)
-
-        def crashed(proxy: object, error: BaseException) -> None:
-            model = lost()
-            if model is not None:
-                model(proxy, error)
-
-        return IsolatedLoader(
-            ManagedModel,  # what the worker builds its own (in-process) model with
-            loader,
-            name=name,
-            device=str(resolve_device(device)),
-            options=options,
-            worker_options=worker_options,
-            on_crash=crashed,
-        )
-
-    def _object_lost(self, obj: object, error: BaseException) -> None:
-        """The loaded object died on its own (its worker process crashed): now UNLOADED.
-
-        Leases still out keep their (dead) object and fail when they use it;
-        the next lease loads afresh.
-        """
-        life = self._life
-        with life.cond:
-            before = life.state
-            if life.obj is not obj or before not in (ModelState.READY, ModelState.OFFLOADED):
-                return  # already replaced, or a transition in progress handles it
-            life.obj = None
-            self._parked.clear()
-            life.settle(ModelState.UNLOADED)
-        if self._owner is not None:
-            self._owner._freed(self)
-        self._emit(
-            "crash",
-            before.value,
-            "UNLOADED",
-            bytes=self._stats.size_bytes,
-            detail={"error": str(error).partition("\n")[0]},
-        )
 
     # ------------------------------------------------------------------ constructors
 
@@ -397,7 +299,7 @@ class ManagedModel(ModelLife[T]):
             MissingDependencyError: funasr is not installed.
         """
         check_flag(disable_update, "disable_update")
-        options = _manager_options(manager_options)
+        options = manager_options_of(cls, manager_options)
         directory, kwargs = check_funasr(model, automodel_kwargs)
         target = resolve_device(device)
         loader, config = funasr_loader(
@@ -780,21 +682,3 @@ class ManagedModel(ModelLife[T]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _published_state() -> dict[str, Any]:
-    """What this process publishes for ``vramkit ps``: its models, and their pools' accounting."""
-    models = [m for m in live_models() if not m.closed]
-    pools = {id(m.pool): m.pool for m in models if m.pool is not None}
-    return {
-        "models": [m.to_dict() for m in models],
-        "pools": [_pool_line(pool.status().to_dict()) for pool in pools.values()],
-    }
-
-
-def _pool_line(status: dict[str, Any]) -> dict[str, Any]:
-    status.pop("models", None)  # each model has its own line, naming its pool
-    return status
-
-
-_runtime.install(_published_state)

@@ -372,13 +372,8 @@ def offload_object(
         # The object manages its own tiers (an isolated model: its worker
         # offloads, keeping its process and CUDA context, so waking stays fast).
         weight_bytes, note = in_place(obj, tier)
-        wake_in_place = owner.adapter.wake_in_place  # type: ignore[union-attr]
-        state = _Offloaded(
-            tier,
-            "delegated",
-            weight_bytes=weight_bytes,
-            resume=functools.partial(wake_in_place, obj),
-        )
+        resume = functools.partial(owner.adapter.wake_in_place, obj)  # type: ignore[union-attr]
+        state = _Offloaded(tier, "delegated", weight_bytes=weight_bytes, resume=resume)
         seconds = time.perf_counter() - started
         report = OffloadReport(
             owner.name, tier, "delegated", seconds, weight_bytes, memory_before=before, note=note
