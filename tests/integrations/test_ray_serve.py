@@ -239,7 +239,7 @@ def test_unload_waits_for_a_request_that_still_borrows_the_model(tmp_path: Path)
             await asyncio.sleep(0.01)
         unloading = asyncio.create_task(instance.get_model.unload("a"))
         deadline = time.monotonic() + 30
-        while not unloading.done() and not pool["a"]._waiting:  # until it waits (or fails)
+        while not unloading.done() and not pool["a"]._life.waiting:  # until it waits (or fails)
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
         release.set()
