@@ -101,7 +101,7 @@ def test_one_infinite_keep_alive_in_a_pool_leaves_expiry_working() -> None:
         time.sleep(0.2)  # the old thread died on the huge deadline here
         with brief.use() as model:
             model(torch.ones(1, 16))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a bound against hanging, not a speed check
         while brief.state is not ModelState.UNLOADED and time.monotonic() < deadline:
             time.sleep(0.02)
         assert brief.state is ModelState.UNLOADED

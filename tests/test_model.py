@@ -505,7 +505,7 @@ def test_closed_model_refuses_use() -> None:
 def test_keep_alive_zero_unloads_when_the_last_lease_ends() -> None:
     mm = small("eager", keep_alive=0)
     mm(torch.ones(1, 512))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a bound against hanging, not a speed check
     while mm.state is not ModelState.UNLOADED and time.monotonic() < deadline:
         time.sleep(0.01)
     assert mm.state is ModelState.UNLOADED
