@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vramkit import ModelPool
+    from vramkit import ManagedModel, ModelPool
 
 LONG = os.environ.get("VRAMKIT_STRESS", "").lower() == "long"
 
@@ -45,3 +46,20 @@ def reserved_bytes(pool: ModelPool) -> int:
     """
     status = pool.status()
     return status.charged_bytes - sum(m.device_bytes for m in status.models)
+
+
+def hold_lease(
+    model: ManagedModel[Any], *, thread_name: str = "lease-holder"
+) -> tuple[threading.Event, threading.Thread]:
+    """Hold a lease on ``model`` in a thread named ``thread_name`` until the event is set."""
+    taken, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with model.use():
+            taken.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=worker, name=thread_name)
+    thread.start()
+    assert taken.wait(60)
+    return release, thread

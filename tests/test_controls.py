@@ -30,6 +30,8 @@ from vramkit.errors import InvalidArgumentError
 from vramkit.testing.fake import FakeDevice
 from vramkit.testing.models import module_nbytes, tiny_mlp
 
+from .helpers import hold_lease
+
 MiB = 1024**2
 
 
@@ -49,21 +51,6 @@ def pool() -> Iterator[ModelPool]:
         p.register("asr", mlp, size_hint="2MiB")
         p.register("llm", lambda: mlp(4.0), pin=True, keep_alive=300, size_hint="4MiB")
         yield p
-
-
-def hold_lease(model: ManagedModel[Any]) -> tuple[threading.Event, threading.Thread]:
-    """Hold a lease on ``model`` in another thread until the returned event is set."""
-    taken, release = threading.Event(), threading.Event()
-
-    def worker() -> None:
-        with model.use():
-            taken.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=worker, name="lease-holder")
-    thread.start()
-    assert taken.wait(30)
-    return release, thread
 
 
 # ---------------------------------------------------------------------- status

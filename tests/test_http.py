@@ -20,13 +20,13 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 import vramkit
-from vramkit import ManagedModel, ModelPool, ModelState
+from vramkit import ModelPool, ModelState
 from vramkit.controls import Controls
 from vramkit.errors import InvalidArgumentError
 from vramkit.integrations.http import admin_app, admin_router, start_admin_server
 from vramkit.testing.models import tiny_mlp
 
-from .helpers import run_python
+from .helpers import hold_lease, run_python
 
 MiB = 1024**2
 
@@ -48,20 +48,6 @@ def pool() -> Iterator[ModelPool]:
 def client(pool: ModelPool) -> Iterator[httpx.Client]:
     with start_admin_server(pool) as server, httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def hold_lease(model: ManagedModel[Any]) -> tuple[threading.Event, threading.Thread]:
-    taken, release = threading.Event(), threading.Event()
-
-    def worker() -> None:
-        with model.use():
-            taken.set()
-            release.wait(60)
-
-    thread = threading.Thread(target=worker, name="request-worker")
-    thread.start()
-    assert taken.wait(60)
-    return release, thread
 
 
 def test_status_matches_pool_status(pool: ModelPool, client: httpx.Client) -> None:
@@ -101,7 +87,7 @@ def test_free_returns_the_bytes_a_snapshot_confirms(pool: ModelPool, client: htt
 def test_unload_of_a_leased_model_answers_409_and_leaves_it_ready(
     pool: ModelPool, client: httpx.Client
 ) -> None:
-    release, thread = hold_lease(pool["asr"])
+    release, thread = hold_lease(pool["asr"], thread_name="request-worker")
     try:
         response = client.post("/models/asr/unload")
         assert response.status_code == 409
