@@ -137,7 +137,7 @@ def test_a_failure_inside_the_search_degrades_to_holder_not_found(
     def broken(*args: Any) -> Any:
         raise TypeError("unhashable type: 'dict'")
 
-    monkeypatch.setattr(referrers, "_edges", broken)
+    monkeypatch.setattr(referrers._walk, "_edges", broken)  # where the walk calls it
     kept.append(Target())
     (chain,) = find_referrers(kept[0])
     assert chain == ReferrerChain("unknown", ("holder not found (search failed: TypeError)",))
@@ -321,7 +321,7 @@ def test_several_targets_share_each_scan(monkeypatch: pytest.MonkeyPatch) -> Non
     kept.append([[b]])
     scans: list[int] = []
     real = gc.get_referrers
-    monkeypatch.setattr(referrers.gc, "get_referrers", lambda *o: scans.append(1) or real(*o))
+    monkeypatch.setattr(gc, "get_referrers", lambda *o: scans.append(1) or real(*o))
     alone = len(find_referrers(a)) and len(scans)
     scans.clear()
     alone += len(find_referrers(b)) and len(scans)

@@ -96,7 +96,6 @@ KNOWN_LARGE = {
     # split into a package; they are the next to move out, into pool/_admission.py.
     "vramkit.pool",
     "vramkit.pool.ModelPool",
-    "vramkit.referrers",  # ~1,080 lines: the holder search, bounded by work
     "vramkit.session",
 }
 
