@@ -91,11 +91,6 @@ KNOWN_LARGE = {
     # ~590 lines: each step's machinery, with the loader checks, loud stale
     # references and async-owned leases of the unload-truth and reliability work.
     "vramkit.model._life.ModelLife",
-    # ~760 / ~640 lines: the admission rules (unknown sizes one at a time, fitting
-    # the budget as leases return, remove() against queued leases) came after the
-    # split into a package; they are the next to move out, into pool/_admission.py.
-    "vramkit.pool",
-    "vramkit.pool.ModelPool",
     "vramkit.session",
 }
 
