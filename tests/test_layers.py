@@ -91,7 +91,6 @@ KNOWN_LARGE = {
     # ~590 lines: each step's machinery, with the loader checks, loud stale
     # references and async-owned leases of the unload-truth and reliability work.
     "vramkit.model._life.ModelLife",
-    "vramkit.session",
 }
 
 

@@ -1,0 +1,234 @@
+"""The leak check of one session run: the census baseline, the re-checks, the verdict.
+
+A run's :class:`Baseline` holds the storages alive before the block; when the
+block ends, :func:`examine` measures what is left (on the host a census of new
+storages, on an accelerator the allocator's counters), re-checks suspected
+growth after full collections, judges it, and searches the holders of the
+largest new tensors when the verdict is not clean.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from vramkit.cleaning import CleanupReport, cleanup
+from vramkit.memory import DeviceMemoryDelta, driver_layer, layer_bytes, usage_layer
+from vramkit.referrers import find_holders_each
+from vramkit.session._report import HeldTensor, Verdict
+from vramkit.tensors import TensorCensus, live_tensors
+
+if TYPE_CHECKING:
+    from vramkit.devices import Device, DeviceMemory
+    from vramkit.memory import MemorySnapshot
+
+__all__ = ["Baseline", "Finding", "allocator_growth", "driver_growth", "examine"]
+
+_HINTED: Final = 3  # referrer searches walk the heap: only for the largest few
+_PAUSE_SECONDS: Final = 0.01  # between re-checks; grows with each attempt
+
+
+class Baseline:
+    """The storages alive before the block, held weakly.
+
+    A storage freed during the block may leave its address to a new one, so an
+    address seen before proves nothing alone: a storage counts as old only
+    while the storage seen before at that address is still alive.
+    """
+
+    __slots__ = ("_refs",)
+
+    def __init__(self, census: TensorCensus) -> None:
+        self._refs: dict[tuple[str, int], Any] = {}
+        for info in census:
+            tensor = info.tensor
+            if tensor is not None:
+                self._refs[info.storage_key] = _weak_storage(tensor)
+
+    def new_in(self, census: TensorCensus) -> TensorCensus:
+        fresh = []
+        for info in census:
+            ref = self._refs.get(info.storage_key, _MISSING)
+            if ref is _MISSING or (ref is not None and ref.expired()):
+                fresh.append(info)
+        return TensorCensus(fresh)
+
+
+_MISSING: Final = object()
+
+
+def _weak_storage(tensor: Any) -> Any:
+    """A weak reference to ``tensor``'s storage, or ``None`` where torch offers none."""
+    try:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        return StorageWeakRef(tensor.untyped_storage())  # type: ignore[no-untyped-call]
+    except (ImportError, RuntimeError, AttributeError, NotImplementedError):
+        return None  # no way to tell reuse apart: fall back to the address alone
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    snapshot: MemorySnapshot
+    allocator: int | None
+    driver: int | None
+    census: TensorCensus | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What the leak check of one run concluded.
+
+    Attributes:
+        snapshot: The reading the verdict is based on (after the last re-check).
+        census: Storages that appeared during the block and are still alive.
+        allocator: Growth of the allocator layer (see ``SessionReport``).
+        driver: Growth of the driver layer.
+        verdict: ``"clean"``, ``"leak"`` or ``"unverified"``.
+        leaked: Bytes that did not come back in the layer that decided the verdict.
+        held: The largest few new tensors with their holders (not clean only).
+        checks: How many times memory was measured (1 + re-checks).
+        cleanup: The first re-check's cleanup, when one ran.
+    """
+
+    snapshot: MemorySnapshot
+    census: TensorCensus
+    allocator: int | None
+    driver: int | None
+    verdict: Verdict
+    leaked: int
+    held: tuple[HeldTensor, ...]
+    checks: int
+    cleanup: CleanupReport | None
+
+
+def examine(
+    device: Device,
+    baseline: Baseline,
+    before: DeviceMemory,
+    after: MemorySnapshot,
+    *,
+    tolerance: int,
+    process_tolerance: int | None,
+    retries: int,
+    raised: bool,
+) -> Finding:
+    """Measure what a run left behind, re-check suspected growth, and judge it.
+
+    Args:
+        device: The session's device.
+        baseline: The storages alive before the block.
+        before: The device's reading before the block.
+        after: The snapshot after the block (and after its cleanup, if any).
+        tolerance: Allowed allocator growth, in bytes.
+        process_tolerance: Allowed driver growth, or ``None`` (ignored).
+        retries: Extra re-checks after the first full collection.
+        raised: Whether the block raised: then no re-check and no holder search.
+    """
+    on_host = usage_layer(before) != "allocated"  # no allocator counts: a census
+    # A cycle that outlived a few collections sits in the oldest generation,
+    # where a young collection leaves it: suspected growth is always
+    # re-checked after a full one, so it never reads as a leak.
+    first: CleanupReport | None = None
+    reading, checks = _check(device, baseline, before, on_host, after), 1
+    attempt = 0
+    while (
+        _suspicious(reading, tolerance, process_tolerance)
+        and not raised
+        and (first is None or attempt < retries)
+    ):
+        if first is not None:
+            attempt += 1
+            time.sleep(_PAUSE_SECONDS * attempt)
+        device.release_workspaces()
+        latest = cleanup(device)
+        if first is None:
+            first = latest
+        reading = _check(device, baseline, before, on_host, latest.after)
+        checks += 1
+    census = reading.census
+    if census is None:  # on an accelerator the census is for the report only
+        census = baseline.new_in(live_tensors(device))
+    verdict, leaked = _judge(reading, on_host, tolerance, process_tolerance)
+    held: tuple[HeldTensor, ...] = ()
+    if verdict != "clean" and not raised:
+        held = _holders(census[:_HINTED])
+    return Finding(
+        snapshot=reading.snapshot,
+        census=census,
+        allocator=reading.allocator,
+        driver=reading.driver,
+        verdict=verdict,
+        leaked=leaked,
+        held=held,
+        checks=checks,
+        cleanup=first,
+    )
+
+
+def _check(
+    device: Device, baseline: Baseline, before: DeviceMemory, on_host: bool, latest: MemorySnapshot
+) -> _Reading:
+    name = str(device)
+    census = None
+    if on_host:
+        census = baseline.new_in(live_tensors(device))
+        allocator: int | None = census.total_bytes
+    else:
+        allocator = allocator_growth(before, latest[name])
+    return _Reading(latest, allocator, driver_growth(before, latest[name]), census)
+
+
+def _suspicious(reading: _Reading, tolerance: int, process_tolerance: int | None) -> bool:
+    """Whether the reading could become a leak or unverified verdict: worth re-checking."""
+    if reading.allocator is not None and reading.allocator > tolerance:
+        return True
+    return (
+        process_tolerance is not None
+        and reading.driver is not None
+        and reading.driver > process_tolerance
+    )
+
+
+def _judge(
+    reading: _Reading, on_host: bool, tolerance: int, process_tolerance: int | None
+) -> tuple[Verdict, int]:
+    allocator = reading.allocator or 0
+    if allocator > tolerance:
+        if on_host:
+            return "leak", allocator  # untouched pages never reach RSS: no confirmation
+        # As in CudaMemoryLeakCheck: the driver must confirm the allocator.
+        if reading.driver is not None and reading.driver > 0:
+            return "leak", allocator
+        return "unverified", allocator
+    if (
+        process_tolerance is not None
+        and reading.driver is not None
+        and reading.driver > process_tolerance
+    ):
+        return "leak", reading.driver
+    return "clean", max(allocator, 0)
+
+
+def _holders(largest: TensorCensus) -> tuple[HeldTensor, ...]:
+    """Who holds each of ``largest``: one search for all, bounded by work, not by time.
+
+    The same leak gets the same report on an idle machine and a busy one.
+    """
+    infos = [info for info in largest if info.tensor is not None]
+    targets = [info.tensor for info in infos]
+    chains = find_holders_each(targets, ignore=[targets, infos])
+    targets.clear()
+    return tuple(HeldTensor(info, tuple(found)) for info, found in zip(infos, chains, strict=True))
+
+
+def allocator_growth(before: DeviceMemory, after: DeviceMemory) -> int | None:
+    """Growth of ``allocated_bytes`` (``None`` where the device has no allocator counts)."""
+    return DeviceMemoryDelta.between(before, after).allocated_bytes
+
+
+def driver_growth(before: DeviceMemory, after: DeviceMemory) -> int | None:
+    """Growth in the driver's (or the OS's) layer: see :data:`vramkit.memory.DRIVER_LAYERS`."""
+    delta = DeviceMemoryDelta.between(before, after)
+    return layer_bytes(delta, driver_layer(delta))
