@@ -82,7 +82,6 @@ KNOWN_PRIVATE_IMPORTS: set[str] = set()
 MODULE_LINES = 700
 CLASS_LINES = 500
 KNOWN_LARGE = {
-    "vramkit.controls",  # 1,045 lines: the control operations and their reports
     "vramkit.demo",  # 729 lines: the pipeline, its stand-in models, its picture and options
     "vramkit.integrations.ray_serve",  # 990 lines: the decorator, its pool and the router
     # ~560 lines: the documented life of one model, its three from_* constructors
