@@ -83,7 +83,6 @@ MODULE_LINES = 700
 CLASS_LINES = 500
 KNOWN_LARGE = {
     "vramkit.demo",  # 729 lines: the pipeline, its stand-in models, its picture and options
-    "vramkit.integrations.ray_serve",  # 990 lines: the decorator, its pool and the router
     # ~560 lines: the documented life of one model, its three from_* constructors
     # with their argument checks, and its status line; the machinery is in ModelLife.
     "vramkit.model.managed.ManagedModel",

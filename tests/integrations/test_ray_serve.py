@@ -537,8 +537,10 @@ def in_a_replica(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, list[str]]]
     """
     pushed: list[tuple[Any, list[str]]] = []
     replica = _FakeReplicaId("r1")
-    monkeypatch.setattr(ray_serve, "_replica_context", lambda: _FakeReplicaContext(replica))
-    monkeypatch.setattr(ray_serve, "_report_to_serve", lambda r, ids: pushed.append((r, ids)))
+    monkeypatch.setattr(ray_serve._models, "_replica_context", lambda: _FakeReplicaContext(replica))
+    monkeypatch.setattr(
+        ray_serve._models, "_report_to_serve", lambda r, ids: pushed.append((r, ids))
+    )
     return pushed
 
 
