@@ -111,3 +111,14 @@ def test_a_bad_option_exits_2_from_the_command_line() -> None:
     assert completed.returncode == 2
     assert "vramkit: error: --items must be at least 1" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_python_dash_m_vramkit_demo_is_vramkit_demo() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "vramkit.demo", "--items", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert (completed.returncode, completed.stderr) == (2, _demo("--items", "0").stderr)

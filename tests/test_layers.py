@@ -82,7 +82,6 @@ KNOWN_PRIVATE_IMPORTS: set[str] = set()
 MODULE_LINES = 700
 CLASS_LINES = 500
 KNOWN_LARGE = {
-    "vramkit.demo",  # 729 lines: the pipeline, its stand-in models, its picture and options
     # ~560 lines: the documented life of one model, its three from_* constructors
     # with their argument checks, and its status line; the machinery is in ModelLife.
     "vramkit.model.managed.ManagedModel",
