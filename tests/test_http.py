@@ -380,3 +380,25 @@ def test_a_taken_port_fails_at_the_call(pool: ModelPool) -> None:
         with pytest.raises(OSError, match=f"could not start on 127.0.0.1:{first.port}"):
             start_admin_server(pool, port=first.port)
         assert httpx.get(f"{first.url}/status", timeout=60).status_code == 200
+
+
+def test_an_idle_connection_outlives_a_client_pools_keep_alive(client: httpx.Client) -> None:
+    # Clients close their idle connections (httpx after 5 s); if the server closed
+    # first, a request sent at that moment would be reset, as seen under load.
+    url = httpx.URL(str(client.base_url))
+    with socket.create_connection((url.host, url.port or 80), timeout=30) as sock:
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        length = int(
+            next(
+                line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            ).split(b":")[1]
+        )
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < length:
+            body += sock.recv(65536)
+        sock.settimeout(5.0 + 1.5)
+        with pytest.raises(TimeoutError):
+            assert sock.recv(1) != b"", "the server closed an idle connection before clients do"

@@ -498,6 +498,10 @@ def admin_app(
 # ---------------------------------------------------------------------- a server beside a script
 
 
+_KEEP_ALIVE_SECONDS = 75
+"""How long the admin server keeps an idle connection open (longer than clients' pools do)."""
+
+
 class AdminServer:
     """uvicorn serving the admin app on a background thread (see :func:`start_admin_server`)."""
 
@@ -515,8 +519,18 @@ class AdminServer:
                 finally:
                     self.ready.set()  # started or failed: the caller reads `started`
 
+        # An idle keep-alive connection is closed by whichever side times out
+        # first; if the server does (uvicorn's default is 5 s, the same as
+        # httpx's pool) a request sent at that moment is reset. Holding idle
+        # connections longer than clients do leaves the closing to them.
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=_KEEP_ALIVE_SECONDS,
         )
         self._server = _Server(config)
         self._thread = threading.Thread(target=self._serve, name="vramkit-admin-http", daemon=True)
