@@ -119,7 +119,7 @@ def channels() -> Iterator[tuple[Channel, Channel]]:
     "dtype",
     [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.complex64],
 )
-@pytest.mark.parametrize("numel", [12, INLINE_BYTES])  # copied inline / shared memory
+@pytest.mark.parametrize("numel", [12, INLINE_BYTES])  # copied inline / into a pool buffer
 def test_tensors_cross_intact(
     channels: tuple[Channel, Channel], dtype: torch.dtype, numel: int
 ) -> None:
@@ -132,7 +132,7 @@ def test_tensors_cross_intact(
         arrived = receive.recv()
         assert arrived.dtype == dtype
         assert torch.equal(arrived, tensor)
-    assert original.is_shared() is (numel == INLINE_BYTES)  # small ones were copied, not moved
+    assert not original.is_shared()  # copied, not moved: the sender's tensor stays as it was
 
 
 def test_graph_carrying_tensors_arrive_detached(channels: tuple[Channel, Channel]) -> None:
@@ -148,11 +148,12 @@ def test_graph_carrying_tensors_arrive_detached(channels: tuple[Channel, Channel
 def test_many_shared_tensors_in_one_message(channels: tuple[Channel, Channel]) -> None:
     send, receive = channels
     count = 260  # more descriptors than one sendmsg may carry (SCM_MAX_FD is 253)
-    tensors = [torch.full((INLINE_BYTES // 4,), float(i)) for i in range(count)]
-    send.send(tensors)
-    arrived = receive.recv()
-    assert all(t.is_shared() for t in tensors)
-    assert [float(t[0]) for t in arrived] == [float(i) for i in range(count)]
+    pooled = [torch.full((INLINE_BYTES // 4,), float(i)) for i in range(count)]
+    shared = [t.clone().share_memory_() for t in pooled]  # torch's sharing: a descriptor each
+    for tensors in (pooled, shared):
+        send.send(tensors)
+        arrived = receive.recv()
+        assert [float(t[0]) for t in arrived] == [float(i) for i in range(count)]
 
 
 class _Explodes:
@@ -169,14 +170,16 @@ def test_a_message_that_fails_to_unpickle_leaks_no_descriptor(
 ) -> None:
     send, receive = channels
     tensors = [torch.ones(INLINE_BYTES) for _ in range(5)]
-    send.send((torch.zeros(1), _Explodes(), *tensors))  # shares them now: their fds stay
-    before = _fds()
-    send.send((_Explodes(), *tensors))
-    with pytest.raises(ValueError, match="cannot rebuild"):
-        receive.recv()  # the first message
-    with pytest.raises(ValueError, match="cannot rebuild"):
-        receive.recv()
-    assert _fds() <= before  # every descriptor that arrived was closed
+    shared = [torch.ones(INLINE_BYTES).share_memory_() for _ in range(5)]  # torch's descriptors
+    for _ in range(2):  # the first time makes the pool's buffers and maps them
+        before = _fds()
+        send.send((torch.zeros(1), _Explodes(), *tensors, *shared))
+        with pytest.raises(ValueError, match="cannot rebuild"):
+            receive.recv()
+        receive.send(None)  # the answer gives the unclaimed buffers back
+        assert send.recv() is None
+    assert _fds() <= before  # every descriptor that arrived was closed, no buffer was lost
+    assert send.pool_counts() == (5, 0)
 
 
 def test_numpy_arrays_cross_as_numpy(channels: tuple[Channel, Channel]) -> None:
@@ -230,19 +233,23 @@ def test_calls_cross_with_tensors_and_arrays_in_shared_memory(inspector: WorkerP
     seen = inspector.describe(big, torch.ones(2), np.ones(MiB // 4, np.float32), np.ones(3), "s")
     assert seen[0] == {
         "kind": "tensor",
-        "shared": True,
+        "shared": False,  # copied into a pool buffer, not moved into torch's shared memory
         "dtype": "torch.float32",
         "sum": big.numel(),
     }
+    assert not big.is_shared()
     assert seen[1]["shared"] is False  # small: copied through the socket
     assert seen[2] == {"kind": "ndarray", "dtype": "float32", "sum": MiB // 4}
     assert [s["kind"] for s in seen[3:]] == ["ndarray", "str"]
     ramp = inspector.ramp(MiB)
-    assert ramp.is_shared() and torch.equal(ramp, torch.arange(MiB, dtype=torch.float32))
+    assert torch.equal(ramp, torch.arange(MiB, dtype=torch.float32))
     audio = inspector.audio(64000)
     assert isinstance(audio, np.ndarray)
     assert np.array_equal(audio, np.linspace(-1, 1, 64000, dtype=np.float32))
-    inspector.double_inplace(big)  # shared memory: the worker writes where the caller reads
+    inspector.double_inplace(big)  # a copy: the worker's write stays there
+    assert float(big[0]) == 1.0
+    big.share_memory_()  # shared by the caller: it travels as is, and writes go both ways
+    inspector.double_inplace(big)
     assert float(big[0]) == 2.0
 
 

@@ -18,10 +18,19 @@ as that carrier, so the descriptors are collected and sent with the message
 instead of through ``multiprocessing``'s resource-sharer thread (a socket
 connection per descriptor).
 
+Large CPU tensors (and numpy arrays) that are not in shared memory already
+are copied into a buffer of the channel's pool (:mod:`._pool`): shared memory
+mapped once on both sides and reused, so a call pays one copy per tensor and
+no page faults, and the receiver's tensor is a view of that memory. The
+sender's tensor stays where it was; a tensor the caller moved into shared
+memory itself (``share_memory_()``) still travels by descriptor, without a
+copy, and in-place writes to it are seen on both sides. Where the system has
+no anonymous shared-memory files (macOS), every large tensor travels as
+torch's sharing sends it.
+
 Small CPU tensors are copied into the pickle instead: below
-:data:`INLINE_BYTES` a copy is cheaper than creating, mapping and passing a
-shared-memory file, and it leaves the sender's tensor where it was (sharing
-moves a tensor's storage into shared memory in place).
+:data:`INLINE_BYTES` a copy is cheaper than even a pooled buffer, and it
+leaves the sender's tensor where it was.
 
 Only the two ends of one socketpair, made by one process for its own worker,
 ever read these pickles.
@@ -45,6 +54,8 @@ from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import TYPE_CHECKING, Any, Final
 
+from vramkit.isolation import _pool
+
 if TYPE_CHECKING:
     import numpy
     import torch
@@ -54,8 +65,14 @@ __all__ = ["INLINE_BYTES", "Channel", "ChannelClosedError"]
 INLINE_BYTES: Final = 64 * 1024
 """CPU tensors and numpy arrays smaller than this are copied into the message."""
 
-_HEADER: Final = struct.Struct("<QI")  # body length, descriptor count
+# Body length, descriptor count, then the pool's notes: how many buffer ids of
+# the receiver's are free again, how many of the sender's it may unmap, and
+# how many buffers this message fills (id and descriptor slot, -1 for a buffer
+# the receiver maps already). The notes lead the body as int64s, read before
+# the pickle: a message that fails to unpickle still gives its buffers back.
+_HEADER: Final = struct.Struct("<QIHHH")
 _FDS_PER_MESSAGE: Final = 250  # under the kernel's SCM_MAX_FD (253)
+_MAX_NOTES: Final = 0xFFFF  # buffer ids one header can count, each way
 _FD_SIZE: Final = array.array("i").itemsize
 
 _received = threading.local()  # descriptors of the message being unpickled in this thread
@@ -112,21 +129,30 @@ class _FdCarrier:
 class _Pickler(pickle.Pickler):
     """``ForkingPickler``'s reductions (torch's among them), small tensors inline, numpy via torch.
 
+    Args:
+        file: Where the pickle goes.
+        outbox: The channel's pool of buffers for large tensors (``None``:
+            torch's sharing for every large tensor).
+
     Attributes:
         shared: The tensors whose storages the message shares: they must live
             until it is sent (their descriptors close with them), and some are
             temporaries made here (numpy views, detached results).
+        pooled: The pool buffers this message filled, each with the slot of
+            its descriptor among the message's (``-1``: the receiver has it).
     """
 
-    def __init__(self, file: io.BytesIO) -> None:
+    def __init__(self, file: io.BytesIO, outbox: _pool.Outbox | None) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.dispatch_table = _dispatch_table()
         self.shared: list[object] = []
+        self.pooled: list[tuple[int, int]] = []
+        self.outbox = outbox
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor):
-            reduced = _reduce_tensor(torch, obj)
+            reduced = _reduce_tensor(torch, obj, self)
             if reduced is NotImplemented:
                 self.shared.append(obj)
             return reduced
@@ -155,7 +181,7 @@ def _dispatch_table() -> dict[Any, Any]:
     return _dispatch
 
 
-def _reduce_tensor(torch: Any, tensor: torch.Tensor) -> Any:
+def _reduce_tensor(torch: Any, tensor: torch.Tensor, pickler: _Pickler) -> Any:
     if tensor.requires_grad and not tensor.is_leaf:
         # An autograd graph cannot cross processes; its values can.
         return (_same, (tensor.detach(),))
@@ -169,33 +195,93 @@ def _reduce_tensor(torch: Any, tensor: torch.Tensor) -> Any:
         (kind is not torch.Tensor and kind is not torch.nn.Parameter)
         or tensor.layout is not torch.strided
         or not tensor.is_cpu
-        or tensor.nbytes >= INLINE_BYTES
         or tensor.is_quantized
         or tensor.is_nested
     ):
         return NotImplemented  # torch's reduce_tensor, from the dispatch table: shared memory
+    if tensor.nbytes >= INLINE_BYTES:
+        outbox = pickler.outbox
+        if outbox is None or tensor.is_shared():  # type: ignore[no-untyped-call]
+            return NotImplemented  # already shared (or no pool): its descriptor, no copy
+        data = tensor.detach()
+        buffer_id, fd = outbox.put(data)
+        pickler.pooled.append((buffer_id, _carrier().duplicate_for_child(fd) if fd >= 0 else -1))
+        dtype = _dtype_codes(torch).get(data.dtype, data.dtype)
+        flags = tensor.requires_grad | (kind is torch.nn.Parameter) << 1
+        return (_rebuild_pooled, (buffer_id, dtype, tuple(data.shape), flags))
     data = tensor.detach() if tensor.requires_grad else tensor
     if not data.is_contiguous() or data.is_conj() or data.is_neg():
         data = data.resolve_conj().resolve_neg().contiguous()
     # Raw bytes straight from the tensor's memory: a third of the cost of
     # going through numpy's pickling, and every dtype (bfloat16, float8) alike.
     raw = ctypes.string_at(data.data_ptr(), data.nbytes) if data.nbytes else b""
-    return (_rebuild_small, (raw, data.dtype, tuple(data.shape), tensor.requires_grad, kind))
+    # The dtype as a number and the kind as a flag: each global a pickle names
+    # costs a lookup on both sides, a good part of a small call.
+    dtype = _dtype_codes(torch).get(data.dtype, data.dtype)
+    flags = tensor.requires_grad | (kind is torch.nn.Parameter) << 1
+    return (_rebuild_small, (raw, dtype, tuple(data.shape), flags))
 
 
-def _rebuild_small(
-    raw: bytes,
-    dtype: torch.dtype,
-    shape: tuple[int, ...],
-    requires_grad: bool,
-    kind: type[torch.Tensor],
+_DTYPE_NAMES: Final = (
+    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+    "uint8", "bool", "complex64", "complex128",
+)  # fmt: skip
+_codes: dict[Any, int] = {}
+_dtypes: list[Any] = []
+
+
+def _dtype_codes(torch: Any) -> dict[Any, int]:
+    if not _codes:
+        _dtypes.extend(getattr(torch, name) for name in _DTYPE_NAMES)
+        _codes.update((dtype, code) for code, dtype in enumerate(_dtypes))
+    return _codes
+
+
+def _dtype(dtype: torch.dtype | int) -> torch.dtype:
+    """A dtype from what a message carries: its number in :data:`_DTYPE_NAMES`, or itself."""
+    if not isinstance(dtype, int):
+        return dtype
+    import torch
+
+    _dtype_codes(torch)
+    found: torch.dtype = _dtypes[dtype]
+    return found
+
+
+def _carrier() -> _FdCarrier:
+    carrier: Any = mp_context.get_spawning_popen()  # installed by Channel.send
+    assert isinstance(carrier, _FdCarrier)
+    return carrier
+
+
+def _rebuild_pooled(
+    buffer_id: int, dtype: torch.dtype | int, shape: tuple[int, ...], flags: int
 ) -> torch.Tensor:
     import torch
 
+    inbox: _pool.Inbox = _received.inbox
+    tensor = inbox.open(buffer_id, _dtype(dtype), shape)
+    kind = torch.nn.Parameter if flags & 2 else torch.Tensor
+    return _as_kind(tensor, bool(flags & 1), kind)
+
+
+def _rebuild_small(
+    raw: bytes, dtype: torch.dtype | int, shape: tuple[int, ...], flags: int
+) -> torch.Tensor:
+    import torch
+
+    dtype = _dtype(dtype)
     if raw:
         tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
     else:
         tensor = torch.empty(shape, dtype=dtype)
+    kind = torch.nn.Parameter if flags & 2 else torch.Tensor
+    return _as_kind(tensor, bool(flags & 1), kind)
+
+
+def _as_kind(tensor: torch.Tensor, requires_grad: bool, kind: type[torch.Tensor]) -> torch.Tensor:
+    import torch
+
     if kind is torch.nn.Parameter:
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)
     return tensor.requires_grad_() if requires_grad else tensor
@@ -262,7 +348,10 @@ class Channel:
         # message's pickling. Its memo is cleared after each send, so it keeps
         # nothing alive between messages.
         self._buffer = io.BytesIO()
-        self._pickler = _Pickler(self._buffer)
+        self._outbox = _pool.Outbox() if _pool.available() else None
+        self._inbox = _pool.Inbox()
+        self._pickler = _Pickler(self._buffer, self._outbox)
+        self._unreported: tuple[list[int], list[int]] | None = None
 
     def fileno(self) -> int:
         """The socket's descriptor, for ``poll``."""
@@ -276,46 +365,83 @@ class Channel:
         """
         _register_torch_reductions()
         carrier = _FdCarrier()
-        buffer, pickler = self._buffer, self._pickler
+        buffer, pickler, outbox = self._buffer, self._pickler, self._outbox
         pickler.dispatch_table = _dispatch_table()
+        # The pool's bookkeeping rides on every message: buffers of the other
+        # end's that are free again here, and buffers of ours it may unmap.
+        released = self._inbox.released()
+        forgotten = outbox.forgotten() if outbox is not None else []
+        if self._unreported is not None:
+            released += self._unreported[0]
+            forgotten += self._unreported[1]
+            self._unreported = None
+        if len(released) > _MAX_NOTES or len(forgotten) > _MAX_NOTES:
+            # More than one header can count: the rest go with the next message.
+            self._unreported = (released[_MAX_NOTES:], forgotten[_MAX_NOTES:])
+            released, forgotten = released[:_MAX_NOTES], forgotten[:_MAX_NOTES]
         previous = mp_context.get_spawning_popen()
         mp_context.set_spawning_popen(carrier)  # type: ignore[arg-type]
         try:
-            pickler.dump(message)
+            try:
+                pickler.dump(message)
+            except BaseException:
+                if outbox is not None:
+                    outbox.unsent([buffer_id for buffer_id, _ in pickler.pooled])
+                later = self._unreported or ([], [])  # for the next message, all of them
+                self._unreported = (released + later[0], forgotten + later[1])
+                raise
             body = buffer.getbuffer()
             try:
-                self._send_frame(body, carrier.fds)
+                self._send_frame(body, carrier.fds, released, forgotten, pickler.pooled)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosedError("the other end of the channel is gone") from exc
             finally:
                 body.release()
+                if outbox is not None:
+                    outbox.sent([buffer_id for buffer_id, _ in pickler.pooled])
         finally:
             mp_context.set_spawning_popen(previous)
             # The memo and the shared list held the message's objects (and the
             # descriptors of its shared tensors) until it was sent.
             pickler.clear_memo()
             pickler.shared.clear()
+            pickler.pooled.clear()
             buffer.seek(0)
             buffer.truncate()
 
-    def _send_frame(self, body: memoryview, fds: Sequence[int]) -> None:
-        header = _HEADER.pack(len(body), len(fds))
+    def _send_frame(
+        self,
+        body: memoryview,
+        fds: Sequence[int],
+        released: list[int],
+        forgotten: list[int],
+        pooled: list[tuple[int, int]],
+    ) -> None:
+        notes = b""
+        if released or forgotten or pooled:
+            used = [number for pair in pooled for number in pair]
+            notes = array.array("q", released + forgotten + used).tobytes()
+        header = _HEADER.pack(
+            len(notes) + len(body), len(fds), len(released), len(forgotten), len(pooled)
+        )
         sock = self._sock
         if not fds:
             if len(body) <= 65536:
-                sock.sendall(header + body)  # one system call for the common small message
+                sock.sendall(header + notes + body)  # one system call for a small message
             else:
-                sock.sendall(header)
+                sock.sendall(header + notes)
                 sock.sendall(body)
             return
         chunks = [fds[i : i + _FDS_PER_MESSAGE] for i in range(0, len(fds), _FDS_PER_MESSAGE)]
         # Descriptors ride on the first byte of a sendmsg: the header carries the
-        # first chunk, one marker byte each of the rest.
+        # first chunk, one marker byte each of the rest; the notes open the body.
         sent = sock.sendmsg([header], [_rights(chunks[0])])
         if sent < len(header):
             sock.sendall(header[sent:])
         for chunk in chunks[1:]:
             sock.sendmsg([b"\0"], [_rights(chunk)])
+        if notes:
+            sock.sendall(notes)
         sock.sendall(body)
 
     def recv(self) -> Any:
@@ -326,17 +452,18 @@ class Channel:
         """
         return self.decode(self.recv_frame())
 
-    def recv_frame(self) -> tuple[bytearray, list[int]]:
+    def recv_frame(self) -> tuple[memoryview, list[int | None], list[int]]:
         """Read one whole message off the socket: its pickle and its descriptors.
 
         Once this returns the stream is at the next message, whatever
-        :meth:`decode` then makes of this one.
+        :meth:`decode` then makes of this one, and the pool's notes that came
+        with it are applied.
 
         Raises:
             ChannelClosedError: The other end is gone.
         """
         try:
-            size, fds = self._recv_header()
+            size, fds, released, forgotten, used = self._recv_header()
             try:
                 body = bytearray(size)
                 self._recv_exact(memoryview(body))
@@ -346,23 +473,46 @@ class Channel:
                 raise
         except ConnectionResetError as exc:  # it died with our data unread
             raise ChannelClosedError("the other end of the channel is gone") from exc
-        return body, fds
-
-    def decode(self, frame: tuple[bytearray, list[int]]) -> Any:
-        """Unpickle a frame from :meth:`recv_frame`; every descriptor is used or closed."""
-        body, fds = frame
+        noted = (released + forgotten + 2 * used) * 8
         slots: list[int | None] = list(fds)
+        buffers: list[int] = []
+        if noted:
+            ids = array.array("q")
+            ids.frombytes(body[:noted])
+            if self._outbox is not None:
+                self._outbox.release(ids[:released].tolist())
+            self._inbox.forget(ids[released : released + forgotten].tolist())
+            pairs = ids[released + forgotten :].tolist()
+            for buffer_id, slot in zip(pairs[::2], pairs[1::2], strict=True):
+                buffers.append(buffer_id)
+                if slot >= 0:
+                    passed, slots[slot] = slots[slot], None
+                    if passed is not None:
+                        self._inbox.map(buffer_id, passed)
+        return memoryview(body)[noted:], slots, buffers
+
+    def decode(self, frame: tuple[memoryview, list[int | None], list[int]]) -> Any:
+        """Unpickle a frame from :meth:`recv_frame`; every descriptor is used or closed."""
+        body, slots, buffers = frame
         _received.fds = slots
+        _received.inbox = self._inbox
+        self._inbox.expect(buffers)
         try:
             return pickle.loads(body)
         finally:
             _received.fds = None
+            _received.inbox = None
+            self._inbox.settle()  # buffers the message named but no tensor took
             # Whatever the pickle did not claim (an error half-way) is ours to close.
             for fd in slots:
                 if fd is not None:
                     _close(fd)
 
-    def _recv_header(self) -> tuple[int, list[int]]:
+    def pool_counts(self) -> tuple[int, int]:
+        """Pool buffers this end made, and buffers of the other end's it maps."""
+        return (self._outbox.count if self._outbox is not None else 0), self._inbox.count
+
+    def _recv_header(self) -> tuple[int, list[int], int, int, int]:
         view = memoryview(self._header)
         got, fds = self._recv_with_fds(view, _FDS_PER_MESSAGE)
         if got < len(view):
@@ -372,7 +522,7 @@ class Channel:
                 for fd in fds:
                     _close(fd)
                 raise
-        size, count = _HEADER.unpack(self._header)
+        size, count, released, forgotten, used = _HEADER.unpack(self._header)
         try:
             while len(fds) < count:
                 marker = bytearray(1)
@@ -384,7 +534,7 @@ class Channel:
             for fd in fds:
                 _close(fd)
             raise
-        return size, fds
+        return size, fds, released, forgotten, used
 
     def _recv_with_fds(self, view: memoryview, most: int) -> tuple[int, list[int]]:
         got, ancillary, flags, _ = self._sock.recvmsg_into(
@@ -415,8 +565,15 @@ class Channel:
             view = view[got:]
 
     def close(self) -> None:
-        """Close the socket (the other end then sees end-of-file)."""
+        """Close the socket (the other end then sees end-of-file) and unmap the pool.
+
+        A tensor still held over a pool buffer keeps that buffer's memory (and
+        its mapping) until it is dropped.
+        """
         self._sock.close()
+        if self._outbox is not None:
+            self._outbox.close()
+        self._inbox.close()
 
 
 def _rights(fds: Sequence[int]) -> tuple[int, int, bytes]:
