@@ -29,6 +29,7 @@ import torch
 import vramkit
 from vramkit import InvalidArgumentError, ManagedModel, ModelPool, ModelState, WorkerCrashedError
 from vramkit.isolation import Isolation, WorkerProxy, worker_pid
+from vramkit.isolation._worker import live_workers
 from vramkit.model import ModelStats, tiers
 from vramkit.testing.models import build_onnx_mlp, synthetic_audio, tiny_mlp
 
@@ -191,6 +192,58 @@ def test_leak_markers_judge_what_calls_leave_in_the_caller(pytester: pytest.Pyte
     assert "test_results_dropped" not in "".join(
         line for line in result.stdout.lines if "VRAM LEAK" in line
     )
+
+
+LEFT_RUNNING = """
+import pytest
+import vramkit
+from vramkit.isolation import worker_pid
+
+kept = []
+
+
+@pytest.mark.no_vram_leak
+def test_unloads():
+    mm = vramkit.ManagedModel("tests.isolation_models:inspector", device="cpu", isolate=True)
+    mm.load()
+    mm.unload()
+
+
+@pytest.mark.no_vram_leak
+def test_leaves_it_running():
+    mm = vramkit.ManagedModel(
+        "tests.isolation_models:inspector", name="forgotten", device="cpu", isolate=True
+    )
+    mm.load()
+    kept.append(mm)
+    with mm.use() as proxy:
+        with open("pid.txt", "w") as fh:
+            fh.write(str(worker_pid(proxy)))
+"""
+
+
+@pytest.mark.slow  # workers start inside a nested pytest run
+def test_leak_markers_name_a_worker_the_test_left_running(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\naddopts = -p no:hypothesispytest\nvram_device = cpu\n")
+    pytester.makepyfile(test_left=LEFT_RUNNING)
+    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+    try:
+        result.assert_outcomes(passed=1, failed=1)
+        pid = int((pytester.path / "pid.txt").read_text())
+        result.stdout.fnmatch_lines(
+            [
+                f"*worker process(es) of isolated model(s) left running by the test: "
+                f"'forgotten' (pid {pid})*"
+            ]
+        )
+        result.stdout.fnmatch_lines([f"  'forgotten': worker pid {pid}, READY, on cpu"])
+        assert "test_unloads" not in "".join(
+            line for line in result.stdout.lines if "VRAM LEAK" in line
+        )
+    finally:
+        for worker in live_workers():
+            if worker.name == "forgotten":
+                worker.stop()  # what the nested run left: it runs in this process
 
 
 def test_keep_alive_ends_an_idle_worker() -> None:

@@ -74,6 +74,8 @@ _HEADER: Final = struct.Struct("<QIHHH")
 _FDS_PER_MESSAGE: Final = 250  # under the kernel's SCM_MAX_FD (253)
 _MAX_NOTES: Final = 0xFFFF  # buffer ids one header can count, each way
 _FD_SIZE: Final = array.array("i").itemsize
+_ANCILLARY: Final = socket.CMSG_SPACE(_FDS_PER_MESSAGE * _FD_SIZE)
+_CTRUNC: Final = int(socket.MSG_CTRUNC)  # a plain int: the flag enum's `&` costs a call
 
 _received = threading.local()  # descriptors of the message being unpickled in this thread
 
@@ -174,14 +176,26 @@ def _dispatch_table() -> dict[Any, Any]:
     """
     global _dispatch, _dispatch_sizes
     extra: dict[Any, Any] = reduction.ForkingPickler._extra_reducers  # type: ignore[attr-defined]
-    sizes = (len(copyreg.dispatch_table), len(extra))
-    if sizes != _dispatch_sizes:
+    if len(extra) != _dispatch_sizes[1] or len(copyreg.dispatch_table) != _dispatch_sizes[0]:
         _dispatch = {**copyreg.dispatch_table, **extra}
-        _dispatch_sizes = sizes
+        _dispatch_sizes = (len(copyreg.dispatch_table), len(extra))
     return _dispatch
 
 
 def _reduce_tensor(torch: Any, tensor: torch.Tensor, pickler: _Pickler) -> Any:
+    if (
+        type(tensor) is torch.Tensor
+        and tensor.is_cpu
+        and not tensor.requires_grad
+        and tensor.nbytes < INLINE_BYTES
+        and tensor.layout is torch.strided
+        and tensor.is_contiguous()
+        and not (tensor.is_conj() or tensor.is_neg() or tensor.is_quantized or tensor.is_nested)
+    ):
+        # The common small argument or result, with the fewest questions asked.
+        raw = ctypes.string_at(tensor.data_ptr(), tensor.nbytes) if tensor.nbytes else b""
+        dtype = _dtype_codes(torch).get(tensor.dtype, tensor.dtype)
+        return (_rebuild_small, (raw, dtype, tuple(tensor.shape), 0))
     if tensor.requires_grad and not tensor.is_leaf:
         # An autograd graph cannot cross processes; its values can.
         return (_same, (tensor.detach(),))
@@ -228,12 +242,17 @@ _DTYPE_NAMES: Final = (
 )  # fmt: skip
 _codes: dict[Any, int] = {}
 _dtypes: list[Any] = []
+_NUMPY_DTYPES: dict[Any, str] = {}  # torch dtype -> numpy's name for it
 
 
 def _dtype_codes(torch: Any) -> dict[Any, int]:
     if not _codes:
         _dtypes.extend(getattr(torch, name) for name in _DTYPE_NAMES)
         _codes.update((dtype, code) for code, dtype in enumerate(_dtypes))
+        if "numpy" in sys.modules:
+            _NUMPY_DTYPES.update(
+                (getattr(torch, name), name) for name in _DTYPE_NAMES if name != "bfloat16"
+            )
     return _codes
 
 
@@ -271,10 +290,16 @@ def _rebuild_small(
     import torch
 
     dtype = _dtype(dtype)
-    if raw:
-        tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
-    else:
+    if not raw:
         tensor = torch.empty(shape, dtype=dtype)
+    elif dtype in _NUMPY_DTYPES:
+        # numpy's reshape is a tenth of torch's for a tiny tensor; the tensor
+        # shares the array's (own, writable) memory.
+        numpy = sys.modules["numpy"]
+        array_ = numpy.frombuffer(bytearray(raw), _NUMPY_DTYPES[dtype]).reshape(shape)
+        tensor = torch.from_numpy(array_)
+    else:  # bfloat16, float8: no numpy twin
+        tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
     kind = torch.nn.Parameter if flags & 2 else torch.Tensor
     return _as_kind(tensor, bool(flags & 1), kind)
 
@@ -363,7 +388,8 @@ class Channel:
         Raises:
             ChannelClosedError: The other end is gone.
         """
-        _register_torch_reductions()
+        if not _torch_reductions:
+            _register_torch_reductions()
         carrier = _FdCarrier()
         buffer, pickler, outbox = self._buffer, self._pickler, self._outbox
         pickler.dispatch_table = _dispatch_table()
@@ -538,7 +564,7 @@ class Channel:
 
     def _recv_with_fds(self, view: memoryview, most: int) -> tuple[int, list[int]]:
         got, ancillary, flags, _ = self._sock.recvmsg_into(
-            [view], socket.CMSG_SPACE(min(most, _FDS_PER_MESSAGE) * _FD_SIZE)
+            [view], _ANCILLARY if most >= _FDS_PER_MESSAGE else socket.CMSG_SPACE(most * _FD_SIZE)
         )
         fds: list[int] = []
         for level, kind, data in ancillary:
@@ -546,7 +572,7 @@ class Channel:
                 passed = array.array("i")
                 passed.frombytes(data[: len(data) - len(data) % _FD_SIZE])
                 fds.extend(passed)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _CTRUNC:
             for fd in fds:
                 _close(fd)
             raise OSError(

@@ -324,11 +324,14 @@ class Worker:
         assert self._poller is not None
         channel_fd = self._channel.fileno()
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._timed_out(op, timeout)
-            wait_ms = None if deadline == _NO_DEADLINE else max(int(remaining * 1000) + 1, 1)
-            ready = {fd for fd, _ in self._poller.poll(wait_ms)}
+            if deadline == _NO_DEADLINE:
+                wait_ms = None
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._timed_out(op, timeout)
+                wait_ms = max(int(remaining * 1000) + 1, 1)
+            ready = [fd for fd, _ in self._poller.poll(wait_ms)]
             if channel_fd in ready:
                 try:
                     frame = self._channel.recv_frame()

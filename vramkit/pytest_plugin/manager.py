@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Final
 import pytest
 
 from vramkit.pytest_plugin.marks import LeakSpec, read_markers
-from vramkit.pytest_plugin.verdicts import STATUS, Failure, fold, leak_failure, limit_failure
+from vramkit.pytest_plugin.verdicts import (
+    STATUS,
+    Failure,
+    fold,
+    leak_failure,
+    limit_failure,
+    live_worker_pids,
+    worker_failure,
+)
 
 if TYPE_CHECKING:
     from vramkit.devices import DeviceLike
@@ -63,6 +71,7 @@ class _ItemRun:
     called: bool = False
     raised: BaseException | None = None
     failures: list[Failure] = field(default_factory=list)
+    workers: frozenset[int] = frozenset()  # isolated models' worker processes at the start
 
 
 MANAGER: Final = pytest.StashKey["Manager"]()
@@ -252,6 +261,7 @@ class Manager:
             process_tolerance=leak.process_tolerance_bytes if leak is not None else None,
             name=item.nodeid,
         )
+        state.workers = live_worker_pids()
         state.run = session.__enter__()
         state.session = session
         if plan.limit_bytes is not None and device.is_host:
@@ -306,6 +316,10 @@ class Manager:
         plan = item.stash.get(_PLAN, None)
         if report.verdict == "leak" or unverified:
             state.failures.append(leak_failure(report))
+        if plan is not None and plan.leak is not None:
+            left = worker_failure(state.workers)
+            if left is not None:
+                state.failures.append(left)
         if plan is not None and plan.limit_bytes is not None:
             if state.peak_unmeasured is not None:
                 warnings.warn(

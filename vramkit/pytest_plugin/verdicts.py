@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -20,6 +21,8 @@ __all__ = [
     "leak_details",
     "leak_failure",
     "limit_failure",
+    "live_worker_pids",
+    "worker_failure",
 ]
 
 SECTION_LEAK: Final = "vramkit leak"
@@ -101,6 +104,39 @@ def limit_failure(report: SessionReport, limit: int) -> Failure | None:
     )
     lines = [f"peak growth = {how}", *_model_lines()]
     return Failure(SECTION_PEAK, headline, "\n".join(lines))
+
+
+def live_worker_pids() -> frozenset[int]:
+    """The process ids of isolated models' workers running now (none before isolation is used)."""
+    module = sys.modules.get("vramkit.isolation._worker")
+    if module is None:  # nothing isolated was ever loaded: no worker can exist
+        return frozenset()
+    return frozenset(worker.pid for worker in module.live_workers())
+
+
+def worker_failure(before: frozenset[int]) -> Failure | None:
+    """The failure of worker processes a test started and left running, or ``None``.
+
+    Args:
+        before: :func:`live_worker_pids` when the test started.
+    """
+    module = sys.modules.get("vramkit.isolation._worker")
+    if module is None:
+        return None
+    left = [w for w in module.live_workers() if w.pid not in before]
+    if not left:
+        return None
+    names = ", ".join(f"{w.name!r} (pid {w.pid})" for w in left)
+    headline = (
+        f"worker process(es) of isolated model(s) left running by the test: {names}; "
+        "each holds a whole process and its memory"
+    )
+    lines = [f"  {w.name!r}: worker pid {w.pid}, {w.state.value}, on {w.device}" for w in left]
+    lines.append(
+        "unload the model (mm.unload()) before the test ends, or let a fixture of a wider "
+        "scope own it"
+    )
+    return Failure(SECTION_LEAK, headline, "\n".join(lines))
 
 
 def _model_lines() -> list[str]:
