@@ -70,7 +70,8 @@ class Outbox:
         self._buffers: dict[int, _Buffer] = {}
         self._free: list[_Buffer] = []  # least recently used first
         self._next_id = 1
-        self._forgotten: list[int] = []
+        self.dropped: list[int] = []
+        """Buffers unmapped here, not yet told to the other end."""
 
     def put(self, tensor: torch.Tensor) -> tuple[int, int]:
         """Copy ``tensor`` into a free buffer (made if none fits) and mark it busy.
@@ -138,12 +139,12 @@ class Outbox:
         while len(self._free) > IDLE_BUFFERS:
             old = self._free.pop(0)
             del self._buffers[old.id]
-            self._forgotten.append(old.id)
+            self.dropped.append(old.id)
             _close_buffer(old)
 
     def forgotten(self) -> list[int]:
         """Buffers unmapped here since the last call, for the other end to unmap too."""
-        ids, self._forgotten = self._forgotten, []
+        ids, self.dropped = self.dropped, []
         return ids
 
     @property
@@ -186,7 +187,8 @@ class Inbox:
         self._maps: dict[int, mmap.mmap] = {}
         self._lent: dict[int, weakref.ref[Any]] = {}  # by loan number (views are unhashable)
         self._loans = itertools.count()
-        self._freed: collections.deque[int] = collections.deque()
+        self.freed: collections.deque[int] = collections.deque()
+        """Buffers free again since :meth:`released` last ran (filled from any thread)."""
         self._expected: list[int] = []
 
     def map(self, buffer_id: int, fd: int) -> None:
@@ -202,7 +204,7 @@ class Inbox:
 
     def settle(self) -> None:
         """Free the expected buffers no tensor was made over (the message failed half-way)."""
-        self._freed.extend(self._expected)
+        self.freed.extend(self._expected)
         self._expected = []
 
     def open(self, buffer_id: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -216,7 +218,7 @@ class Inbox:
             raise RuntimeError(f"a message used shared buffer {buffer_id}, never received")
         numel = math.prod(shape)
         view = (ctypes.c_char * (numel * dtype.itemsize)).from_buffer(mapped)
-        lent, freed, loan = self._lent, self._freed, next(self._loans)
+        lent, freed, loan = self._lent, self.freed, next(self._loans)
 
         def dropped(_: weakref.ref[Any]) -> None:
             lent.pop(loan, None)
@@ -227,7 +229,7 @@ class Inbox:
 
     def released(self) -> list[int]:
         """Buffers whose tensors are all gone since the last call: the sender may reuse them."""
-        freed = self._freed
+        freed = self.freed
         ids: list[int] = []
         while freed:
             ids.append(freed.popleft())
@@ -257,4 +259,4 @@ class Inbox:
             with contextlib.suppress(BufferError):
                 mapped.close()
         self._maps.clear()
-        self._freed.clear()
+        self.freed.clear()

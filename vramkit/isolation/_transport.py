@@ -73,6 +73,7 @@ INLINE_BYTES: Final = 64 * 1024
 _HEADER: Final = struct.Struct("<QIHHH")
 _FDS_PER_MESSAGE: Final = 250  # under the kernel's SCM_MAX_FD (253)
 _MAX_NOTES: Final = 0xFFFF  # buffer ids one header can count, each way
+_NO_NOTES: Final[tuple[list[int], list[int]]] = ([], [])  # never changed: read only
 _FD_SIZE: Final = array.array("i").itemsize
 _ANCILLARY: Final = socket.CMSG_SPACE(_FDS_PER_MESSAGE * _FD_SIZE)
 _CTRUNC: Final = int(socket.MSG_CTRUNC)  # a plain int: the flag enum's `&` costs a call
@@ -256,6 +257,11 @@ def _dtype_codes(torch: Any) -> dict[Any, int]:
     return _codes
 
 
+def _dtype_list(torch: Any) -> list[Any]:
+    _dtype_codes(torch)
+    return _dtypes
+
+
 def _dtype(dtype: torch.dtype | int) -> torch.dtype:
     """A dtype from what a message carries: its number in :data:`_DTYPE_NAMES`, or itself."""
     if not isinstance(dtype, int):
@@ -289,19 +295,20 @@ def _rebuild_small(
 ) -> torch.Tensor:
     import torch
 
-    dtype = _dtype(dtype)
+    kind: torch.dtype = (_dtypes or _dtype_list(torch))[dtype] if isinstance(dtype, int) else dtype
     if not raw:
-        tensor = torch.empty(shape, dtype=dtype)
-    elif dtype in _NUMPY_DTYPES:
+        tensor = torch.empty(shape, dtype=kind)
+    elif kind in _NUMPY_DTYPES:
         # numpy's reshape is a tenth of torch's for a tiny tensor; the tensor
         # shares the array's (own, writable) memory.
         numpy = sys.modules["numpy"]
-        array_ = numpy.frombuffer(bytearray(raw), _NUMPY_DTYPES[dtype]).reshape(shape)
+        array_ = numpy.frombuffer(bytearray(raw), _NUMPY_DTYPES[kind]).reshape(shape)
         tensor = torch.from_numpy(array_)
     else:  # bfloat16, float8: no numpy twin
-        tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
-    kind = torch.nn.Parameter if flags & 2 else torch.Tensor
-    return _as_kind(tensor, bool(flags & 1), kind)
+        tensor = torch.frombuffer(bytearray(raw), dtype=kind).reshape(shape)
+    if not flags:
+        return tensor
+    return _as_kind(tensor, bool(flags & 1), torch.nn.Parameter if flags & 2 else torch.Tensor)
 
 
 def _as_kind(tensor: torch.Tensor, requires_grad: bool, kind: type[torch.Tensor]) -> torch.Tensor:
@@ -376,6 +383,7 @@ class Channel:
         self._outbox = _pool.Outbox() if _pool.available() else None
         self._inbox = _pool.Inbox()
         self._pickler = _Pickler(self._buffer, self._outbox)
+        self._carrier = _FdCarrier()
         self._unreported: tuple[list[int], list[int]] | None = None
 
     def fileno(self) -> int:
@@ -390,21 +398,9 @@ class Channel:
         """
         if not _torch_reductions:
             _register_torch_reductions()
-        carrier = _FdCarrier()
-        buffer, pickler, outbox = self._buffer, self._pickler, self._outbox
+        buffer, pickler, outbox, carrier = self._buffer, self._pickler, self._outbox, self._carrier
         pickler.dispatch_table = _dispatch_table()
-        # The pool's bookkeeping rides on every message: buffers of the other
-        # end's that are free again here, and buffers of ours it may unmap.
-        released = self._inbox.released()
-        forgotten = outbox.forgotten() if outbox is not None else []
-        if self._unreported is not None:
-            released += self._unreported[0]
-            forgotten += self._unreported[1]
-            self._unreported = None
-        if len(released) > _MAX_NOTES or len(forgotten) > _MAX_NOTES:
-            # More than one header can count: the rest go with the next message.
-            self._unreported = (released[_MAX_NOTES:], forgotten[_MAX_NOTES:])
-            released, forgotten = released[:_MAX_NOTES], forgotten[:_MAX_NOTES]
+        released, forgotten = self._notes()
         previous = mp_context.get_spawning_popen()
         mp_context.set_spawning_popen(carrier)  # type: ignore[arg-type]
         try:
@@ -418,22 +414,50 @@ class Channel:
                 raise
             body = buffer.getbuffer()
             try:
-                self._send_frame(body, carrier.fds, released, forgotten, pickler.pooled)
+                if carrier.fds or released or forgotten or pickler.pooled:
+                    self._send_frame(body, carrier.fds, released, forgotten, pickler.pooled)
+                elif len(body) <= 65536:  # the common small message: one system call
+                    self._sock.sendall(_HEADER.pack(len(body), 0, 0, 0, 0) + body)
+                else:
+                    self._send_frame(body, (), [], [], [])
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosedError("the other end of the channel is gone") from exc
             finally:
                 body.release()
-                if outbox is not None:
+                if outbox is not None and pickler.pooled:
                     outbox.sent([buffer_id for buffer_id, _ in pickler.pooled])
         finally:
             mp_context.set_spawning_popen(previous)
             # The memo and the shared list held the message's objects (and the
             # descriptors of its shared tensors) until it was sent.
             pickler.clear_memo()
-            pickler.shared.clear()
-            pickler.pooled.clear()
+            if pickler.shared or pickler.pooled or carrier.fds:
+                pickler.shared.clear()
+                pickler.pooled.clear()
+                carrier.fds.clear()
             buffer.seek(0)
             buffer.truncate()
+
+    def _notes(self) -> tuple[list[int], list[int]]:
+        """The pool's notes for the next message: buffers freed here, buffers unmapped there.
+
+        They ride on every message: buffers of the other end's that are free
+        again here, and buffers of ours it may unmap.
+        """
+        outbox = self._outbox
+        if not self._inbox.freed and self._unreported is None and not (outbox and outbox.dropped):
+            return _NO_NOTES
+        released = self._inbox.released()
+        forgotten = outbox.forgotten() if outbox is not None else []
+        if self._unreported is not None:
+            released += self._unreported[0]
+            forgotten += self._unreported[1]
+            self._unreported = None
+        if len(released) > _MAX_NOTES or len(forgotten) > _MAX_NOTES:
+            # More than one header can count: the rest go with the next message.
+            self._unreported = (released[_MAX_NOTES:], forgotten[_MAX_NOTES:])
+            released, forgotten = released[:_MAX_NOTES], forgotten[:_MAX_NOTES]
+        return released, forgotten
 
     def _send_frame(
         self,
@@ -520,6 +544,8 @@ class Channel:
     def decode(self, frame: tuple[memoryview, list[int | None], list[int]]) -> Any:
         """Unpickle a frame from :meth:`recv_frame`; every descriptor is used or closed."""
         body, slots, buffers = frame
+        if not slots and not buffers:
+            return pickle.loads(body)  # nothing shared: no descriptor, no pool buffer to settle
         _received.fds = slots
         _received.inbox = self._inbox
         self._inbox.expect(buffers)
