@@ -7,7 +7,8 @@
    busy machine is mostly waiting for a CPU, so the CPU time a call costs
    (caller plus worker, from getrusage and /proc) is printed too.
 2. A 64 MiB float32 tensor argument and a 64 MiB result (``nn.ReLU``, a fresh
-   input each call, so every call moves 128 MiB): the time isolation adds,
+   input each call, so every call moves 128 MiB; the result is dropped before
+   the next call, so the pool's buffers are reused): the time isolation adds,
    as bandwidth, against ``memcpy`` bandwidth (``dst.copy_(src)`` of 64 MiB
    between buffers already in memory). Goal: at least 0.5x memcpy.
 3. Start to READY: ``load()`` of the linear model in a new worker (spawn,
@@ -102,7 +103,7 @@ def small_calls(quick: bool, floor: float) -> None:
     cpu_isolated = cpu_per_call(lambda: isolated(x), calls * 2, _pid_of(isolated))
     print(
         f"\n1. A small call: nn.Linear(8, 8), 1x8 input, cpu "
-        f"(median of {rounds} interleaved batches of {calls} calls)"
+        f"(median of {rounds} interleaved batches of {calls} calls; {_load()})"
     )
     for name, cost in medians.items():
         print(f"   {name:<28} {fmt_seconds(cost):>10}")
@@ -153,7 +154,9 @@ def big_tensors(quick: bool) -> None:
     moved = 2 * BIG  # the argument there, the result back
     bandwidth = moved / added if added > 0 else float("inf")
     ratio = bandwidth / memcpy_bandwidth
-    print(f"\n2. A 64 MiB float32 argument and a 64 MiB result (nn.ReLU, median of {runs})")
+    print(
+        f"\n2. A 64 MiB float32 argument and a 64 MiB result (nn.ReLU, median of {runs}; {_load()})"
+    )
     print(f"   {'in-process call':<32} {fmt_seconds(local_seconds):>10}")
     print(f"   {'isolated call':<32} {fmt_seconds(worker_seconds):>10}")
     print(f"   {'added: 128 MiB moved':<32} {fmt_seconds(added):>10}  = {bandwidth / 1e9:.2f} GB/s")
@@ -166,6 +169,10 @@ def big_tensors(quick: bool) -> None:
     print(f"   isolation moves data at {ratio:.2f}x memcpy; {goal}")
     isolated.unload()
     local.unload()
+
+
+def _load() -> str:
+    return "load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _pid_of(mm: ManagedModel[object]) -> int:
@@ -210,7 +217,10 @@ def main() -> None:
     floor = pipe_round_trip(5 if quick else 15)
     small_calls(quick, floor)
     big_tensors(quick)
-    print("\n3-4. Start to READY and unload to memory back (median of runs; bytes from RSS)")
+    print(
+        "\n3-4. Start to READY and unload to memory back "
+        f"(median of runs; bytes from RSS; {_load()})"
+    )
     start_and_unload(quick)
 
 
