@@ -89,6 +89,9 @@ class Outbox:
             target = torch.frombuffer(view, dtype=tensor.dtype, count=tensor.numel())
             target.view(tensor.shape).copy_(tensor)
             del target
+        except BaseException:
+            self._free.append(buffer)  # still free: nothing points at it
+            raise
         finally:
             view.release()
         buffer.busy = True
@@ -146,11 +149,6 @@ class Outbox:
         """Buffers unmapped here since the last call, for the other end to unmap too."""
         ids, self.dropped = self.dropped, []
         return ids
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of every buffer this end made and still maps."""
-        return sum(b.size for b in self._buffers.values())
 
     @property
     def count(self) -> int:
@@ -247,11 +245,6 @@ class Inbox:
     def count(self) -> int:
         """How many of the other end's buffers are mapped here."""
         return len(self._maps)
-
-    @property
-    def lent(self) -> int:
-        """How many tensors handed out over these buffers are still alive."""
-        return len(self._lent)
 
     def close(self) -> None:
         """Unmap every buffer no tensor uses; the others unmap when their last tensor dies."""
