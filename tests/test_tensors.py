@@ -2,13 +2,18 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 import vramkit
 from vramkit import TensorCensus
+from vramkit._gc import tensors_in_heap
+from vramkit.tensors import StorageBaseline
 
 planted: list[torch.Tensor] = []
+startup = [torch.zeros(128), torch.nn.Parameter(torch.zeros(96))]  # frozen with the heap
 
 
 def test_census_finds_a_planted_tensor_once_per_storage() -> None:
@@ -77,3 +82,96 @@ def test_census_is_sorted_and_formats() -> None:
     assert isinstance(census[:2], TensorCensus)
     assert repr(census).startswith("TensorCensus(")
     del big
+
+
+@pytest.fixture
+def frozen_heap() -> Iterator[None]:
+    """The process's heap frozen as a server freezes it after startup; thawed after."""
+    vramkit.freeze_heap()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _storages(census: TensorCensus) -> set[int]:
+    return {info.storage_key[1] for info in census}
+
+
+def _address(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def test_a_frozen_heap_is_counted_whole(frozen_heap: None) -> None:
+    # The census walks only what was made since the freeze: the frozen tensors
+    # come from what it remembered, so a frozen and a new tensor are both there.
+    frozen = startup[0]
+    made_since = torch.zeros(256)
+    parameter = torch.nn.Parameter(torch.zeros(64))
+    census = vramkit.live_tensors("cpu")
+    assert {_address(frozen), _address(made_since)} <= _storages(census)
+    (found,) = [info for info in census if info.tensor is parameter]
+    assert found.is_parameter
+
+
+def test_a_frozen_tensor_given_a_new_storage_is_seen(frozen_heap: None) -> None:
+    # A model loaded before the freeze and moved or converted later keeps its
+    # (frozen) Parameter objects: their new storages must still be counted.
+    frozen = startup[1]
+    before = _address(frozen)
+    frozen.data = torch.ones(frozen.shape)
+    try:
+        addresses = _storages(vramkit.live_tensors("cpu"))
+        assert _address(frozen) in addresses
+        assert before not in addresses
+    finally:
+        frozen.data = torch.zeros(frozen.shape)
+
+
+def test_a_tensor_frozen_by_a_later_freeze_is_found(frozen_heap: None) -> None:
+    # Someone else freezes again (a replica's startup after vramkit's): what
+    # vramkit remembered is stale and the census walks the frozen heap again.
+    vramkit.live_tensors("cpu")  # the record of the first freeze is in use
+    late = torch.zeros(333)
+    gc.freeze()
+    assert _address(late) in _storages(vramkit.live_tensors("cpu"))
+
+
+def test_a_thawed_heap_is_counted_once(frozen_heap: None) -> None:
+    vramkit.live_tensors("cpu")
+    gc.unfreeze()  # what was remembered is walked again now: listed once all the same
+    tensors = [t for t in tensors_in_heap() if t is startup[0]]
+    assert len(tensors) == 1
+
+
+def test_frozen_tensors_are_held_weakly(frozen_heap: None) -> None:
+    doomed = torch.zeros(100)
+    gc.freeze()
+    vramkit.live_tensors("cpu")  # remembers `doomed` among the frozen
+    ref = weakref.ref(doomed)
+    del doomed
+    assert ref() is None  # reference counting frees frozen objects; vramkit holds none
+
+
+def test_baseline_tells_new_storages_from_old_ones() -> None:
+    old = torch.zeros(1000)
+    dies = torch.zeros(2000)
+    baseline = StorageBaseline("cpu")
+    view = old[:10]  # a new tensor object on an old storage: nothing new
+    new = torch.zeros(3000)
+    del dies  # its address may be reused: only a live storage counts as old
+    reuse = torch.zeros(2000)
+    fresh = _storages(baseline.new_tensors())
+    assert _address(view) not in fresh
+    assert {_address(new), _address(reuse)} <= fresh
+    (info,) = [i for i in baseline.new_tensors() if i.tensor is new]
+    assert info.nbytes == 3000 * 4
+
+
+def test_baseline_shares_a_heap_walk() -> None:
+    tensors = tensors_in_heap()
+    baseline = StorageBaseline("cpu", tensors)
+    new = torch.zeros(500)
+    assert _address(new) not in _storages(baseline.new_tensors(tensors))  # the old walk
+    assert _address(new) in _storages(baseline.new_tensors())  # a new one
+    tensors.clear()

@@ -41,7 +41,7 @@ from vramkit.errors import (
 if TYPE_CHECKING:
     from vramkit import events
     from vramkit._status import status
-    from vramkit.cleaning import CleanupReport, cleanup
+    from vramkit.cleaning import CleanupReport, cleanup, freeze_heap
     from vramkit.controls import Controls, watch
     from vramkit.devices import Device, DeviceMemory, resolve_device
     from vramkit.memory import DeviceMemoryDelta, MemoryDelta, MemorySnapshot, snapshot
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "events": "vramkit.events",
-    **dict.fromkeys(("CleanupReport", "cleanup"), "vramkit.cleaning"),
+    **dict.fromkeys(("CleanupReport", "cleanup", "freeze_heap"), "vramkit.cleaning"),
     "status": "vramkit._status",
     **dict.fromkeys(("Controls", "watch"), "vramkit.controls"),
     **dict.fromkeys(("Device", "DeviceMemory", "resolve_device"), "vramkit.devices"),
@@ -132,6 +132,7 @@ __all__ = [
     "events",
     "find_referrers",
     "format_bytes",
+    "freeze_heap",
     "gpu_session",
     "is_oom_error",
     "live_tensors",

@@ -19,23 +19,43 @@ import contextlib
 import gc
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["exclusive", "tensors_in_heap"]
+__all__ = ["exclusive", "tensor_classes", "tensors_in_heap"]
 
 _lock = threading.Lock()
 _walkers = 0
 _saved_interval = 0.005
 _gc_was_enabled = True
-_refreeze = False
+
+
+class _Mark:
+    """Made just after vramkit freezes the heap: while it is not frozen, nobody froze since.
+
+    The freeze count cannot tell: frozen objects that die leave it, so it
+    falls and a later freeze can bring it back to any value.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class _FrozenTensors:
+    """The tensors in the frozen generation, held weakly, and the mark that dates them."""
+
+    mark: _Mark
+    refs: tuple[weakref.ReferenceType[Any], ...]
+
+
+_frozen: _FrozenTensors | None = None
 
 
 @contextlib.contextmanager
-def exclusive() -> Iterator[None]:
+def exclusive(*, thaw: bool = True) -> Iterator[None]:
     """Hold off other Python threads for the duration of a heap walk.
 
     Reentrant and safe across threads: the switch interval is raised by the
@@ -43,31 +63,40 @@ def exclusive() -> Iterator[None]:
     collection is paused too, because a finalizer it runs could block on a
     lock and let another thread run while the walk holds its objects. The
     walk itself must not take locks or do I/O.
+
+    Args:
+        thaw: Make frozen objects visible for the walk (see below). A walk
+            that knows the frozen part another way (the census:
+            :func:`tensors_in_heap`) passes ``False``.
+
+    Frozen objects are invisible to ``gc.get_referrers`` and ``gc.get_objects``,
+    and servers freeze after startup (every Ray Serve 2.60 replica does): the
+    deployment holding a stray model reference would hide. So by default the
+    walk thaws, and freezes again when it ends. Freezing again also takes in
+    what was allocated since: those objects are still freed by reference
+    counting, only cycles among them are never collected.
     """
-    global _walkers, _saved_interval, _gc_was_enabled, _refreeze
+    global _walkers, _saved_interval, _gc_was_enabled
     with _lock:
         if _walkers == 0:
             _saved_interval = sys.getswitchinterval()
             sys.setswitchinterval(max(_saved_interval, 10.0))
             _gc_was_enabled = gc.isenabled()
             gc.disable()
-            # Frozen objects are invisible to gc.get_referrers and gc.get_objects, and
-            # servers freeze after startup (every Ray Serve 2.60 replica does): the
-            # deployment holding a stray model reference would hide. Thaw for the walk.
-            # Freezing again also takes in what was allocated since: those objects are
-            # still freed by reference counting, only cycles among them never collected.
-            _refreeze = gc.get_freeze_count() > 0
-            if _refreeze:
-                gc.unfreeze()
         _walkers += 1
+    # Inside the walk no other thread runs and collections are paused: the
+    # freeze count read here is the one the walk sees.
+    refreeze = thaw and gc.get_freeze_count() > 0
+    if refreeze:
+        gc.unfreeze()
     try:
         yield
     finally:
+        if refreeze:
+            gc.freeze()
         with _lock:
             _walkers -= 1
             if _walkers == 0:
-                if _refreeze:
-                    gc.freeze()
                 if _gc_was_enabled:
                     gc.enable()
                 sys.setswitchinterval(_saved_interval)
@@ -76,34 +105,80 @@ def exclusive() -> Iterator[None]:
 def tensors_in_heap() -> list[torch.Tensor]:
     """Every tensor the garbage collector tracks, subclasses (``Parameter``) included.
 
-    Found as the referrers of the tensor classes (every instance of a Python
-    class refers to its class), not by walking ``gc.get_objects()``: that list
-    would hold every object in the heap, including tuples other threads are
-    still filling, and a thread resuming while it is held fails with
-    ``SystemError`` (see :mod:`vramkit._gc`). It is also several times faster.
+    One pass over the heap. Found as the referrers of the tensor classes
+    (every instance of a Python class refers to its class), not by walking
+    ``gc.get_objects()``: that list would hold every object in the heap,
+    including tuples other threads are still filling, and a thread resuming
+    while it is held fails with ``SystemError`` (see :mod:`vramkit._gc`). It is
+    also several times faster.
+
+    A frozen heap (``gc.freeze()``, or :func:`vramkit.freeze_heap`) is thawed
+    and walked once: its tensors are remembered weakly, and later walks cover
+    only what was allocated since, until someone freezes again. A tensor
+    there that starts holding a new storage (``param.data = ...``) is still
+    seen, since a census reads the storage from the tensor each time.
     """
     import torch
 
-    classes = _tensor_classes(torch.Tensor)
-    with exclusive():
-        holders = gc.get_referrers(*classes)
-        try:
-            # type() and issubclass(), not isinstance(): isinstance reads
-            # obj.__class__, which some proxies answer with a warning.
-            return [h for h in holders if issubclass(type(h), torch.Tensor)]
-        finally:
-            holders.clear()
+    kinds = tensor_classes(torch.Tensor)
+    with exclusive(thaw=False):
+        known = _frozen
+        if known is None:
+            # Counting the frozen objects walks them: asked only when nothing is known.
+            return _walk_frozen(kinds) if gc.get_freeze_count() else _instances(kinds)
+        found = _instances(kinds | {_Mark})
+        if not any(h is known.mark for h in found):  # frozen since: the record is stale
+            found.clear()
+            return _walk_frozen(kinds)
+        # Thawed since (gc.unfreeze()): the walk found the remembered ones too.
+        unique = {id(h): h for h in found if type(h) is not _Mark}
+        found.clear()
+        for ref in known.refs:
+            tensor = ref()
+            if tensor is not None:
+                unique[id(tensor)] = tensor
+        return list(unique.values())
 
 
-def _tensor_classes(base: type) -> list[type]:
-    found: list[type] = []
+def tensor_classes(base: type) -> frozenset[type]:
+    """``base`` and every class derived from it, as loaded now."""
+    found: set[type] = set()
     stack: list[type] = [base]
-    seen: set[int] = set()
     while stack:
         cls = stack.pop()
-        if id(cls) in seen:
-            continue
-        seen.add(id(cls))
-        found.append(cls)
-        stack.extend(cls.__subclasses__())
+        if cls not in found:
+            found.add(cls)
+            stack.extend(type.__subclasses__(cls))
+    return frozenset(found)
+
+
+def _instances(kinds: frozenset[type]) -> list[Any]:
+    """The instances of ``kinds`` the collector sees now. Call inside :func:`exclusive`."""
+    holders = gc.get_referrers(*kinds)
+    try:
+        # type(), not isinstance(): isinstance reads obj.__class__, which some
+        # proxies answer with a warning; a set lookup is also cheaper than the
+        # metaclass's __instancecheck__.
+        return [h for h in holders if type(h) in kinds]
+    finally:
+        holders.clear()
+
+
+def _walk_frozen(kinds: frozenset[type]) -> list[Any]:
+    """Thaw, find every tensor, freeze again, and remember what is frozen now.
+
+    Call inside :func:`exclusive`: no other thread can freeze or thaw meanwhile.
+    """
+    global _frozen
+    gc.unfreeze()
+    try:
+        found = _instances(kinds)
+    finally:
+        gc.freeze()
+    try:
+        refs = tuple(weakref.ref(t) for t in found)
+    except TypeError:  # a tensor class without weak references: thaw at every census
+        _frozen = None
+    else:
+        _frozen = _FrozenTensors(_Mark(), refs)  # made after the freeze: not frozen itself
     return found

@@ -20,20 +20,24 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
-from vramkit._gc import tensors_in_heap
+from vramkit._gc import tensor_classes, tensors_in_heap
 from vramkit._units import format_bytes
 from vramkit.devices import DeviceLike, resolve_device
 
 if TYPE_CHECKING:
     from vramkit.referrers import ReferrerChain
 
-__all__ = ["TensorCensus", "TensorInfo", "live_tensors"]
+__all__ = ["StorageBaseline", "TensorCensus", "TensorInfo", "live_tensors"]
 
 StorageKey = tuple[str, int]
+
+# Weak references to storages as torch's StorageWeakRef takes them (an integer
+# handle each), without a Python object per storage: a baseline holds thousands.
+_STORAGE: Any = torch.UntypedStorage
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,22 +179,111 @@ def live_tensors(device: DeviceLike | None = None) -> TensorCensus:
         A :class:`TensorCensus`, largest storage first.
     """
     wanted = str(resolve_device(device)) if device is not None else None
+    return _census(tensors_in_heap(), wanted)
+
+
+class StorageBaseline:
+    """The storages on one device alive at a moment, held weakly: what a leak check compares to.
+
+    Only the storages' addresses and weak references are read here, nothing
+    per tensor that a census of what is new would not need. A storage freed
+    later may leave its address to a new one, so an address seen before
+    proves nothing alone: a storage counts as old only while the storage seen
+    at that address is still alive.
+
+    Args:
+        device: The device watched.
+        tensors: The tensors of one heap walk (:func:`vramkit._gc.tensors_in_heap`),
+            to share that walk with other readers; walked here when omitted.
+    """
+
+    __slots__ = ("__weakref__", "_device", "_handles")
+
+    def __init__(self, device: DeviceLike, tensors: list[torch.Tensor] | None = None) -> None:
+        self._device = str(resolve_device(device))
+        self._handles: dict[int, int] = {}
+        weak_ref = _STORAGE._weak_ref
+        handles = self._handles
+        for tensor in _on_device(tensors_in_heap() if tensors is None else tensors, self._device):
+            storage = _storage(tensor)
+            if storage is not None:
+                address = storage.data_ptr()
+                if address not in handles:
+                    handles[address] = weak_ref(storage)
+        weakref.finalize(self, _free_handles, handles)
+
+    def new_tensors(self, tensors: list[torch.Tensor] | None = None) -> TensorCensus:
+        """The storages on the device now that were not alive at the baseline.
+
+        Args:
+            tensors: The tensors of one heap walk, to share it; walked here when omitted.
+        """
+        expired = _STORAGE._expired
+        handles = self._handles
+        fresh = []
+        for tensor in _on_device(tensors_in_heap() if tensors is None else tensors, self._device):
+            storage = _storage(tensor)
+            if storage is None:
+                continue
+            handle = handles.get(storage.data_ptr())
+            if handle is None or expired(handle):
+                fresh.append(tensor)
+        return _census(fresh, None)
+
+
+def _free_handles(handles: dict[int, int]) -> None:
+    free = _STORAGE._free_weak_ref
+    for handle in handles.values():
+        free(handle)
+    handles.clear()
+
+
+def _on_device(tensors: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    if device == "cpu":  # the common case, and a C attribute instead of a device object
+        return [t for t in tensors if t.is_cpu]
+    names: dict[torch.device, str] = {}
+    return [t for t in tensors if _device_name(t.device, names) == device]
+
+
+def _device_name(device: torch.device, names: dict[torch.device, str]) -> str:
+    """``str(device)``, once per device: it is a Python call per tensor otherwise."""
+    name = names.get(device)
+    if name is None:
+        name = names[device] = str(device)
+    return name
+
+
+def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None  # tensor subclasses without storage (FakeTensor, functorch wrappers)
+
+
+def _census(tensors: list[torch.Tensor], wanted: str | None) -> TensorCensus:
+    """One entry per storage of ``tensors`` (on ``wanted`` only, unless ``None``)."""
+    if wanted is not None:
+        tensors = _on_device(tensors, wanted)
+    parameters = tensor_classes(torch.nn.Parameter)
+    names: dict[torch.device, str] = {}
     found: dict[StorageKey, TensorInfo] = {}
-    for obj in tensors_in_heap():
-        info = _describe(obj)
-        if info is None or (wanted is not None and info.device != wanted):
-            continue
-        found.setdefault(info.storage_key, info)
+    for tensor in tensors:
+        info = _describe(tensor, parameters, names)
+        if info is not None:
+            found.setdefault(info.storage_key, info)
     return TensorCensus(list(found.values()))
 
 
-def _describe(tensor: torch.Tensor) -> TensorInfo | None:
+def _describe(
+    tensor: torch.Tensor, parameters: frozenset[type], names: dict[torch.device, str]
+) -> TensorInfo | None:
     try:
         if tensor.is_meta or tensor.is_sparse or getattr(tensor, "is_nested", False):
             return None
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
-        key = (str(tensor.device), storage.data_ptr())
+        name = _device_name(tensor.device, names)
+        key = (name, storage.data_ptr())
         ref: weakref.ReferenceType[torch.Tensor] | None = weakref.ref(tensor)
     except (RuntimeError, NotImplementedError, TypeError):
         return None  # tensor subclasses without storage (FakeTensor, functorch wrappers)
@@ -199,10 +292,11 @@ def _describe(tensor: torch.Tensor) -> TensorInfo | None:
     return TensorInfo(
         shape=tuple(tensor.shape),
         dtype=str(tensor.dtype),
-        device=key[0],
+        device=name,
         nbytes=nbytes,
         requires_grad=tensor.requires_grad,
-        is_parameter=isinstance(tensor, torch.nn.Parameter),
+        # A set of classes, not isinstance(): torch's metaclass makes that a Python call.
+        is_parameter=type(tensor) in parameters,
         storage_key=key,
         _ref=ref,
     )
