@@ -175,3 +175,28 @@ def test_baseline_shares_a_heap_walk() -> None:
     assert _address(new) not in _storages(baseline.new_tensors(tensors))  # the old walk
     assert _address(new) in _storages(baseline.new_tensors())  # a new one
     tensors.clear()
+
+
+def test_freezing_again_keeps_what_was_made_in_between(frozen_heap: None) -> None:
+    between = torch.zeros(777)
+    assert vramkit.freeze_heap() > 0
+    census = vramkit.live_tensors("cpu")
+    assert {_address(between), _address(startup[0])} <= _storages(census)
+
+
+def test_garbage_is_collected_before_the_heap_freezes() -> None:
+    class Node:
+        pass
+
+    gc.disable()  # no automatic collection may free the cycle first
+    try:
+        node = Node()
+        node.itself = node  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+        node.tensor = torch.zeros(100)  # type: ignore[attr-defined]
+        ref = weakref.ref(node.tensor)  # type: ignore[attr-defined]
+        del node
+        vramkit.freeze_heap()
+        assert ref() is None  # frozen, the cycle would never have been collected
+    finally:
+        gc.unfreeze()
+        gc.enable()

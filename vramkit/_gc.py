@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["exclusive", "tensor_classes", "tensors_in_heap"]
+__all__ = ["exclusive", "freeze", "tensor_classes", "tensors_in_heap"]
 
 _lock = threading.Lock()
 _walkers = 0
@@ -120,24 +120,42 @@ def tensors_in_heap() -> list[torch.Tensor]:
     """
     import torch
 
-    kinds = tensor_classes(torch.Tensor)
     with exclusive(thaw=False):
-        known = _frozen
-        if known is None:
-            # Counting the frozen objects walks them: asked only when nothing is known.
-            return _walk_frozen(kinds) if gc.get_freeze_count() else _instances(kinds)
-        found = _instances(kinds | {_Mark})
-        if not any(h is known.mark for h in found):  # frozen since: the record is stale
-            found.clear()
-            return _walk_frozen(kinds)
-        # Thawed since (gc.unfreeze()): the walk found the remembered ones too.
-        unique = {id(h): h for h in found if type(h) is not _Mark}
+        return _tensors(tensor_classes(torch.Tensor))
+
+
+def freeze() -> None:
+    """``gc.freeze()``, keeping what the census remembers of the frozen heap current.
+
+    Costs a walk of what was made since the last freeze, not of the whole heap.
+    """
+    import torch
+
+    with exclusive(thaw=False):
+        found = _tensors(tensor_classes(torch.Tensor))
+        gc.freeze()
+        _remember(found)
         found.clear()
-        for ref in known.refs:
-            tensor = ref()
-            if tensor is not None:
-                unique[id(tensor)] = tensor
-        return list(unique.values())
+
+
+def _tensors(kinds: frozenset[type]) -> list[Any]:
+    """The body of :func:`tensors_in_heap`. Call inside :func:`exclusive`."""
+    known = _frozen
+    if known is None:
+        # Counting the frozen objects walks them: asked only when nothing is known.
+        return _walk_frozen(kinds) if gc.get_freeze_count() else _instances(kinds)
+    found = _instances(kinds | {_Mark})
+    if not any(h is known.mark for h in found):  # frozen since: the record is stale
+        found.clear()
+        return _walk_frozen(kinds)
+    # Thawed since (gc.unfreeze()): the walk found the remembered ones too.
+    unique = {id(h): h for h in found if type(h) is not _Mark}
+    found.clear()
+    for ref in known.refs:
+        tensor = ref()
+        if tensor is not None:
+            unique[id(tensor)] = tensor
+    return list(unique.values())
 
 
 def tensor_classes(base: type) -> frozenset[type]:
@@ -169,16 +187,21 @@ def _walk_frozen(kinds: frozenset[type]) -> list[Any]:
 
     Call inside :func:`exclusive`: no other thread can freeze or thaw meanwhile.
     """
-    global _frozen
     gc.unfreeze()
     try:
         found = _instances(kinds)
     finally:
         gc.freeze()
+    _remember(found)
+    return found
+
+
+def _remember(frozen: list[Any]) -> None:
+    """Record ``frozen`` as the frozen heap's tensors, as of a freeze just made."""
+    global _frozen
     try:
-        refs = tuple(weakref.ref(t) for t in found)
+        refs = tuple(weakref.ref(t) for t in frozen)
     except TypeError:  # a tensor class without weak references: thaw at every census
         _frozen = None
     else:
         _frozen = _FrozenTensors(_Mark(), refs)  # made after the freeze: not frozen itself
-    return found

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vramkit._gc import tensors_in_heap
+from vramkit._gc import freeze
 from vramkit._units import check_flag, check_seconds, format_bytes
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.devices.cpu import malloc_trim
@@ -210,8 +210,7 @@ def freeze_heap() -> int:
         How many objects are frozen now.
     """
     gc.collect()  # garbage frozen would never be collected
-    gc.freeze()
-    tensors_in_heap().clear()  # remember the frozen tensors now, not at the first leak check
+    freeze()  # and remember the frozen tensors now, not at the first leak check
     return gc.get_freeze_count()
 
 
