@@ -239,10 +239,16 @@ def _free_handles(handles: dict[int, int]) -> None:
 
 
 def _on_device(tensors: list[torch.Tensor], device: str) -> list[torch.Tensor]:
-    if device == "cpu":  # the common case, and a C attribute instead of a device object
-        return [t for t in tensors if t.is_cpu]
+    on_host = device == "cpu"  # the common case: a C attribute instead of a device object
     names: dict[torch.device, str] = {}
-    return [t for t in tensors if _device_name(t.device, names) == device]
+    found = []
+    for tensor in tensors:
+        try:
+            if tensor.is_cpu if on_host else _device_name(tensor.device, names) == device:
+                found.append(tensor)
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue  # subclasses that refuse every use (vramkit's tombstones) hold nothing
+    return found
 
 
 def _device_name(device: torch.device, names: dict[torch.device, str]) -> str:

@@ -58,7 +58,6 @@ __all__ = [
     "storage_bytes",
     "storage_key",
     "tensors_in",
-    "tensors_sharing",
 ]
 
 _raw = torch._C.DisableTorchFunctionSubclass
@@ -256,15 +255,6 @@ class FreedStorages:
     held: tuple[str, ...] = ()
 
 
-def tensors_sharing(keys: Iterable[int]) -> list[torch.Tensor]:
-    """Every tensor in the heap whose storage is one of ``keys`` (views and copies included)."""
-    wanted = set(keys)
-    if not wanted:
-        return []
-    with _raw():
-        return [t for t in tensors_in_heap() if storage_key(t) in wanted]
-
-
 def free_storages(
     refs: StorageRefs,
     message: str | None = None,
@@ -294,17 +284,21 @@ def free_storages(
     alive = refs.alive()
     if not alive:
         return FreedStorages()
-    if survivors is None:
-        survivors = tensors_sharing(alive)
     handles: dict[int, torch.UntypedStorage] = {}
     emptied = 0
+    heap: list[torch.Tensor] | None = None  # one walk of the heap, for both uses below
     with _raw():
+        if survivors is None:
+            heap = tensors_in_heap()
+            survivors = heap
         tensors = [t for t in survivors if storage_key(t) in alive]
         pinned = {k for k in alive if not refs.describe(k)[2]}
         if pinned:
             # Read before anything is emptied: emptying bumps the version counter
             # the graph checks, after which it refuses to hand its tensors out.
-            tensors += _saved_tensors_on(pinned)
+            tensors += _saved_tensors_on(pinned, tensors_in_heap() if heap is None else heap)
+        if heap is not None:
+            heap.clear()  # it holds every tensor: the ones to empty are in `tensors`
         # Keys first: emptying a tensor changes its storage (and a view's).
         keyed = [(t, storage_key(t)) for t in tensors]
         for tensor, key in keyed:
@@ -332,14 +326,15 @@ def _resize_to_zero(storages: Mapping[int, torch.UntypedStorage]) -> None:
             storage.resize_(0)
 
 
-def _saved_tensors_on(keys: set[int]) -> list[torch.Tensor]:
+def _saved_tensors_on(keys: set[int], heap: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors the heap's autograd graphs saved on ``keys``' storages.
 
     For inputs and weights, ``grad_fn._saved_x`` gives back the very tensor
     the graph holds (not a copy), so emptying it releases the storage from
-    C++ as well. Caller has disabled ``__torch_function__``.
+    C++ as well. ``heap`` is the heap's tensors. Caller has disabled
+    ``__torch_function__``.
     """
-    stack = [t.grad_fn for t in tensors_in_heap() if t.grad_fn is not None]
+    stack = [t.grad_fn for t in heap if t.grad_fn is not None]
     seen: set[int] = set()
     found: list[torch.Tensor] = []
     while stack and len(seen) < 100_000:
