@@ -7,8 +7,12 @@ Prints medians and the ratio against two bare ``vramkit.snapshot()`` calls
 (what the session itself must take), and the targets against their same-run
 reference: without a leak check at most 1 ms; with ``leak_check="raise"`` at
 most 0.25x a full ``gc.collect()`` of the same heap. Also what each
-``CleanupPolicy`` cadence costs per call (cleanups included).
-Run: ``python benchmarks/bench_session.py [--device cuda] [--quick] [--json FILE]``.
+``CleanupPolicy`` cadence costs per call (cleanups included), and, last, the
+same leak-checked session after ``vramkit.freeze_heap()`` against the full
+``gc.collect()`` of the unfrozen heap timed before it. ``--tensors N`` plants
+N small parameters first (a large model's count) to show what the census pays
+per tensor.
+Run: ``python benchmarks/bench_session.py [--device cuda] [--quick] [--tensors N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import gc
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
+import torch
 from _common import fmt_seconds, load_heap, load_line, median_per_call, median_seconds, versions
 
 import vramkit
@@ -36,10 +42,14 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="the device watched (default: default)")
     parser.add_argument("--quick", action="store_true", help="fewer runs")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument(
+        "--tensors", type=int, default=0, help="small parameters planted first (default 0)"
+    )
     args = parser.parse_args()
     runs, calls = (5, 500) if args.quick else (15, 2000)
     with tempfile.TemporaryDirectory() as workdir:
         heap, model = load_heap(workdir)
+        planted = [torch.nn.Parameter(torch.zeros(4)) for _ in range(args.tensors)]
         device = vramkit.resolve_device(args.device) if args.device else default_device()
         tensors = vramkit.live_tensors(device)
         heap_objects = len(gc.get_objects())
@@ -121,6 +131,7 @@ def main() -> None:
             f"a full gc.collect() of {fmt_seconds(gc_seconds)} "
             f"(target <= {TARGET_CHECKED_VS_GC}x): {verdict}"
         )
+        frozen = _frozen_rows(device, gc_seconds, runs)
         print(load_line())
         if args.json:
             with open(args.json, "w", encoding="utf-8") as out:
@@ -132,12 +143,52 @@ def main() -> None:
                         "unchecked_seconds": unchecked,
                         "checked_seconds": checked_s,
                         "rows": figures,
+                        "frozen": frozen,
                         "loadavg": os.getloadavg()[0],
                     },
                     out,
                     indent=2,
                 )
-        del model
+        del model, planted
+
+
+def _frozen_rows(device: Any, gc_seconds: float, runs: int) -> dict[str, float]:
+    """The leak-checked session on the heap frozen by ``vramkit.freeze_heap()``, then thawed."""
+    started = time.perf_counter()
+    frozen_objects = vramkit.freeze_heap()
+    took = time.perf_counter() - started
+    try:
+        checked = gpu_session(device, leak_check="raise")
+        rows = {
+            "gc.collect() on the frozen heap": median_seconds(gc.collect, runs=runs),
+            'gpu_session(leak_check="raise") on the frozen heap': median_seconds(
+                lambda: _enter_leave(checked), runs=runs
+            ),
+            f"live_tensors({str(device)!r}) on the frozen heap": median_seconds(
+                lambda: vramkit.live_tensors(device), runs=runs
+            ),
+        }
+    finally:
+        gc.unfreeze()
+    print()
+    print(f"vramkit.freeze_heap(): {frozen_objects:,} objects frozen in {fmt_seconds(took)}")
+    print(f"{'on the frozen heap':<52} {'median':>10} {'vs gc.collect':>14}")
+    for name, cost in rows.items():
+        print(f"{name:<52} {fmt_seconds(cost):>10} {cost / gc_seconds:>13.4f}x")
+    checked_s = rows['gpu_session(leak_check="raise") on the frozen heap']
+    ratio = checked_s / gc_seconds
+    verdict = "meets" if ratio <= TARGET_CHECKED_VS_GC else "MISSES"
+    print(
+        f'target: gpu_session(leak_check="raise") after freeze_heap() {fmt_seconds(checked_s)} '
+        f"= {ratio:.4f}x the full gc.collect() of {fmt_seconds(gc_seconds)} before the freeze "
+        f"(target <= {TARGET_CHECKED_VS_GC}x): {verdict}"
+    )
+    return {"freeze_heap_seconds": took, **rows}
+
+
+def _enter_leave(session: Any) -> None:
+    with session:
+        pass
 
 
 def _per_call(after_call: Any, policy: CleanupPolicy, runs: int) -> float:

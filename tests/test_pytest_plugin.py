@@ -462,6 +462,82 @@ def test_options_and_ini_keys_turn_the_check_on_for_every_test(
     )
 
 
+FROZEN = """
+import gc
+
+import pytest
+import torch
+
+cache = []  # made at import: frozen with the heap before the first check
+
+
+class Node:
+    pass
+
+
+@pytest.mark.no_vram_leak
+def test_into_a_frozen_global():
+    cache.append(torch.empty(32 * 2**20, dtype=torch.uint8))
+
+
+@pytest.mark.no_vram_leak
+def test_through_a_live_cycle():
+    node = Node()
+    node.itself = node
+    node.tensor = torch.empty(32 * 2**20, dtype=torch.uint8)
+    cache.append(node)
+
+
+@pytest.mark.no_vram_leak
+def test_into_a_dead_cycle():
+    node = Node()
+    node.itself = node
+    node.tensor = torch.empty(32 * 2**20, dtype=torch.uint8)
+
+
+@pytest.mark.no_vram_leak
+def test_frozen_by_the_test_itself():
+    cache.append(torch.empty(32 * 2**20, dtype=torch.uint8))
+    gc.freeze()
+
+
+@pytest.mark.no_vram_leak
+def test_clean():
+    assert float(torch.ones(1024, 1024).sum()) == 1024 * 1024
+"""
+
+
+@pytest.mark.parametrize("how", ["option", "ini"])
+def test_a_frozen_heap_hides_no_leak(pytester: pytest.Pytester, how: str) -> None:
+    import gc
+
+    pytester.makepyfile(test_frozen=FROZEN)
+    ini = "vram_freeze_heap = true\n" if how == "ini" else ""
+    pytester.makeini(f"[pytest]\n{PLUGINS}vram_device = cpu\nvram_retries = 0\n{ini}")
+    gc.disable()  # the dead cycle must wait for the check's own collection
+    try:
+        result = pytester.runpytest(*(["--vram-freeze-heap"] if how == "option" else []))
+    finally:
+        gc.enable()
+    assert gc.get_freeze_count() == 0  # the run thawed what it froze
+    calls = call_reports(result)
+    assert {name for name, report in calls.items() if report.failed} == {
+        "test_into_a_frozen_global",
+        "test_through_a_live_cycle",
+        "test_frozen_by_the_test_itself",
+    }
+    result.stdout.fnmatch_lines(
+        [
+            "*- vramkit leak -*",
+            "    held by test_frozen.cache[0]",
+            "*- vramkit leak -*",
+            "    held by test_frozen.cache[1] -> Node.tensor",
+            "*- vramkit leak -*",
+            "    held by test_frozen.cache[2]",
+        ]
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "ini", "message"),
     [

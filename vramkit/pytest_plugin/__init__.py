@@ -111,6 +111,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="re-checks (gc and a short pause each) before growth counts as a leak "
         "(default 3; ini: vram_retries)",
     )
+    group.addoption(
+        "--vram-freeze-heap",
+        action="store_true",
+        default=None,
+        help="freeze the heap (vramkit.freeze_heap) when the first checked test starts, so "
+        "each check walks only what was made since (ini: vram_freeze_heap)",
+    )
     parser.addini(
         "vram_leak_check",
         "check every test for leaked accelerator (or host) memory",
@@ -127,6 +134,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "vram_device", "device to check (default: first accelerator, else cpu)", default=""
     )
     parser.addini("vram_retries", "re-checks before growth counts as a leak", default="3")
+    parser.addini(
+        "vram_freeze_heap",
+        "freeze the heap when the first checked test starts (checks walk only what is newer)",
+        type="bool",
+        default=False,
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -184,4 +197,5 @@ def _read_settings(config: pytest.Config) -> Settings:
         process_tolerance_bytes=process,
         device=device,
         retries=int(retries_text),
+        freeze_heap=bool(config.getoption("vram_freeze_heap") or config.getini("vram_freeze_heap")),
     )

@@ -44,6 +44,7 @@ class Settings:
     process_tolerance_bytes: int | None
     device: str | None
     retries: int
+    freeze_heap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,15 @@ class Manager:
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
+        self._froze = False  # by --vram-freeze-heap, thawed when the run ends
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """Thaw the heap this run froze: the process may go on (``pytest.main`` in a script)."""
+        if self._froze:
+            import gc
+
+            gc.unfreeze()
+            self._froze = False
 
     # -- collection --------------------------------------------------------------
 
@@ -248,6 +258,11 @@ class Manager:
         except DeviceUnavailableError as exc:
             pytest.skip(f"vramkit: cannot check memory here: {exc}")
         leak = plan.leak
+        if leak is not None and self.settings.freeze_heap and not self._froze:
+            from vramkit.cleaning import freeze_heap
+
+            freeze_heap()  # what the run imported and built so far: walked by no check after
+            self._froze = True
         # Without a leak check (vram_limit alone) the tolerance is never used.
         tolerance = 0 if leak is None or leak.tolerance_bytes is None else leak.tolerance_bytes
         session = GpuSession(
