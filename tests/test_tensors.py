@@ -9,10 +9,12 @@ import torch
 
 import vramkit
 from vramkit import TensorCensus
+from vramkit import _gc as heap_walks
 from vramkit._gc import tensors_in_heap
 from vramkit.tensors import StorageBaseline
 
 planted: list[torch.Tensor] = []
+kept: dict[str, torch.Tensor] = {}
 startup = [torch.zeros(128), torch.nn.Parameter(torch.zeros(96))]  # frozen with the heap
 
 
@@ -200,3 +202,21 @@ def test_garbage_is_collected_before_the_heap_freezes() -> None:
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_a_holder_search_on_a_frozen_heap_leaves_the_census_cheap(
+    frozen_heap: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The search thaws the heap and freezes it again, taking in `late`: the
+    # census must still count it, without thawing to walk the whole heap again.
+    late = torch.zeros(444)
+    kept["late"] = late
+    try:
+        chains = vramkit.find_referrers(late)
+    finally:
+        kept.clear()
+    assert any("test_tensors.kept['late']" in str(chain) for chain in chains), chains
+    walks: list[object] = []
+    monkeypatch.setattr(heap_walks, "_walk_frozen", lambda kinds: walks.append(kinds) or [])
+    assert _address(late) in _storages(vramkit.live_tensors("cpu"))
+    assert walks == []

@@ -74,7 +74,9 @@ def exclusive(*, thaw: bool = True) -> Iterator[None]:
     deployment holding a stray model reference would hide. So by default the
     walk thaws, and freezes again when it ends. Freezing again also takes in
     what was allocated since: those objects are still freed by reference
-    counting, only cycles among them are never collected.
+    counting, only cycles among them are never collected. What the census
+    remembers of the frozen heap is carried over, so a holder search does not
+    cost the next census a walk of the whole heap.
     """
     global _walkers, _saved_interval, _gc_was_enabled
     with _lock:
@@ -87,13 +89,17 @@ def exclusive(*, thaw: bool = True) -> Iterator[None]:
     # Inside the walk no other thread runs and collections are paused: the
     # freeze count read here is the one the walk sees.
     refreeze = thaw and gc.get_freeze_count() > 0
+    carried: list[weakref.ReferenceType[Any]] | None = None
     if refreeze:
+        carried = _carry()
         gc.unfreeze()
     try:
         yield
     finally:
         if refreeze:
             gc.freeze()
+            if carried is not None:
+                _remember(carried)
         with _lock:
             _walkers -= 1
             if _walkers == 0:
@@ -196,11 +202,33 @@ def _walk_frozen(kinds: frozenset[type]) -> list[Any]:
     return found
 
 
+def _carry() -> list[weakref.ReferenceType[Any]] | None:
+    """Every tensor, held weakly, when the census knows the frozen heap: cheap then.
+
+    Weakly, so that the walk about to run does not find this list among the
+    holders of the tensor it searches for.
+    """
+    if _frozen is None:
+        return None
+    import torch  # imported already: the census that made the record needed it
+
+    found = _tensors(tensor_classes(torch.Tensor))
+    try:
+        return [weakref.ref(t) for t in found]
+    except TypeError:
+        return None
+    finally:
+        found.clear()
+
+
 def _remember(frozen: list[Any]) -> None:
-    """Record ``frozen`` as the frozen heap's tensors, as of a freeze just made."""
+    """Record ``frozen`` (tensors, or weak references to them) as the frozen heap's tensors.
+
+    Call just after a freeze.
+    """
     global _frozen
     try:
-        refs = tuple(weakref.ref(t) for t in frozen)
+        refs = tuple(t if type(t) is weakref.ReferenceType else weakref.ref(t) for t in frozen)
     except TypeError:  # a tensor class without weak references: thaw at every census
         _frozen = None
     else:
