@@ -11,11 +11,13 @@ varied lengths (0.8 to 4.8 s) in batches of ``--batch``, three ways in one run:
 - **vramkit**: the call wrapped in ``vramkit.managed(device)``, whose default
   cleanup policy cleans after every call (one call being one batch).
 
-Each way transcribes every file: the first half in the order above, the second
-half in reverse order, so a machine that speeds up or slows down during the
-run weighs on all three alike. Printed per way: files per second and the ratio
-to the other two, and the growth of the process's resident set (on CUDA also
-of torch's reserved bytes) over its files.
+Each way transcribes every file, in ``--blocks`` blocks of consecutive batches
+(6 by default); the ways take turns block by block, each block in another of
+the six orders of the three ways, so a machine that speeds up or slows down
+during the run (other work starting or stopping) weighs on all three alike.
+Printed per way: files per second and the ratio to the other two, and the
+growth of the process's resident set (on CUDA also of torch's reserved bytes)
+over its files.
 
 Then a **planted results cache**: a module-level dict keeping each file's
 waveform as a tensor on the device beside its text (the "global cache" pattern
@@ -38,6 +40,7 @@ import argparse
 import contextlib
 import gc
 import io
+import itertools
 import json
 import logging
 import os
@@ -97,6 +100,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget", default="8GiB", help="CUDA only: the memory cap of the card (default 8GiB)"
     )
+    parser.add_argument(
+        "--blocks", type=int, default=6, help="blocks the ways take turns on (default 6)"
+    )
     parser.add_argument("--quick", action="store_true", help="24 files: a smoke run")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -104,6 +110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.files = min(args.files, 24)
     if args.files < 2 * args.batch or args.batch < 1:
         parser.error("--files must be at least two batches and --batch at least 1")
+    if args.blocks < 1:
+        parser.error("--blocks must be at least 1")
     return args
 
 
@@ -262,10 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for transcribe in ways.values():  # warm-up: first calls build caches and kernels
             quietly(lambda t=transcribe: t(batches[0]))
         results = {name: WayResult(name) for name in ways}
-        half = len(batches) // 2
+        orders = list(itertools.permutations(ways))
+        count = min(args.blocks, len(batches))
+        bounds = [len(batches) * i // count for i in range(count + 1)]
         load_before = os.getloadavg()
-        for block, order in ((batches[:half], list(ways)), (batches[half:], list(ways)[::-1])):
-            for name in order:
+        for number in range(count):
+            block = batches[bounds[number] : bounds[number + 1]]
+            for name in orders[number % len(orders)]:
                 run_block(results[name], ways[name], block, device)
         load_after = os.getloadavg()
 
