@@ -59,7 +59,7 @@ def heap_work() -> Iterator[collections.Counter[str]]:
     not by replacing vramkit's functions, so the count holds whatever calls them.
     """
     counts: collections.Counter[str] = collections.Counter()
-    watched = {gc.get_referrers: "heap walk", gc.collect: "collection"}
+    watched = {gc.get_referrers: "heap walk", gc.collect: "collection", gc.unfreeze: "thaw"}
 
     def profile(frame: object, event: str, arg: object) -> None:
         if event == "c_call" and arg in watched:
@@ -643,6 +643,97 @@ def test_cuda_a_dead_cycle_in_the_oldest_generation_does_not_offset_a_leak() -> 
 
     with pytest.raises(VramLeakError, match=r"^leaked 32\.0 MiB on cuda:0"):
         _collections_during(block)
+
+
+def test_a_clean_leak_checked_block_walks_the_heap_once_per_check() -> None:
+    with heap_work() as work, gpu_session("cpu", tolerance="1MiB") as s:
+        del s
+    assert work["heap walk"] == 2  # the baseline's census, and the check's
+
+
+# --------------------------------------------------------------------------- frozen heap
+
+
+@pytest.fixture
+def frozen() -> Iterator[None]:
+    """The heap frozen by ``vramkit.freeze_heap`` (as after a server's startup), thawed after."""
+    from vramkit import freeze_heap
+
+    freeze_heap()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def test_a_frozen_heap_is_never_thawed_by_a_clean_check(frozen: None) -> None:
+    with heap_work() as work, gpu_session("cpu", tolerance="1MiB") as s:
+        scratch = torch.ones(4 * MIB, dtype=torch.uint8)
+        del scratch
+    assert s.report.verdict == "clean"
+    assert work["thaw"] == 0 and work["heap walk"] == 2
+
+
+def test_a_leak_into_a_frozen_global_is_caught_and_named(frozen: None) -> None:
+    # _PLANTED was frozen with the heap: the holder search still sees it.
+    with pytest.raises(VramLeakError) as info, gpu_session("cpu", retries=0):
+        plant(32 * MIB)
+    assert re.search(r"held by (tests\.)?test_session\._PLANTED\[0\]$", str(info.value))
+
+
+def _keep_a_cycle() -> None:
+    node: dict[str, Any] = {"payload": torch.empty(32 * MIB, dtype=torch.uint8)}
+    node["self"] = node
+    _CYCLES.append(node)
+
+
+def test_a_leak_through_a_live_cycle_on_a_frozen_heap_is_caught(frozen: None) -> None:
+    leaked = r"leaked 32\.0 MiB on cpu"
+    try:
+        with pytest.raises(VramLeakError, match=leaked) as info, gpu_session("cpu", retries=0):
+            _keep_a_cycle()
+    finally:
+        _CYCLES.clear()
+    assert re.search(r"held by (tests\.)?test_session\._CYCLES\[0\]\['payload'\]", str(info.value))
+
+
+def test_a_dead_cycle_on_a_frozen_heap_is_not_a_leak(frozen: None) -> None:
+    gc.disable()  # only the check's own collection may free the cycle
+    try:
+        with gpu_session("cpu", tolerance="1MiB") as s:
+            node: dict[str, Any] = {"payload": torch.empty(32 * MIB, dtype=torch.uint8)}
+            node["self"] = node
+            del node
+    finally:
+        gc.enable()
+    assert s.report.verdict == "clean"
+
+
+def test_a_leak_frozen_by_the_block_itself_is_caught(frozen: None) -> None:
+    # A freeze inside the block (a replica starting) moves the leak into the
+    # frozen generation, where a census of what is new since the first freeze
+    # would not look.
+    def leak_and_freeze() -> None:
+        plant(32 * MIB)
+        gc.freeze()
+
+    with pytest.raises(VramLeakError, match=r"leaked 32\.0 MiB on cpu"), gpu_session("cpu"):
+        leak_and_freeze()
+
+
+def test_a_frozen_parameter_given_a_new_storage_counts(frozen: None) -> None:
+    # A frozen model converted or moved in the block keeps its Parameter
+    # objects: the new storage they hold is new memory.
+    weight = _FROZEN_MODEL.weight
+    old = weight.data
+    try:
+        with pytest.raises(VramLeakError, match=r"leaked 32\.0 MiB on cpu"), gpu_session("cpu"):
+            weight.data = torch.zeros(8 * MIB)
+    finally:
+        weight.data = old
+
+
+_FROZEN_MODEL = torch.nn.Linear(4, 4)  # made at import: frozen with the heap
 
 
 # --------------------------------------------------------------------------- FunASR
