@@ -147,6 +147,7 @@ def find_holders_each(
     max_objects: int = 5000,
     seconds: float | None = None,
     ignore: Iterable[object] = (),
+    heap_tensors: list[Any] | None = None,
 ) -> list[list[ReferrerChain]]:
     """The chains of each of ``targets`` (same order), found in one shared search.
 
@@ -156,7 +157,7 @@ def find_holders_each(
     limit = _check_search(targets, max_depth, max_chains, max_objects, seconds, ignore)
     enough = max_chains * len(targets)
     pairs = _search(
-        targets, max_depth, enough, max_objects, limit, ignore, None, None, first_only=True
+        targets, max_depth, enough, max_objects, limit, ignore, None, heap_tensors, first_only=True
     )
     return [
         _best([pair for pair in pairs if pair[0] == index], max_chains)
