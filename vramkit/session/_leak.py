@@ -1,10 +1,11 @@
 """The leak check of one session run: the census baseline, the re-checks, the verdict.
 
-A run's :class:`Baseline` holds the storages alive before the block; when the
-block ends, :func:`examine` measures what is left (on the host a census of new
-storages, on an accelerator the allocator's counters), re-checks suspected
-growth after full collections, judges it, and searches the holders of the
-largest new tensors when the verdict is not clean.
+A run's :class:`~vramkit.tensors.StorageBaseline` holds the storages alive
+before the block; when the block ends, :func:`examine` measures what is left
+(on the host a census of new storages, on an accelerator the allocator's
+counters), re-checks suspected growth after full collections, judges it, and
+searches the holders of the largest new tensors when the verdict is not clean.
+Each check walks the heap once, and the holder search reuses that walk.
 """
 
 from __future__ import annotations
@@ -13,59 +14,21 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from vramkit._gc import tensors_in_heap
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.memory import DeviceMemoryDelta, driver_layer, layer_bytes, usage_layer
 from vramkit.referrers import find_holders_each
 from vramkit.session._report import HeldTensor, Verdict
-from vramkit.tensors import TensorCensus, live_tensors
+from vramkit.tensors import StorageBaseline, TensorCensus
 
 if TYPE_CHECKING:
     from vramkit.devices import Device, DeviceMemory
     from vramkit.memory import MemorySnapshot
 
-__all__ = ["Baseline", "Finding", "allocator_growth", "driver_growth", "examine"]
+__all__ = ["Finding", "allocator_growth", "driver_growth", "examine"]
 
 _HINTED: Final = 3  # referrer searches walk the heap: only for the largest few
 _PAUSE_SECONDS: Final = 0.01  # between re-checks; grows with each attempt
-
-
-class Baseline:
-    """The storages alive before the block, held weakly.
-
-    A storage freed during the block may leave its address to a new one, so an
-    address seen before proves nothing alone: a storage counts as old only
-    while the storage seen before at that address is still alive.
-    """
-
-    __slots__ = ("_refs",)
-
-    def __init__(self, census: TensorCensus) -> None:
-        self._refs: dict[tuple[str, int], Any] = {}
-        for info in census:
-            tensor = info.tensor
-            if tensor is not None:
-                self._refs[info.storage_key] = _weak_storage(tensor)
-
-    def new_in(self, census: TensorCensus) -> TensorCensus:
-        fresh = []
-        for info in census:
-            ref = self._refs.get(info.storage_key, _MISSING)
-            if ref is _MISSING or (ref is not None and ref.expired()):
-                fresh.append(info)
-        return TensorCensus(fresh)
-
-
-_MISSING: Final = object()
-
-
-def _weak_storage(tensor: Any) -> Any:
-    """A weak reference to ``tensor``'s storage, or ``None`` where torch offers none."""
-    try:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        return StorageWeakRef(tensor.untyped_storage())  # type: ignore[no-untyped-call]
-    except (ImportError, RuntimeError, AttributeError, NotImplementedError):
-        return None  # no way to tell reuse apart: fall back to the address alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +68,7 @@ class Finding:
 
 def examine(
     device: Device,
-    baseline: Baseline,
+    baseline: StorageBaseline,
     before: DeviceMemory,
     after: MemorySnapshot,
     *,
@@ -131,13 +94,17 @@ def examine(
     # where a young collection leaves it: suspected growth is always
     # re-checked after a full one, so it never reads as a leak.
     first: CleanupReport | None = None
-    reading, checks = _check(device, baseline, before, on_host, after), 1
+    # One walk of the heap per check, shared by the census and the holder search.
+    heap = tensors_in_heap() if on_host else None
+    reading, checks = _check(device, baseline, before, after, heap), 1
     attempt = 0
     while (
         _suspicious(reading, tolerance, process_tolerance)
         and not raised
         and (first is None or attempt < retries)
     ):
+        if heap is not None:
+            heap.clear()  # it holds every tensor: none may outlive the collection for it
         if first is not None:
             attempt += 1
             time.sleep(_PAUSE_SECONDS * attempt)
@@ -145,15 +112,19 @@ def examine(
         latest = cleanup(device)
         if first is None:
             first = latest
-        reading = _check(device, baseline, before, on_host, latest.after)
+        heap = tensors_in_heap() if on_host else None
+        reading = _check(device, baseline, before, latest.after, heap)
         checks += 1
-    census = reading.census
-    if census is None:  # on an accelerator the census is for the report only
-        census = baseline.new_in(live_tensors(device))
-    verdict, leaked = _judge(reading, on_host, tolerance, process_tolerance)
-    held: tuple[HeldTensor, ...] = ()
-    if verdict != "clean" and not raised:
-        held = _holders(census[:_HINTED])
+    if heap is None:  # on an accelerator the census is for the report only
+        heap = tensors_in_heap()
+    try:
+        census = reading.census if reading.census is not None else baseline.new_tensors(heap)
+        verdict, leaked = _judge(reading, on_host, tolerance, process_tolerance)
+        held: tuple[HeldTensor, ...] = ()
+        if verdict != "clean" and not raised:
+            held = _holders(census[:_HINTED], heap)
+    finally:
+        heap.clear()
     return Finding(
         snapshot=reading.snapshot,
         census=census,
@@ -168,12 +139,17 @@ def examine(
 
 
 def _check(
-    device: Device, baseline: Baseline, before: DeviceMemory, on_host: bool, latest: MemorySnapshot
+    device: Device,
+    baseline: StorageBaseline,
+    before: DeviceMemory,
+    latest: MemorySnapshot,
+    heap: list[Any] | None,
 ) -> _Reading:
+    """One reading; on the host (``heap``: the heap's tensors, walked for it) a census."""
     name = str(device)
     census = None
-    if on_host:
-        census = baseline.new_in(live_tensors(device))
+    if heap is not None:
+        census = baseline.new_tensors(heap)
         allocator: int | None = census.total_bytes
     else:
         allocator = allocator_growth(before, latest[name])
@@ -211,14 +187,15 @@ def _judge(
     return "clean", max(allocator, 0)
 
 
-def _holders(largest: TensorCensus) -> tuple[HeldTensor, ...]:
+def _holders(largest: TensorCensus, heap: list[Any]) -> tuple[HeldTensor, ...]:
     """Who holds each of ``largest``: one search for all, bounded by work, not by time.
 
     The same leak gets the same report on an idle machine and a busy one.
+    ``heap`` is the heap's tensors, from the check's own walk.
     """
     infos = [info for info in largest if info.tensor is not None]
     targets = [info.tensor for info in infos]
-    chains = find_holders_each(targets, ignore=[targets, infos])
+    chains = find_holders_each(targets, ignore=[targets, infos], heap_tensors=heap)
     targets.clear()
     return tuple(HeldTensor(info, tuple(found)) for info, found in zip(infos, chains, strict=True))
 

@@ -22,9 +22,9 @@ from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.errors import InvalidArgumentError, ModelStateError, VramLeakError, VramLeakWarning
 from vramkit.memory import MemorySnapshot, peak_bytes, snapshot
-from vramkit.session._leak import Baseline, allocator_growth, driver_growth, examine
+from vramkit.session._leak import allocator_growth, driver_growth, examine
 from vramkit.session._report import LeakCheck, SessionReport
-from vramkit.tensors import live_tensors
+from vramkit.tensors import StorageBaseline
 
 __all__ = ["GpuSession", "SessionDecorated", "SessionRun"]
 
@@ -65,7 +65,7 @@ class SessionRun:
         self.session = session
         self.name = name
         self._report: SessionReport | None = None
-        self._baseline: Baseline | None = None
+        self._baseline: StorageBaseline | None = None
         self._before: MemorySnapshot | None = None
         self._peak_floor: int | None = None
         self._started = 0.0
@@ -246,7 +246,7 @@ class GpuSession:
                 # collected during the block would offset a leak of its size.
                 device.release_workspaces()
                 cleanup(device)
-            run._baseline = Baseline(live_tensors(device))
+            run._baseline = StorageBaseline(device)
         name = str(device)
         with _peak_lock:
             before = snapshot(device)
