@@ -220,3 +220,21 @@ def test_a_holder_search_on_a_frozen_heap_leaves_the_census_cheap(
     monkeypatch.setattr(heap_walks, "_walk_frozen", lambda kinds: walks.append(kinds) or [])
     assert _address(late) in _storages(vramkit.live_tensors("cpu"))
     assert walks == []
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_a_parameter_of_a_tensor_subclass_is_flagged() -> None:
+    # Parameter(x) keeps x's class when x is a subclass: only `_is_param` tells.
+    from vramkit._gc import tensor_classes
+    from vramkit.tensors import _is_parameter
+
+    parameter = torch.nn.Parameter(torch.zeros(64).as_subclass(_Subclass))
+    assert type(parameter) is _Subclass and isinstance(parameter, torch.nn.Parameter)
+    known = tensor_classes(torch.nn.Parameter)
+    assert _is_parameter(parameter, known)
+    assert _is_parameter(torch.nn.Parameter(torch.zeros(4)), known)
+    assert not _is_parameter(torch.zeros(4).as_subclass(_Subclass), known)
+    assert not _is_parameter(torch.zeros(4), known)

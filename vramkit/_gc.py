@@ -11,6 +11,13 @@ Python code) and must drop every reference it took before it returns.
 The heap walks themselves live here too (:func:`tensors_in_heap`), so the
 census, the referrer search and the adapters that free survivors share one.
 torch is imported only when a walk runs: ``import vramkit`` stays torch-free.
+
+A frozen heap (``gc.freeze()``) is invisible to those walks. Its tensors are
+found once, by thawing, and remembered weakly with a mark (an object made
+just after the freeze, so unfrozen); while the mark is still unfrozen nobody
+froze again, and a walk of what is not frozen plus the remembered tensors is
+every tensor. That keeps a census on a frozen heap at the cost of what was
+made since the freeze.
 """
 
 from __future__ import annotations

@@ -280,6 +280,18 @@ def _census(tensors: list[torch.Tensor], wanted: str | None) -> TensorCensus:
     return TensorCensus(list(found.values()))
 
 
+def _is_parameter(tensor: torch.Tensor, parameters: frozenset[type]) -> bool:
+    """``isinstance(tensor, Parameter)`` without torch's metaclass, a Python call per tensor.
+
+    ``parameters`` is ``Parameter`` and its subclasses. A Parameter made of a
+    tensor subclass keeps the subclass and says so with ``_is_param``.
+    """
+    kind = type(tensor)
+    if kind in parameters:
+        return True
+    return kind is not torch.Tensor and getattr(tensor, "_is_param", False) is True
+
+
 def _describe(
     tensor: torch.Tensor, parameters: frozenset[type], names: dict[torch.device, str]
 ) -> TensorInfo | None:
@@ -301,8 +313,7 @@ def _describe(
         device=name,
         nbytes=nbytes,
         requires_grad=tensor.requires_grad,
-        # A set of classes, not isinstance(): torch's metaclass makes that a Python call.
-        is_parameter=type(tensor) in parameters,
+        is_parameter=_is_parameter(tensor, parameters),
         storage_key=key,
         _ref=ref,
     )
