@@ -51,6 +51,7 @@ from vramkit.pool._admission import Admission, EvictTo
 from vramkit.pool._budget import parse_budget
 from vramkit.pool._eviction import Member, Plan
 from vramkit.pool._lease import PoolLease, RetryOnce
+from vramkit.pool._ledger import Ledger
 from vramkit.pool._prefetch import Prefetcher
 from vramkit.pool._report import PooledModel, PoolStatus
 
@@ -153,6 +154,8 @@ class ModelPool(Admission):
         self._loads = 0
         self._evictions = 0
         self._peak = 0
+        self._ledger = Ledger()
+        self._waiting = 0
         self._scheduler = KeepAliveScheduler(
             f"vramkit-keepalive-{name}", clock=clock, start=start_threads
         )
@@ -208,7 +211,8 @@ class ModelPool(Admission):
             if model.name in self._members:
                 raise InvalidArgumentError(f"a model named {model.name!r} is already in the pool")
             model._join(self)  # refuses a model another pool owns
-            self._members[model.name] = Member(model, pin)
+            member = self._members[model.name] = Member(model, pin)
+            self._ledger.add(model.name, member)
             self._peak = max(self._peak, self._charged())
         return model
 
@@ -244,6 +248,7 @@ class ModelPool(Admission):
         with self._lock:
             self._leaving.discard(name)
             del self._members[name]
+            self._ledger.discard(name)
             model._leave(self)  # under the model's lock, which leases check their pool under
             self._lock.notify_all()
         return model
@@ -292,9 +297,12 @@ class ModelPool(Admission):
         idle model and cleans up before the error propagates, so a retry has
         room; :meth:`call` retries for you.
         """
-        model = self[name]
+        try:
+            model = self._members[name].model
+        except (KeyError, TypeError):
+            model = self[name]  # raises, naming what the pool has
         self._plan.advance(name)
-        return PoolLease(self, model)
+        return PoolLease(model, self)
 
     def call(self, name: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run ``fn(model, *args, **kwargs)`` under a lease; on OOM, evict others and retry once.

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from vramkit._units import format_bytes
@@ -26,21 +27,15 @@ from vramkit.devices import Device
 from vramkit.errors import BudgetExceededError, ModelBusyError, ModelStateError
 from vramkit.model import ManagedModel, ModelState
 from vramkit.pool._budget import Budget, Charges, headroom_bytes
-from vramkit.pool._eviction import (
-    Member,
-    Plan,
-    describe,
-    evict,
-    eviction_order,
-    fewest_covering,
-    holders,
-)
+from vramkit.pool._eviction import Member, Plan, describe, evict, fewest_covering, holders
+from vramkit.pool._ledger import Ledger
 
 __all__ = ["Admission", "EvictTo"]
 
 EvictTo = Literal["auto", "cpu", "disk", "unload"]
 
 _log = logging.getLogger("vramkit.pool")
+_EVICTABLE = (ModelState.READY, ModelState.OFFLOADED)
 
 
 class Admission:
@@ -65,6 +60,8 @@ class Admission:
     _loads: int
     _evictions: int
     _peak: int
+    _ledger: Ledger  # each member's charge and place in the eviction order
+    _waiting: int  # threads waiting for room: a lease's return notifies them
 
     def _check_open(self) -> None:
         if self._closed:
@@ -79,26 +76,40 @@ class Admission:
 
     def _budget_now(self) -> int:
         """The budget now, in bytes (for ``budget=None``, recomputed from the driver)."""
-        return self._budget.limit(self._device, self._charged_resident())
+        with self._lock:
+            return self._budget.limit(self._device, self._charged_resident())
 
     def _room_without_waiting(self, model: ManagedModel[Any]) -> bool:
         with self._lock:
             if model.expected_bytes is None and self._sizing is not None:
                 return False  # another first load of unknown size holds the room
             need = (model.expected_bytes or 0) + self._headroom(self._whole_budget())
-            idle = sum(m.model.device_bytes for m in self._candidates(exclude=model.name))
-            return need <= self._available(exclude=model.name) + idle
+            short = need - self._available(exclude=model.name)
+            freed = 0
+            for member in self._idle_in_order(exclude=model.name):
+                if freed >= short:
+                    break
+                freed += member.model.device_bytes
+            return freed >= short
 
     @staticmethod
     def _size(member: Member) -> int:
         return member.model.device_bytes
 
+    def _settled(self) -> Ledger:
+        """The ledger with every marked member settled (caller locks)."""
+        ledger = self._ledger
+        if ledger.dirty:
+            ledger.settle(self._members)
+        return ledger
+
     def _charged_resident(self, exclude: str = "") -> int:
-        return sum(
-            m.model.device_bytes
-            for n, m in self._members.items()
-            if n not in self._reserved and n != exclude
-        )
+        """What the members hold on the device, loads in progress and ``exclude`` left out."""
+        ledger = self._settled()
+        held = ledger.total - sum(ledger.charge(n) for n in self._reserved)
+        if exclude not in self._reserved:
+            held -= ledger.charge(exclude)
+        return held
 
     def _charged(self, exclude: str = "") -> int:
         return self._charged_resident(exclude) + sum(
@@ -118,18 +129,24 @@ class Admission:
 
     def _candidates(self, *, exclude: str) -> list[Member]:
         """Idle, resident models that may be evicted, in eviction order."""
-        idle = [
-            m
-            for n, m in self._members.items()
-            if n != exclude
-            and n not in self._evicting
-            and n not in self._reserved
-            and m.model.leases == 0
-            and not m.model._lease_coming
-            and m.model.state in (ModelState.READY, ModelState.OFFLOADED)
-            and m.model.device_bytes > 0
-        ]
-        return eviction_order(idle, self._plan.names())
+        return list(self._idle_in_order(exclude=exclude))
+
+    def _idle_in_order(self, *, exclude: str) -> Iterator[Member]:
+        """:meth:`_candidates`, lazily: the ledger's order, members not idle now skipped."""
+        ledger = self._settled()
+        for member in ledger.ordered(self._members, self._plan.names()):
+            model = member.model
+            name = model.name
+            if (
+                name != exclude
+                and name not in self._evicting
+                and name not in self._reserved
+                and model.leases == 0
+                and not model._lease_coming
+                and model.state in _EVICTABLE
+                and model.device_bytes > 0
+            ):
+                yield member
 
     def _before_load(self, model: ManagedModel[Any]) -> None:
         """Admission, called by a member in its loading thread before its loader runs."""
@@ -223,7 +240,17 @@ class Admission:
         remaining = 0.25 if deadline is None else deadline - time.monotonic()
         if remaining <= 0:
             return False
-        self._lock.wait(min(remaining, 0.25))
+        # Counted, so that a lease's return notifies only when someone waits;
+        # a member marked since the caller's decision is looked at again at once
+        # (its return may have read the count before this wait raised it).
+        self._waiting += 1
+        try:
+            if self._ledger.dirty:
+                self._settled()
+            else:
+                self._lock.wait(min(remaining, 0.25))
+        finally:
+            self._waiting -= 1
         return True
 
     def _too_big(self, name: str, need: int, whole: int) -> str:
@@ -248,14 +275,15 @@ class Admission:
         return evicted
 
     def _whole_budget(self) -> int:
-        return self._budget.whole(self._device, self._charged_resident())
+        with self._lock:
+            return self._budget.whole(self._device, self._charged_resident())
 
     def _headroom(self, whole: int) -> int:
         return headroom_bytes(self._fixed_headroom, whole)
 
     def _pick(self, shortfall: int, *, exclude: str) -> list[Member] | None:
         """The fewest idle models, in eviction order, whose eviction covers ``shortfall``."""
-        return fewest_covering(self._candidates(exclude=exclude), shortfall, self._size)
+        return fewest_covering(self._idle_in_order(exclude=exclude), shortfall, self._size)
 
     def _no_room(self, name: str, need: int, available: int) -> str:
         held = holders(self._members, self._reserved, self._size)
@@ -281,6 +309,7 @@ class Admission:
                 budget; it was unloaded again (unless a lease got to it first).
         """
         name = model.name
+        self._ledger.mark(model)
         with self._lock:
             self._reserved.pop(name, None)
             if self._sizing == name:
@@ -321,7 +350,14 @@ class Admission:
         return self._budget.overdrawn(self._device, self._charges())
 
     def _freed(self, model: ManagedModel[Any]) -> None:
-        """A member unloaded, offloaded or went idle: wake admissions waiting for room."""
+        """A member unloaded, offloaded or went idle: wake admissions waiting for room.
+
+        At every lease's end: the member is marked in the ledger, and the lock
+        is taken only when an admission waits or the pool is over its budget.
+        """
+        self._ledger.dirty[model] = None  # Ledger.mark, inlined: once per lease
+        if not (self._waiting or self._overshoot):
+            return
         with self._lock:
             self._lock.notify_all()
             overshoot = self._overshoot

@@ -13,7 +13,7 @@ import collections
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +90,11 @@ def eviction_order(idle: Sequence[Member], plan: Sequence[str]) -> list[Member]:
 
 
 def fewest_covering(
-    ordered: Sequence[Member], shortfall: int, size: Callable[[Member], int]
+    ordered: Iterable[Member], shortfall: int, size: Callable[[Member], int]
 ) -> list[Member] | None:
     """The fewest of ``ordered`` (in eviction order) whose eviction covers ``shortfall``.
+
+    ``ordered`` is walked only as far as it takes to cover the shortfall.
 
     Returns:
         The victims, or ``None`` when even all of them would not cover it.

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from vramkit import events
 from vramkit.cleaning import cleanup
@@ -26,6 +26,9 @@ __all__ = ["Evicting", "PoolLease", "RetryOnce"]
 
 class Evicting(Protocol):
     """What a pool lease needs of its pool."""
+
+    _leaving: set[str]  # members being removed
+    _closed: bool
 
     def _entering_model(self, model: ManagedModel[Any]) -> AbstractContextManager[None]:
         """Mark a lease in progress on a member (``remove()`` waits); refuse a non-member."""
@@ -61,19 +64,28 @@ class RetryOnce(OomRetry):
         )
 
 
-class PoolLease:
-    """A lease taken through the pool: OOM inside the block evicts the others first."""
+class PoolLease(Lease[Any]):
+    """A lease taken through the pool: OOM inside the block evicts the others first.
 
-    __slots__ = ("_lease", "_model", "_pool")
+    One object, as ``mm.use()`` makes one: while no member is being removed
+    and the pool is open, entering is the model's own lease, which is refused
+    once the model has left the pool (and a load it needs is admitted by the
+    pool, which refuses a model being removed). Otherwise the lease is marked
+    as entering, so that ``remove()`` waits for it or refuses it.
+    """
 
-    def __init__(self, pool: Evicting, model: ManagedModel[Any]) -> None:
-        self._pool = pool
-        self._model = model
-        self._lease: Lease[Any] = Lease(model, pool)  # refused once the model left the pool
+    __slots__ = ()
+    _pool: Evicting
+
+    def __init__(self, model: ManagedModel[Any], pool: Evicting) -> None:
+        super().__init__(model, pool)
 
     def __enter__(self) -> Any:
-        with self._pool._entering_model(self._model):
-            return self._lease.__enter__()
+        pool = self._pool
+        if not pool._leaving and not pool._closed:
+            return Lease.__enter__(self)
+        with pool._entering_model(cast("ManagedModel[Any]", self._model)):
+            return Lease.__enter__(self)
 
     def __exit__(
         self,
@@ -81,13 +93,13 @@ class PoolLease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._lease.__exit__(exc_type, exc, tb)
+        Lease.__exit__(self, exc_type, exc, tb)
         if exc is not None and is_oom_error(exc):
             self._make_room()
 
     async def __aenter__(self) -> Any:
-        with self._pool._entering_model(self._model):
-            return await self._lease.__aenter__()
+        with self._pool._entering_model(cast("ManagedModel[Any]", self._model)):
+            return await Lease.__aenter__(self)
 
     async def __aexit__(
         self,
@@ -95,7 +107,7 @@ class PoolLease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._lease.__aexit__(exc_type, exc, tb)
+        await Lease.__aexit__(self, exc_type, exc, tb)
         if exc is not None and is_oom_error(exc):
             await asyncio.to_thread(self._make_room)  # unloading can take seconds
 
