@@ -3,7 +3,9 @@
 Prints medians and the ratio against the same-run reference: on the host a bare
 ``psutil.Process().memory_info()`` (what a hand-rolled RSS check costs), on CUDA
 one ``torch.cuda.mem_get_info()`` (one driver query). Target:
-``snapshot("cpu")`` at most 1x psutil's ``memory_info``.
+``snapshot("cpu")`` at most 1x psutil's ``memory_info``. Also prints the host
+snapshot once the peak is tracked (after a reset, as every session does), when
+each reading reads the exact peak as well.
 
 Run: ``python benchmarks/bench_snapshot.py [--device cuda] [--with-funasr] [--json FILE]``.
 """
@@ -82,6 +84,23 @@ def main() -> None:
     print(f"{'operation':<48} {'median':>10} {'vs psutil RSS':>14}")
     for name, cost in medians.items():
         print(f"{name:<48} {fmt_seconds(cost):>10} {cost / psutil_cost:>13.2f}x")
+
+    # Once a peak has been reset (every gpu_session does), each host reading
+    # also reads the exact peak from /proc/self/status: what that costs.
+    vramkit.resolve_device("cpu").reset_peak()
+    tracked = interleaved_per_call(
+        {
+            "psutil": process.memory_info,
+            "snapshot": lambda: vramkit.snapshot("cpu"),
+        },
+        calls=calls // 4,
+        rounds=15,
+    )
+    label = 'vramkit.snapshot("cpu"), peak tracked'
+    print(
+        f"{label:<48} {fmt_seconds(tracked['snapshot']):>10} "
+        f"{tracked['snapshot'] / tracked['psutil']:>13.2f}x"
+    )
 
     runs = 5 if args.quick else 15
     cleanup_cost = median_seconds(vramkit.cleanup, runs=runs)

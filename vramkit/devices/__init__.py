@@ -61,6 +61,7 @@ DeviceLike = Union[str, "torch.device", int, Device]
 _lock = threading.Lock()
 _available: tuple[Device, ...] | None = None  # cached: devices do not come and go
 _parsed: frozenset[Device] = frozenset()  # the same devices, to pass a parsed one through
+_named: dict[str | int, Device] = {}  # names already resolved: a snapshot("cpu") checks nothing
 # Exactly torch's spelling: lower case, no spaces, ASCII digits, no leading zeros.
 _SPEC = re.compile(r"^([a-z_][a-z0-9_]*)(?::(-?(?:0|[1-9][0-9]*)))?$", re.ASCII)
 
@@ -105,6 +106,7 @@ def _forget_devices() -> None:
     """Drop the cached device list (caller holds the lock): a kind came or went."""
     global _available, _parsed
     _available, _parsed = None, frozenset()
+    _named.clear()
 
 
 def process_used_bytes(device: Device, pid: int) -> int | None:
@@ -182,6 +184,21 @@ def resolve_device(spec: DeviceLike | None = None) -> Device:
     """
     if spec is None:
         return default_device()
+    if type(spec) is str or type(spec) is int:
+        known = _named.get(spec)
+        if known is not None:
+            return known
+        device = _resolve(spec)
+        # "cuda" means torch's current device, which set_device changes: only
+        # an explicit index, or a kind with one device, names the same one always.
+        if device.index is None or isinstance(spec, int) or ":" in spec:
+            with _lock:
+                _named[spec] = device
+        return device
+    return _resolve(spec)
+
+
+def _resolve(spec: DeviceLike) -> Device:
     if isinstance(spec, Device):
         available_devices()  # fills _parsed when a kind came or went
         if spec in _parsed:

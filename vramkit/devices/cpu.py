@@ -1,47 +1,82 @@
 """Host RAM as a device: this process's resident set against the machine's (or cgroup's) RAM.
 
 On Linux the reading comes straight from ``/proc`` through file descriptors
-kept open (a ``pread`` costs about a microsecond, where ``psutil`` costs tens),
-so a snapshot is cheap enough to take around every inference call. Elsewhere
-``psutil`` answers. Inside a cgroup with a memory limit, the limit is the total
-and the cgroup's usage is what is used: that is the memory this process can
-actually get.
+kept open, so a snapshot is cheap enough to take around every inference call:
+RSS from one read of ``/proc/self/statm`` (a microsecond or two, where
+``psutil`` costs ten), the machine's total once, and what changes slowly
+(available memory, the peak) at most every :data:`THROTTLE_SECONDS` -- the
+peak exactly on every read once it has been reset, since a reset means
+someone judges it. Elsewhere ``psutil`` answers. Inside a cgroup with a
+memory limit, the limit is the total and the cgroup's usage is what is used:
+that is the memory this process can actually get.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import sys
 import threading
+import time
 from typing import Any, Final
 
 import psutil
 
 from vramkit.devices._base import BackendBase, DeviceMemory
 
-__all__ = ["CpuBackend", "malloc_trim"]
+__all__ = ["THROTTLE_SECONDS", "CpuBackend", "malloc_trim"]
 
 _KIB: Final = 1024
+_monotonic = time.monotonic
+
+
+# How old the system-wide fields (MemAvailable, the cgroup's usage) and the
+# throttled peak may be: they change slowly, and /proc/meminfo and
+# /proc/self/status cost ten times the /proc/self/statm read that gives RSS.
+THROTTLE_SECONDS: Final = 0.1
+# This process's own RSS moving this far re-reads the system-wide fields at
+# once, so that memory a model just gave back shows as available.
+_RSS_MOVE_BYTES: Final = 1024**2
 
 
 class _ProcReader:
-    """Keeps ``/proc`` and cgroup files open and re-opens them after ``fork``."""
+    """Keeps ``/proc`` and cgroup files open and re-opens them after ``fork``.
+
+    Every read takes RSS from ``/proc/self/statm``. ``MemTotal`` (and the
+    cgroup's limit) is read once; ``MemAvailable`` and the cgroup's usage at
+    most every :data:`THROTTLE_SECONDS`, or at once when RSS moved. The peak
+    (``VmHWM``) is read exactly on every read once the peak has been reset
+    (someone judges it: every ``gpu_session`` does); before that it is the
+    higher of a throttled ``VmHWM`` and the RSS read since.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = -1
+        self._statm = -1
         self._status = -1
         self._meminfo = -1
         self._cgroup_current = -1
         self._cgroup_limit: int | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._total: int | None = None
+        self._available: int | None = None
+        self._current: int | None = None
+        self._system_at = -math.inf  # monotonic seconds of the last meminfo read
+        self._system_rss = 0  # RSS at that read
+        self._hwm: int | None = None
+        self._hwm_at = -math.inf
+        self._rss_max = 0  # highest RSS read since the last VmHWM read
+        self.tracking = False  # the peak was reset: read it exactly from now on
 
     def _open(self) -> None:
         # /proc/self resolves when opened: a child must not read its parent's file.
-        for fd in (self._status, self._meminfo, self._cgroup_current):
+        for fd in (self._statm, self._status, self._meminfo, self._cgroup_current):
             if fd >= 0:
                 os.close(fd)
+        self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
         self._meminfo = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
         self._cgroup_current = -1
@@ -51,22 +86,38 @@ class _ProcReader:
             path = directory + "/memory.current"
             self._cgroup_current = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._pid = os.getpid()
+        self._total = _field_kib(os.pread(self._meminfo, 8192, 0), b"MemTotal:")
+        self._system_at = self._hwm_at = -math.inf
+
+    def forget_peak(self) -> None:
+        """The peak was reset: read it afresh now and on every read from now on."""
+        with self._lock:
+            self.tracking = True
+            self._hwm_at = -math.inf
 
     def read(self) -> DeviceMemory:
+        now = _monotonic()
         with self._lock:
             if self._pid != os.getpid():
                 self._open()
-            status = os.pread(self._status, 8192, 0)
-            meminfo = os.pread(self._meminfo, 8192, 0)
-            current = os.pread(self._cgroup_current, 64, 0) if self._cgroup_current >= 0 else None
-        rss = _field_kib(status, b"VmRSS:")
-        hwm = _field_kib(status, b"VmHWM:")
-        total = _field_kib(meminfo, b"MemTotal:")
-        available = _field_kib(meminfo, b"MemAvailable:")
+            if self.tracking or now - self._hwm_at >= THROTTLE_SECONDS:
+                status = os.pread(self._status, 8192, 0)
+                rss = _field_kib(status, b"VmRSS:") or 0
+                self._hwm, self._hwm_at, self._rss_max = _field_kib(status, b"VmHWM:"), now, rss
+            else:
+                rss = int(os.pread(self._statm, 128, 0).split(None, 2)[1]) * self._page
+                if rss > self._rss_max:
+                    self._rss_max = rss
+            if now - self._system_at >= THROTTLE_SECONDS or (
+                abs(rss - self._system_rss) >= _RSS_MOVE_BYTES
+            ):
+                self._read_system(rss, now)
+            hwm = self._hwm
+            peak = None if hwm is None else max(hwm, self._rss_max)
+            total, available, current = self._total, self._available, self._current
         if self._cgroup_limit is not None and current is not None:
             limit = min(self._cgroup_limit, total) if total is not None else self._cgroup_limit
-            used = int(current)
-            free = max(limit - used, 0)
+            free = max(limit - current, 0)
             if available is not None:
                 free = min(free, available)
             total, available = limit, free
@@ -77,8 +128,16 @@ class _ProcReader:
             free_bytes=available,
             total_bytes=total,
             process_used_bytes=rss,
-            process_peak_bytes=hwm,
+            process_peak_bytes=peak,
         )
+
+    def _read_system(self, rss: int, now: float) -> None:
+        """Re-read the system-wide fields (caller holds the lock)."""
+        meminfo = os.pread(self._meminfo, 8192, 0)
+        self._available = _field_kib(meminfo, b"MemAvailable:")
+        fd = self._cgroup_current
+        self._current = int(os.pread(fd, 64, 0)) if fd >= 0 else None
+        self._system_at, self._system_rss = now, rss
 
 
 def _psutil_rss(pid: int) -> int | None:
@@ -219,6 +278,8 @@ class CpuBackend(BackendBase):
                 fh.write("5")
         except OSError:
             pass  # read-only /proc: the peak stays the lifetime peak
+        if self._proc is not None:
+            self._proc.forget_peak()
 
 
 _libc_lock = threading.Lock()
