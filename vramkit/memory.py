@@ -210,7 +210,8 @@ def snapshot(device: DeviceLike | Iterable[DeviceLike] | None = None) -> MemoryS
     """Read memory of every available device (or the ones named) at once.
 
     Cheap enough to take around every inference call: on a CPU-only Linux host
-    it reads two ``/proc`` files through descriptors kept open. It never creates
+    it reads ``/proc/self/statm`` through a descriptor kept open, and what
+    changes slowly on a throttle (see :mod:`vramkit.devices.cpu`). It never creates
     a CUDA context (see :mod:`vramkit.devices.cuda`).
 
     Args:
