@@ -248,7 +248,7 @@ class ModelPool(Admission):
         with self._lock:
             self._leaving.discard(name)
             del self._members[name]
-            self._ledger.discard(name)
+            self._ledger.discard(name, model)
             model._leave(self)  # under the model's lock, which leases check their pool under
             self._lock.notify_all()
         return model

@@ -61,8 +61,9 @@ class Ledger:
         self._number[name] = next(self._counter)
         self._place(name, member)
 
-    def discard(self, name: str) -> None:
-        """A member left the pool: it is charged nothing any more."""
+    def discard(self, name: str, model: object) -> None:
+        """A member left the pool: it is charged nothing any more, and no mark keeps it alive."""
+        self.dirty.pop(model, None)
         self.total -= self._charge.pop(name, 0)
         self._number.pop(name, None)
         self._unplace(name)
