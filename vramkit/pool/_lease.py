@@ -75,10 +75,7 @@ class PoolLease(Lease[Any]):
     """
 
     __slots__ = ()
-    _pool: Evicting
-
-    def __init__(self, model: ManagedModel[Any], pool: Evicting) -> None:
-        super().__init__(model, pool)
+    _pool: Evicting  # made as Lease(model, pool): no constructor of its own to call
 
     def __enter__(self) -> Any:
         pool = self._pool
