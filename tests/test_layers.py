@@ -81,14 +81,7 @@ KNOWN_PRIVATE_IMPORTS: set[str] = set()
 # A room a reader can take in at once: lines per module, and per class.
 MODULE_LINES = 700
 CLASS_LINES = 500
-KNOWN_LARGE = {
-    # ~560 lines: the documented life of one model, its three from_* constructors
-    # with their argument checks, and its status line; the machinery is in ModelLife.
-    "vramkit.model.managed.ManagedModel",
-    # ~590 lines: each step's machinery, with the loader checks, loud stale
-    # references and async-owned leases of the unload-truth and reliability work.
-    "vramkit.model._life.ModelLife",
-}
+KNOWN_LARGE: set[str] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -11,7 +11,10 @@ The package, room by room:
 
 - :mod:`~vramkit.model.managed`: :class:`ManagedModel` itself, the life of one model
   as its users see it, each step documented;
-- ``_life``: how each step is done (``ModelLife``, ``ManagedModel``'s base class);
+- its base classes, each a room: ``_view`` what a model shows (its properties,
+  status line and tier costs), ``_borrow`` how it lends itself out (leases, sync
+  and async), ``_life`` how each step is done (load, wake, offload, unload),
+  and ``_owner``'s ``Owned`` its owner and keep-alive expiry;
 - :mod:`~vramkit.model.reports`: its state and what each load and unload reports;
 - ``_lease``: the state machine (state, object, leases, under one lock), leases,
   the inference-mode guard, ``@mm.inference`` functions;
@@ -22,7 +25,8 @@ The package, room by room:
 - :mod:`~vramkit.model.tiers`: offload and wake of the weights (cpu and disk tiers),
   their reports, and what each tier would cost;
 - ``_tierfile``: the disk tier's file format, folder and clean-up;
-- ``_checks`` and ``_isolated``: the constructor's option checks, and the
+- ``_checks``, ``_loader`` and ``_isolated``: the checks of the constructors'
+  arguments (the ``from_*`` ones included), of what a loader returns, and the
   loader of a model isolated in a worker process.
 
 This package also publishes its live models for ``vramkit ps`` (see

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 import torch
 
 from vramkit._units import check_flag
-from vramkit.errors import ModelBusyError, ModelStateError
+from vramkit.errors import InvalidArgumentError, ModelBusyError, ModelStateError
 from vramkit.model.reports import ModelState
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ __all__ = [
     "Lease",
     "StateMachine",
     "current_task",
+    "inference_decorator",
     "inference_guard",
 ]
 
@@ -494,3 +495,21 @@ class InferenceFunction(Generic[R]):
 
     def __repr__(self) -> str:
         return f"<inference function {self._function.__qualname__} on {self._model.name!r}>"
+
+
+def inference_decorator(
+    model: Borrowable[Any],
+    fn: Callable[..., R] | None,
+    inference_mode: bool | None,
+    cleanup_policy: CleanupPolicy | None,
+) -> Callable[..., R] | Callable[[Callable[..., R]], Callable[..., R]]:
+    """What ``@mm.inference`` (bare, ``fn`` given) or ``@mm.inference(...)`` returns."""
+
+    def decorate(function: Callable[..., R]) -> Callable[..., R]:
+        if not callable(function):
+            raise InvalidArgumentError(f"@inference decorates a function; got {function!r}")
+        return cast(
+            "Callable[..., R]", InferenceFunction(model, function, inference_mode, cleanup_policy)
+        )
+
+    return decorate(fn) if fn is not None else decorate

@@ -2,7 +2,7 @@
 
 :class:`~vramkit.model.ManagedModel` is the life of one model as its users see
 it, each step documented: load, lease, offload, wake, unload, close.
-:class:`ModelLife`, its base class, is how each step is done: the state
+:class:`ModelLife`, one of its base classes, is how each step is done: the state
 machine claimed and settled (:mod:`vramkit.model._lease`), the owner's
 admission asked (:mod:`vramkit.model._owner`), the weights parked
 (:mod:`vramkit.model._parking`), the object released and proven dead
@@ -18,22 +18,17 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from vramkit import events
-from vramkit._keepalive import default_scheduler
 from vramkit._oomerrors import is_oom_error
-from vramkit._units import format_bytes
 from vramkit._utils import clear_frames
 from vramkit.adapters import Adapter, adapter_for
-from vramkit.adapters._checkpoint import checkpoint_bytes
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device
 from vramkit.errors import (
-    InvalidArgumentError,
-    ModelBusyError,
     ModelStateError,
     VramLeakError,
     WorkerCrashedError,
@@ -42,7 +37,7 @@ from vramkit.memory import grown_bytes
 from vramkit.model import tiers
 from vramkit.model._lease import StateMachine
 from vramkit.model._loader import check_loaded, remember
-from vramkit.model._owner import ModelOwner
+from vramkit.model._owner import ModelOwner, Owned
 from vramkit.model._parking import Parking
 from vramkit.model._unload import Unload, release_and_prove
 from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
@@ -51,19 +46,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from vramkit.cleaning import CleanupPolicy, CleanupTracker
-    from vramkit.model.tiers import OffloadReport, Tier, TierCost, WakeReport
+    from vramkit.model.tiers import OffloadReport, Tier, WakeReport
 
 __all__ = ["ModelLife"]
 
 T = TypeVar("T")
 
-_LEASE_REENTERED = (
-    "{name}: a lease was requested while this thread is {doing} the model "
-    "(a loader or release that uses the model it is building?)"
-)
 
-
-class ModelLife(Generic[T]):
+class ModelLife(Owned[T]):
     """The machinery of one model's life; :class:`~vramkit.model.ManagedModel` is its face.
 
     A subclass sets the settings (loader, name, device...) before calling
@@ -92,131 +82,6 @@ class ModelLife(Generic[T]):
         self._stats = ModelStats()  # last_used excepted: the state machine keeps it
         self._owner: ModelOwner[Any] | None = None  # a pool, through _join
         self._last: weakref.ref[Any] | None = None  # the object of the last load, if alive
-
-    def __repr__(self) -> str:
-        size = format_bytes(self._stats.size_bytes) if self._stats.size_bytes is not None else "?"
-        tier = self._parked.tier
-        return (
-            f"<ManagedModel {self._name!r} {self._life.state}{f' ({tier})' if tier else ''} on "
-            f"{self._device}, {size}, {len(self._life.leases)} leases>"
-        )
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._life.closed
-
-    @property
-    def expected_bytes(self) -> int | None:
-        """Bytes the model will need when loaded: measured at its last load, else estimated.
-
-        The estimate is the size of its checkpoint files (``model.pt``,
-        ``*.safetensors``, ``*.onnx``... under the paths in ``config``) or the
-        ``size_hint`` it was given; ``None`` when nothing is known.
-        """
-        if self._stats.size_bytes is not None:
-            return self._stats.size_bytes
-        if self._size_hint is not None:
-            return self._size_hint
-        return checkpoint_bytes(self._config)
-
-    # ------------------------------------------------------------------ leases
-
-    def _acquire(self, pool: object = None) -> tuple[T, int]:
-        """Take a lease, loading or waking first if needed. Returns the object and a token.
-
-        Args:
-            pool: The pool the lease is taken through: refused if the model
-                left it meanwhile.
-        """
-        life = self._life
-        with life.lock:  # the pool's remove() changes the owner under this lock
-            if life.state is ModelState.READY and (pool is None or self._owner is pool):
-                return life.grant()
-        return self._acquire_slow(pool)
-
-    def _acquire_slow(self, pool: object) -> tuple[T, int]:
-        life = self._life
-        with life.lock:
-            life.acquiring += 1
-        try:
-            while True:
-                with life.cond:
-                    state = life.claim_to_load(_LEASE_REENTERED, check=self._member_of(pool))
-                    if state is ModelState.READY:
-                        return life.grant()
-                self._load_claimed(state)
-        finally:
-            with life.lock:
-                life.acquiring -= 1
-
-    @property
-    def _lease_coming(self) -> bool:
-        """Whether a thread is taking a lease through a load or wake (not to be evicted)."""
-        return self._life.acquiring > 0
-
-    def _try_acquire(self, task: object, pool: object) -> tuple[T, int] | None:
-        """A lease for ``task`` if the model is ready now, without waiting; else ``None``.
-
-        Async leases take their lease here, in the event loop's thread, owned by
-        the task; the loading happens in a worker thread (:meth:`_ensure_ready`)
-        that takes no lease, so a cancelled task leaves none behind.
-        """
-        life = self._life
-        with life.lock:
-            life.check_open()
-            if pool is not None and self._owner is not pool:
-                raise self._removed(pool)
-            if life.state is ModelState.READY:
-                return life.grant(task)
-        return None
-
-    def _ensure_ready(self, pool: object = None) -> None:
-        """Load or wake the model (or wait for another thread to) without taking a lease."""
-        while True:
-            with self._life.cond:
-                state = self._life.claim_to_load(_LEASE_REENTERED, check=self._member_of(pool))
-            if state is ModelState.READY:
-                return
-            self._load_claimed(state)
-
-    def _load_claimed(self, state: ModelState) -> None:
-        """Run the load (from ``UNLOADED``) or wake (from ``OFFLOADED``) this thread claimed."""
-        if state is ModelState.UNLOADED:
-            self._do_load()
-        else:
-            self._do_wake()
-
-    def _member_of(self, pool: object) -> Callable[[], None] | None:
-        """A check that the model still belongs to ``pool`` (``None``: no pool, no check)."""
-        if pool is None:
-            return None
-
-        def check() -> None:
-            if self._owner is not pool:
-                raise self._removed(pool)
-
-        return check
-
-    def _removed(self, pool: object) -> ModelStateError:
-        return ModelStateError(
-            f"{self._name} was removed from pool {getattr(pool, 'name', pool)!r}"
-        )
-
-    def _return(self, token: int) -> None:
-        stamp = self._life.give_back(token)
-        if stamp is not None:  # the last lease ended: the model is idle
-            self._idle(stamp)
-
-    def _after_call(self) -> None:
-        tracker = self._cleanup_tracker()
-        if tracker is not None:
-            tracker.after_call()
-
-    def _cleanup_tracker(self) -> CleanupTracker | None:
-        if self._tracker is None and self._policy is not None:
-            self._tracker = self._policy.tracker(self._device)
-        return self._tracker
 
     # ------------------------------------------------------------------ load
 
@@ -501,38 +366,6 @@ class ModelLife(Generic[T]):
         )
         adapter.neutralise([survivor], message)
 
-    def tier_costs(self) -> dict[str, TierCost]:
-        """What each way of freeing the device would cost, from this model's measurements.
-
-        Returns:
-            ``{"cpu": ..., "disk": ..., "unload": ...}`` :class:`~vramkit.model.tiers.TierCost`
-            entries; wake times are measured where this model has woken from
-            that tier before, else estimated from its size.
-        """
-        return self._parked.costs(self._stats, on_host=self._device.is_host)
-
-    def choose_tier(self, *, host_free_bytes: int | None = None) -> str:
-        """The cheapest way to free this model's device memory: cpu, disk, or unload.
-
-        The ``cpu`` tier wins when host RAM can hold the weights (pinned copies
-        wake fastest); then ``disk`` when waking from it beats a reload; else
-        ``unload``. On a ``cpu`` device only ``disk`` or ``unload`` free anything.
-
-        Wake times decide, not offload plus wake: the file is written once and
-        reused by every later eviction while the weights are unchanged, and a
-        model that is evicted is usually wanted again. (Counting the first
-        write made the choice flip with the page cache: a loader that happened
-        to read warm files beat write-plus-wake once, and every later
-        eviction then paid a full reload.) :meth:`tier_costs` still reports
-        the write as ``offload_seconds``.
-
-        Args:
-            host_free_bytes: Host RAM available for the cpu tier (default: read now).
-        """
-        if host_free_bytes is None:
-            host_free_bytes = Device("cpu").read().free_bytes or 0
-        return tiers.choose_tier(self.tier_costs(), self._stats.size_bytes or 0, host_free_bytes)
-
     # ------------------------------------------------------------------ unload
 
     def _unload(self, waits: bool, timeout: float | None, strict: bool) -> UnloadReport:
@@ -629,68 +462,6 @@ class ModelLife(Generic[T]):
         with self._life.cond:
             self._stats = replace(self._stats, unloads=self._stats.unloads + 1)
         return report
-
-    # ------------------------------------------------------------------ owner and keep-alive
-
-    def _join(self, owner: ModelOwner[Any]) -> None:
-        """Belong to ``owner`` (a pool): its admissions, its keep-alive thread.
-
-        Raises:
-            InvalidArgumentError: The model belongs to another owner.
-        """
-        with self._life.cond:
-            if self._owner is not None and self._owner is not owner:
-                raise InvalidArgumentError(f"{self._name} already belongs to another pool")
-            self._owner = owner
-
-    def _leave(self, owner: ModelOwner[Any]) -> None:
-        """Stop belonging to ``owner`` (a no-op if it is not the owner)."""
-        with self._life.cond:
-            if self._owner is owner:
-                self._owner = None
-
-    def _idle(self, stamp: int) -> None:
-        """The last lease ended at ``stamp``: tell the owner, and start the keep-alive."""
-        if self._owner is not None:
-            self._owner._freed(self)
-        self._schedule_expiry(stamp)
-
-    def _schedule_expiry(self, stamp: int) -> None:
-        delay = self._keep_alive
-        if delay is None or self._life.closed:
-            return
-        owner = self._owner
-        scheduler = owner._scheduler if owner is not None else default_scheduler()
-        scheduler.schedule(self, delay, stamp)
-
-    def _expire(self, stamp: int) -> None:
-        """Unload if nothing happened since ``stamp`` (called by the keep-alive scheduler)."""
-        life = self._life
-        with life.cond:
-            current = life.stamp == stamp and not life.leases
-            settled = life.state in (ModelState.READY, ModelState.OFFLOADED)
-        if not (current and settled):
-            return
-        try:
-            report = self._unload(False, None, self._strict)
-        except ModelBusyError:
-            return  # a lease arrived in between: its end re-schedules the expiry
-        self._emit(
-            "expire",
-            report.state_before.value,
-            "UNLOADED",
-            seconds=report.seconds,
-            bytes=report.seen_bytes,
-            detail={"reason": f"idle for {self._keep_alive} s"},
-        )
-
-    def _advice(self) -> str:
-        """What a stale reference's error tells its user to do instead."""
-        if self._owner is not None:
-            way = f"`pool.use({self._name!r})` (pool {self._owner.name!r})"
-        else:
-            way = f"`{self._name}.use()`"
-        return f"borrow it with {way} instead of keeping a reference"
 
     def _emit(self, kind: str, before: str, after: str, **fields: Any) -> None:
         """Log the transition and hand it to subscribers (see :mod:`vramkit.events`)."""

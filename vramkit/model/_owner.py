@@ -5,18 +5,29 @@ A model belongs to at most one owner. It asks the owner before a load or wake
 how that load or wake ended, and tells it whenever it gives memory back or
 goes idle (so that admissions waiting for room look again). Its keep-alive
 expiry runs on the owner's scheduler. Nothing else passes between them.
+
+:class:`Owned` is the model's side: joining and leaving an owner, telling it
+when the model goes idle, the keep-alive expiry, and the advice a stale
+reference's error gives (borrow through the pool, or through the model).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from vramkit._keepalive import default_scheduler
+from vramkit.errors import InvalidArgumentError, ModelBusyError
+from vramkit.model.reports import ModelState
 
 if TYPE_CHECKING:
     from vramkit._keepalive import KeepAliveScheduler
+    from vramkit.model._lease import StateMachine
+    from vramkit.model.reports import UnloadReport
 
-__all__ = ["ModelOwner"]
+__all__ = ["ModelOwner", "Owned"]
 
 M_contra = TypeVar("M_contra", contravariant=True)
+T = TypeVar("T")
 
 
 class ModelOwner(Protocol[M_contra]):
@@ -53,3 +64,79 @@ class ModelOwner(Protocol[M_contra]):
     def _freed(self, model: M_contra) -> None:
         """The model gave memory back (unloaded, offloaded) or its last lease ended."""
         ...
+
+
+class Owned(Generic[T]):
+    """A model's side of the contract: its owner, its idle moments, its keep-alive expiry."""
+
+    _name: str
+    _keep_alive: float | None
+    _strict: bool
+    _life: StateMachine[T]
+    _owner: ModelOwner[Any] | None
+
+    if TYPE_CHECKING:
+
+        def _unload(self, waits: bool, timeout: float | None, strict: bool) -> UnloadReport: ...
+
+        def _emit(self, kind: str, before: str, after: str, **fields: Any) -> None: ...
+
+    def _join(self, owner: ModelOwner[Any]) -> None:
+        """Belong to ``owner`` (a pool): its admissions, its keep-alive thread.
+
+        Raises:
+            InvalidArgumentError: The model belongs to another owner.
+        """
+        with self._life.cond:
+            if self._owner is not None and self._owner is not owner:
+                raise InvalidArgumentError(f"{self._name} already belongs to another pool")
+            self._owner = owner
+
+    def _leave(self, owner: ModelOwner[Any]) -> None:
+        """Stop belonging to ``owner`` (a no-op if it is not the owner)."""
+        with self._life.cond:
+            if self._owner is owner:
+                self._owner = None
+
+    def _idle(self, stamp: int) -> None:
+        """The last lease ended at ``stamp``: tell the owner, and start the keep-alive."""
+        if self._owner is not None:
+            self._owner._freed(self)
+        self._schedule_expiry(stamp)
+
+    def _schedule_expiry(self, stamp: int) -> None:
+        delay = self._keep_alive
+        if delay is None or self._life.closed:
+            return
+        owner = self._owner
+        scheduler = owner._scheduler if owner is not None else default_scheduler()
+        scheduler.schedule(self, delay, stamp)
+
+    def _expire(self, stamp: int) -> None:
+        """Unload if nothing happened since ``stamp`` (called by the keep-alive scheduler)."""
+        life = self._life
+        with life.cond:
+            current = life.stamp == stamp and not life.leases
+            settled = life.state in (ModelState.READY, ModelState.OFFLOADED)
+        if not (current and settled):
+            return
+        try:
+            report = self._unload(False, None, self._strict)
+        except ModelBusyError:
+            return  # a lease arrived in between: its end re-schedules the expiry
+        self._emit(
+            "expire",
+            report.state_before.value,
+            "UNLOADED",
+            seconds=report.seconds,
+            bytes=report.seen_bytes,
+            detail={"reason": f"idle for {self._keep_alive} s"},
+        )
+
+    def _advice(self) -> str:
+        """What a stale reference's error tells its user to do instead."""
+        if self._owner is not None:
+            way = f"`pool.use({self._name!r})` (pool {self._owner.name!r})"
+        else:
+            way = f"`{self._name}.use()`"
+        return f"borrow it with {way} instead of keeping a reference"

@@ -21,44 +21,37 @@ import datetime
 import itertools
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import torch
 
 from vramkit._keepalive import keep_alive_seconds
 from vramkit._units import check_flag, check_seconds, parse_bytes, parse_timeout
-from vramkit._utils import callable_name
 from vramkit.adapters import Adapter
-from vramkit.adapters.funasr import check_funasr, funasr_loader
-from vramkit.adapters.onnxruntime import (
-    check_onnx_path,
-    check_provider_options,
-    check_providers,
-    default_providers,
-    device_from_providers,
-    onnx_loader,
-)
-from vramkit.adapters.torch import check_torch_factory, torch_loader
 from vramkit.cleaning import CleanupPolicy
-from vramkit.devices import Device, DeviceLike, resolve_device
+from vramkit.devices import DeviceLike, resolve_device
 from vramkit.errors import (
-    InvalidArgumentError,
     ModelStateError,
 )
-from vramkit.isolation import Isolation, WorkerProxy, worker_pid
-from vramkit.isolation._loader import IsolatedLoader
+from vramkit.isolation import Isolation
 from vramkit.model import tiers
-from vramkit.model._checks import adapter_given, check_options, manager_options_of
+from vramkit.model._checks import (
+    adapter_given,
+    check_options,
+    funasr_source,
+    loader_name,
+    manager_options_of,
+    onnx_source,
+    torch_source,
+)
 from vramkit.model._isolated import isolated_loader
-from vramkit.model._lease import InferenceFunction, Lease
-from vramkit.model._life import ModelLife
-from vramkit.model.reports import LoadReport, ModelState, ModelStats, UnloadReport
+from vramkit.model._lease import Lease, inference_decorator
+from vramkit.model._view import ModelView
+from vramkit.model.reports import LoadReport, ModelState, UnloadReport
 
 if TYPE_CHECKING:
     from vramkit.model.tiers import OffloadReport, WakeReport
@@ -81,7 +74,7 @@ def live_models() -> list[ManagedModel[Any]]:
     return sorted(models, key=lambda m: m._created)
 
 
-class ManagedModel(ModelLife[T]):
+class ManagedModel(ModelView[T]):
     """One model under management: lazy loading, leases, reference-safe unloading.
 
     Args:
@@ -185,14 +178,7 @@ class ManagedModel(ModelLife[T]):
                 offload_dir=offload_dir,
             )
             adapter = release = size = cleanup = None
-        if not callable(loader):
-            raise InvalidArgumentError(
-                f"loader must be a zero-argument callable that returns the model; got {loader!r}"
-            )
-        if name is None:
-            name = callable_name(loader)
-        if not isinstance(name, str) or not name:
-            raise InvalidArgumentError(f"name must be a non-empty string; got {name!r}")
+        name = loader_name(loader, name)
         adapter = adapter_given(adapter, release, size, name)
         check_options(cleanup, config, offload_dir)
         self._loader = loader
@@ -242,16 +228,9 @@ class ManagedModel(ModelLife[T]):
         Returns:
             A ``ManagedModel`` whose loaded object is the module.
         """
-        check_torch_factory(factory, dtype)
-        check_flag(eval, "eval")
-        target = resolve_device(device)
-        loader, config = torch_loader(factory, device=str(target), dtype=dtype, eval=eval)
+        source = torch_source(factory, device=device, dtype=dtype, eval=eval, name=name)
         return ManagedModel[torch.nn.Module](
-            loader,
-            name=name or callable_name(factory),
-            device=target,
-            config=config,
-            **options,
+            source.loader, name=source.name, device=source.device, config=source.config, **options
         )
 
     @classmethod
@@ -298,21 +277,19 @@ class ManagedModel(ModelLife[T]):
             MissingModelError: A ModelScope id that is not in the local cache.
             MissingDependencyError: funasr is not installed.
         """
-        check_flag(disable_update, "disable_update")
         options = manager_options_of(cls, manager_options)
-        directory, kwargs = check_funasr(model, automodel_kwargs)
-        target = resolve_device(device)
-        loader, config = funasr_loader(
-            directory,
-            device=str(target),
+        source = funasr_source(
+            model,
+            device=device,
+            name=name,
             disable_update=disable_update,
-            automodel_kwargs=kwargs,
+            automodel_kwargs=automodel_kwargs,
         )
         return cls(
-            loader,
-            name=name or Path(os.fspath(model)).name or "funasr",
-            device=target,
-            config=config,
+            source.loader,
+            name=source.name,
+            device=source.device,
+            config=source.config,
             isolate=isolate,
             **options,
         )
@@ -349,147 +326,18 @@ class ManagedModel(ModelLife[T]):
             InvalidArgumentError: ``path`` is not an existing file.
             MissingDependencyError: onnxruntime is not installed.
         """
-        check_flag(arena, "arena")
-        file = check_onnx_path(path)
-        check_providers(providers)
-        check_provider_options(provider_options, providers)
-        target = resolve_device(device_from_providers(providers) if device is None else device)
-        if providers is None:
-            providers = default_providers(target.kind, target.index)
-        loader, config = onnx_loader(
-            file,
+        source = onnx_source(
+            path,
             providers=providers,
             sess_options=sess_options,
             provider_options=provider_options,
+            device=device,
             arena=arena,
+            name=name,
         )
-        return cls(loader, name=name or file.stem, device=target, config=config, **options)
-
-    # ------------------------------------------------------------------ read-only view
-
-    @property
-    def name(self) -> str:
-        """The model's name."""
-        return self._name
-
-    @property
-    def device(self) -> Device:
-        """The device the model lives on."""
-        return self._device
-
-    @property
-    def state(self) -> ModelState:
-        """The current :class:`ModelState`."""
-        return self._life.state
-
-    @property
-    def tier(self) -> str | None:
-        """The offload tier (``"cpu"``, ``"disk"``) while ``OFFLOADED``, else ``None``."""
-        return self._parked.tier
-
-    @property
-    def leases(self) -> int:
-        """How many leases are out right now."""
-        return len(self._life.leases)
-
-    @property
-    def is_loaded(self) -> bool:
-        """Whether the object is resident and ready (``READY``)."""
-        return self._life.state is ModelState.READY
-
-    @property
-    def inference_mode(self) -> bool:
-        """Whether synchronous leases run under ``torch.inference_mode()``."""
-        return self._inference_mode
-
-    @property
-    def keep_alive(self) -> float | None:
-        """Idle seconds before expiry (``None``: never)."""
-        return self._keep_alive
-
-    @property
-    def config(self) -> Mapping[str, Any]:
-        """The configuration the loader closes over (read-only)."""
-        return self._config
-
-    @property
-    def adapter(self) -> Adapter | None:
-        """The adapter in use (known once the model has loaded, or when given)."""
-        return self._adapter_override or self._adapter
-
-    @property
-    def stats(self) -> ModelStats:
-        """Counters and measured costs (load seconds, size, wake seconds per tier...)."""
-        return replace(self._stats, last_used=self._life.last_used)
-
-    @property
-    def size_bytes(self) -> int | None:
-        """Bytes the model held at its last load (``None`` before the first)."""
-        return self._stats.size_bytes
-
-    @property
-    def idle_seconds(self) -> float | None:
-        """Seconds since the last lease ended, while loaded and idle; else ``None``."""
-        life = self._life
-        last = life.last_used
-        if life.leases or last is None or life.state is ModelState.UNLOADED:
-            return None
-        return time.monotonic() - last
-
-    @property
-    def pool(self) -> Any:
-        """The :class:`~vramkit.ModelPool` this model belongs to, or ``None``.
-
-        Typed loosely: pools sit a layer above models, which never import them.
-        """
-        return self._owner
-
-    @property
-    def device_bytes(self) -> int:
-        """Bytes the model holds on its device now: what leaving the device would free.
-
-        Mid-transition, what is really there: nothing once the weights left the
-        device. An isolated model offloaded inside its worker counts what the
-        worker still holds (its interpreter, imports and CUDA context).
-        """
-        size = self._stats.size_bytes or 0
-        residue = self._stats.offload_residue_bytes.get(self._parked.tier or "", 0)
-        return self._parked.device_bytes(
-            self._life.state, size, on_host=self._device.is_host, residue=residue
+        return cls(
+            source.loader, name=source.name, device=source.device, config=source.config, **options
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The model's line as JSON-ready data (what status pages and ``vramkit ps`` show).
-
-        Returns:
-            ``name``, ``device``, ``state``, ``tier``, ``device_bytes``,
-            ``size_bytes`` (the expected size), ``leases``, ``idle_seconds``,
-            ``keep_alive`` (seconds or ``None``), ``pool`` (its pool's name or
-            ``None``), ``loads``, ``wakes``, ``offloads``, ``unloads``,
-            ``isolated`` and ``worker_pid`` (the process an isolated model
-            runs in while loaded, else ``None``).
-        """
-        stats = self._stats
-        pool = self.pool
-        obj = self._life.obj
-        return {
-            "name": self._name,
-            "device": str(self._device),
-            "state": self._life.state.value,
-            "tier": self._parked.tier,
-            "device_bytes": self.device_bytes,
-            "size_bytes": self.expected_bytes,
-            "leases": len(self._life.leases),
-            "idle_seconds": self.idle_seconds,
-            "keep_alive": self._keep_alive,
-            "pool": None if pool is None else pool.name,
-            "loads": stats.loads,
-            "wakes": stats.wakes,
-            "offloads": stats.offloads,
-            "unloads": stats.unloads,
-            "isolated": isinstance(self._loader, IsolatedLoader),
-            "worker_pid": worker_pid(obj) if isinstance(obj, WorkerProxy) else None,
-        }
 
     # ------------------------------------------------------------------ leases
 
@@ -554,15 +402,7 @@ class ManagedModel(ModelLife[T]):
             check_flag(inference_mode, "inference_mode")
         check_options(cleanup, None, None)
 
-        def decorate(function: Callable[..., R]) -> Callable[..., R]:
-            if not callable(function):
-                raise InvalidArgumentError(f"@inference decorates a function; got {function!r}")
-            return cast(
-                "Callable[..., R]",
-                InferenceFunction(self, function, inference_mode, cleanup),
-            )
-
-        return decorate(fn) if fn is not None else decorate
+        return inference_decorator(self, fn, inference_mode, cleanup)
 
     # ------------------------------------------------------------------ the steps of its life
 
