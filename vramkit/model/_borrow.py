@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TypeVar
 
 from vramkit.errors import ModelStateError
+from vramkit.model._lease import new_token
 from vramkit.model._life import ModelLife
 from vramkit.model.reports import ModelState
 
@@ -42,9 +43,15 @@ class Borrowing(ModelLife[T]):
                 left it meanwhile.
         """
         life = self._life
-        with life.lock:  # the pool's remove() changes the owner under this lock
-            if life.state is ModelState.READY and (pool is None or self._owner is pool):
-                return life.grant()
+        if pool is None:
+            token = new_token()
+            obj = life.take(token)  # no lock on a READY model
+            if obj is not None:
+                return obj, token
+        else:
+            with life.lock:  # the pool's remove() changes the owner under this lock
+                if life.state is ModelState.READY and self._owner is pool:
+                    return life.grant()
         return self._acquire_slow(pool)
 
     def _acquire_slow(self, pool: object) -> tuple[T, int]:
@@ -116,9 +123,13 @@ class Borrowing(ModelLife[T]):
         )
 
     def _return(self, token: int) -> None:
-        stamp = self._life.give_back(token)
-        if stamp is not None:  # the last lease ended: the model is idle
-            self._idle(stamp)
+        life = self._life
+        # The last lease ended: the model is idle. Only an owner (a pool waiting
+        # for room) and a keep-alive expiry care, so only they cost a lock.
+        if life.put_back(token) and (self._owner is not None or self._keep_alive is not None):
+            stamp = life.went_idle()
+            if stamp is not None:
+                self._idle(stamp)
 
     def _after_call(self) -> None:
         tracker = self._cleanup_tracker()

@@ -36,6 +36,7 @@ __all__ = [
     "Lease",
     "StateMachine",
     "current_task",
+    "new_token",
     "inference_decorator",
     "inference_guard",
 ]
@@ -49,14 +50,22 @@ SETTLED = frozenset({ModelState.UNLOADED, ModelState.READY, ModelState.OFFLOADED
 _LOADING = frozenset({ModelState.LOADING, ModelState.WAKING})
 
 _tokens = itertools.count(1)
+new_token = _tokens.__next__  # atomic: a lease's token, unique in the process
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
+_READY = ModelState.READY  # bound once: an enum lookup per lease costs as much as the rest
 
 
 class StateMachine(Generic[T]):
     """The state of one model, the object it holds and the leases on it, under one lock.
 
-    Leases and returns take the plain lock (microseconds); waits go through
+    A lease on a ``READY`` model takes no lock: it enters its token in
+    ``leases`` (one dict store, atomic), then looks at the state again; an
+    unload or offload sets its state under the lock, then looks at
+    ``leases``. So either the lease sees the new state (and takes itself back,
+    to go the locked way) or the claim sees the lease (and gives the model
+    back, to wait or raise ``ModelBusyError``): never neither. A return takes
+    no lock either, unless a claim waits for the last lease. Waits go through
     the condition. A transition is *claimed* (the state moves to an ``-ING``
     state with this thread busy on it), runs outside the lock, and *settles*.
     The ``stamp`` changes at every lease, return and settled transition: a
@@ -68,7 +77,9 @@ class StateMachine(Generic[T]):
         state: The :class:`ModelState`.
         obj: The loaded object (the only strong reference vramkit keeps).
         leases: Token of each lease out -> (thread id, since when, the asyncio
-            task holding it or ``None`` for a synchronous lease).
+            task holding it or ``None`` for a synchronous lease): what busy
+            errors name and what tells a lease of this thread or task. Read it
+            through :meth:`snapshot` (lock-free leases change it at any time).
         acquiring: Threads on their way to a lease through a load or wake.
         last_used: ``time.monotonic()`` when the last lease ended or a load settled.
         busy: The thread running a load, wake, offload or unload, if any.
@@ -79,6 +90,7 @@ class StateMachine(Generic[T]):
     __slots__ = (
         "acquiring",
         "busy",
+        "claims",
         "closed",
         "cond",
         "last_used",
@@ -103,35 +115,72 @@ class StateMachine(Generic[T]):
         # racing the very load that evicted it).
         self.acquiring = 0
         self.last_used: float | None = None
-        self.waiting = 0  # threads blocked in wait(), so returns can skip notify_all
+        self.waiting = 0  # threads blocked in wait()
+        # Threads in claim(): a return that ends the last lease wakes them, and
+        # only then takes the lock.
+        self.claims = 0
         self.busy: int | None = None
         self.stamp = 0
         self.closed = False
 
     # -- leases ------------------------------------------------------------------
 
+    def take(self, token: int) -> T | None:
+        """A lease on a ``READY`` model without the lock: the object, or ``None``.
+
+        ``None``: the model is not ``READY`` (or is being claimed): nothing is
+        held, take the locked way (:meth:`claim_to_load`, then :meth:`grant`).
+        """
+        self.leases[token] = (_get_ident(), _monotonic(), None)
+        # Read after the insert: a claim that set its state before the insert
+        # shows here; one that set it after sees the lease (see the class).
+        obj = self.obj
+        if self.state is _READY and obj is not None:
+            return obj
+        self.put_back(token)
+        return None
+
     def grant(self, task: object = None) -> tuple[T, int]:
         """Count a lease on a ``READY`` model (caller holds the lock): the object and a token.
 
         ``task``: the asyncio task that owns an async lease (``None``: this thread).
         """
-        token = next(_tokens)
+        token = new_token()
         self.leases[token] = (_get_ident(), _monotonic(), task)
         self.stamp += 1
         return cast("T", self.obj), token
 
-    def give_back(self, token: int) -> int | None:
-        """End the lease ``token``. Returns the stamp if it was the last lease, else ``None``."""
-        with self.lock:
-            leases = self.leases
-            leases.pop(token, None)
-            self.last_used = _monotonic()
-            self.stamp += 1
-            if leases:
-                return None
-            if self.waiting:  # notify_all costs microseconds; skip it when nobody waits
+    def put_back(self, token: int) -> bool:
+        """End the lease ``token``, from any thread, without the lock unless a claim waits.
+
+        Returns:
+            Whether no lease was left out (the model went idle).
+        """
+        leases = self.leases
+        leases.pop(token, None)
+        if leases:
+            return False
+        self.last_used = _monotonic()
+        if self.claims:  # an unload or offload waits for the last lease
+            with self.lock:
                 self.cond.notify_all()
+        return True
+
+    def went_idle(self) -> int | None:
+        """After :meth:`put_back` ended the last lease: a new stamp, or ``None`` if a lease came."""
+        with self.lock:
+            if self.leases:
+                return None
+            self.stamp += 1
             return self.stamp
+
+    def snapshot(self) -> tuple[tuple[int, float, object], ...]:
+        """The leases out now, as (thread id, since when, task); a copy taken at once."""
+        return tuple(self.leases.values())  # one C call: lock-free leases cannot change it midway
+
+    def count(self) -> int:
+        """How many leases are out now."""
+        return len(self.leases)
 
     # -- transitions ---------------------------------------------------------------
 
@@ -192,44 +241,65 @@ class StateMachine(Generic[T]):
         task = current_task()
         deadline = None if timeout is None else _monotonic() + timeout
         with self.cond:
-            while True:
-                here = [owner for ident, _, owner in self.leases.values() if ident == me]
-                mine = sum(1 for owner in here if owner is None or owner is task)
-                if mine:
-                    raise ModelBusyError(
-                        f"{self.name}: cannot {action} from inside its own lease "
-                        f"(this {'task' if task is not None else 'thread'} holds {mine}); "
-                        f"{action} after the `with` block ends"
-                    )
-                if here and wait:
-                    # Other tasks of this thread's event loop hold leases: they can
-                    # only return them if this thread does not block.
-                    raise ModelBusyError(
-                        f"{self.name}: {len(here)} leases are held by other tasks of the "
-                        f"event loop running in this thread, which waiting here would "
-                        f"block; use `await asyncio.to_thread(mm.{action}, wait=True)`"
-                    )
-                if self.busy == me:
-                    raise ModelStateError(
-                        f"{self.name}: {action}() called from inside its own load"
-                    )
-                if self.state in SETTLED and not self.leases:
-                    break
-                # Leases, and another thread's load or wake (which can take as long
-                # as a load takes), are waited for only if asked; another thread's
-                # unload or offload is short and always waited for.
-                if not wait and (self.state in SETTLED or self.state in _LOADING):
-                    raise ModelBusyError(self.busy_message())
-                remaining = None if deadline is None else deadline - _monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise ModelBusyError(self.busy_message() + f" (waited {timeout} s)")
-                self.wait(remaining)
-            state = self.state
-            if state is not ModelState.UNLOADED:
+            self.claims += 1  # before leases are looked at: a return that ends them wakes us
+            try:
+                return self._claim(me, task, wait, deadline, timeout, action)
+            finally:
+                self.claims -= 1
+
+    def _claim(
+        self,
+        me: int,
+        task: object,
+        wait: bool,
+        deadline: float | None,
+        timeout: float | None,
+        action: str,
+    ) -> ModelState:
+        """:meth:`claim`'s loop (caller holds the lock and is counted in ``claims``)."""
+        while True:
+            leases = self.snapshot()
+            here = [owner for ident, _, owner in leases if ident == me]
+            mine = sum(1 for owner in here if owner is None or owner is task)
+            if mine:
+                raise ModelBusyError(
+                    f"{self.name}: cannot {action} from inside its own lease "
+                    f"(this {'task' if task is not None else 'thread'} holds {mine}); "
+                    f"{action} after the `with` block ends"
+                )
+            if here and wait:
+                # Other tasks of this thread's event loop hold leases: they can
+                # only return them if this thread does not block.
+                raise ModelBusyError(
+                    f"{self.name}: {len(here)} leases are held by other tasks of the "
+                    f"event loop running in this thread, which waiting here would "
+                    f"block; use `await asyncio.to_thread(mm.{action}, wait=True)`"
+                )
+            if self.busy == me:
+                raise ModelStateError(f"{self.name}: {action}() called from inside its own load")
+            if self.state in SETTLED and not leases:
+                state = self.state
+                if state is ModelState.UNLOADED:
+                    return state
                 self.state = ModelState.UNLOADING if action == "unload" else ModelState.OFFLOADING
                 self.busy = me
-                self.stamp += 1
-            return state
+                if not self.leases:  # read after the state changed: see the class
+                    self.stamp += 1
+                    return state
+                # A lease taken without the lock just before the state changed:
+                # it stands, and is waited for (or refused) like any other.
+                self.state, self.busy = state, None
+                self.cond.notify_all()  # leases that saw the claim may go on
+                continue
+            # Leases, and another thread's load or wake (which can take as long
+            # as a load takes), are waited for only if asked; another thread's
+            # unload or offload is short and always waited for.
+            if not wait and (self.state in SETTLED or self.state in _LOADING):
+                raise ModelBusyError(self.busy_message())
+            remaining = None if deadline is None else deadline - _monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ModelBusyError(self.busy_message() + f" (waited {timeout} s)")
+            self.wait(remaining)
 
     def settle(self, state: ModelState) -> int:
         """End a transition in ``state`` (caller holds the lock): a change expiries must notice.
@@ -257,12 +327,13 @@ class StateMachine(Generic[T]):
 
     def busy_message(self) -> str:
         """Why the model cannot be unloaded now: its leases (the oldest, by whom), or its work."""
-        if not self.leases:
+        leases = self.snapshot()
+        if not leases:
             doing = self.state.value.lower()
             where = "" if self.busy is None else f" in thread {_thread_name(self.busy)!r}"
             return f"{self.name} is {doing}{where}; unload(wait=True) waits for it"
-        ident, since, _ = min(self.leases.values(), key=lambda lease: lease[1])
-        count = len(self.leases)
+        ident, since, _ = min(leases, key=lambda lease: lease[1])
+        count = len(leases)
         return (
             f"{self.name} has {count} lease{'s' if count != 1 else ''} out "
             f"(oldest held for {_monotonic() - since:.1f} s by thread {_thread_name(ident)!r}); "
@@ -332,15 +403,17 @@ class Borrowable(Protocol[T_co]):
         ...
 
 
+_InferenceMode = getattr(torch._C, "_InferenceMode", None)  # looked up once, not per call
+
+
 def inference_guard() -> object:
     """Enter ``torch.inference_mode()``; leaving happens when the returned guard is dropped.
 
     The C++ RAII guard costs a third of the context manager, which matters on
     a path taken once per inference call.
     """
-    make = getattr(torch._C, "_InferenceMode", None)
-    if make is not None:
-        return make(True)
+    if _InferenceMode is not None:
+        return _InferenceMode(True)
     mode = torch.inference_mode()  # pragma: no cover - builds without the private guard
     mode.__enter__()
     return _ExitOnDrop(mode)

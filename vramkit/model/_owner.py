@@ -116,7 +116,7 @@ class Owned(Generic[T]):
         """Unload if nothing happened since ``stamp`` (called by the keep-alive scheduler)."""
         life = self._life
         with life.cond:
-            current = life.stamp == stamp and not life.leases
+            current = life.stamp == stamp and not life.count()
             settled = life.state in (ModelState.READY, ModelState.OFFLOADED)
         if not (current and settled):
             return

@@ -57,7 +57,7 @@ class ModelView(Borrowing[T]):
     @property
     def leases(self) -> int:
         """How many leases are out right now."""
-        return len(self._life.leases)
+        return self._life.count()
 
     @property
     def is_loaded(self) -> bool:
@@ -99,7 +99,7 @@ class ModelView(Borrowing[T]):
         """Seconds since the last lease ended, while loaded and idle; else ``None``."""
         life = self._life
         last = life.last_used
-        if life.leases or last is None or life.state is ModelState.UNLOADED:
+        if life.count() or last is None or life.state is ModelState.UNLOADED:
             return None
         return time.monotonic() - last
 
@@ -146,7 +146,7 @@ class ModelView(Borrowing[T]):
             "tier": self._parked.tier,
             "device_bytes": self.device_bytes,
             "size_bytes": self.expected_bytes,
-            "leases": len(self._life.leases),
+            "leases": self._life.count(),
             "idle_seconds": self.idle_seconds,
             "keep_alive": self._keep_alive,
             "pool": None if pool is None else pool.name,
@@ -163,7 +163,7 @@ class ModelView(Borrowing[T]):
         tier = self._parked.tier
         return (
             f"<ManagedModel {self._name!r} {self._life.state}{f' ({tier})' if tier else ''} on "
-            f"{self._device}, {size}, {len(self._life.leases)} leases>"
+            f"{self._device}, {size}, {self._life.count()} leases>"
         )
 
     @property

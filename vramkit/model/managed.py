@@ -49,7 +49,7 @@ from vramkit.model._checks import (
     torch_source,
 )
 from vramkit.model._isolated import isolated_loader
-from vramkit.model._lease import Lease, inference_decorator
+from vramkit.model._lease import Lease, inference_decorator, inference_guard, new_token
 from vramkit.model._view import ModelView
 from vramkit.model.reports import LoadReport, ModelState, UnloadReport
 
@@ -353,14 +353,26 @@ class ManagedModel(ModelView[T]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the loaded object under a lease: ``mm(x)`` is ``with mm.use() as m: m(x)``."""
-        with self.use() as obj:
-            if not callable(obj):
-                raise ModelStateError(
-                    f"{self._name}: the loaded {type(obj).__name__} is not callable; "
-                    "use `with mm.use() as model:`"
-                )
-            result = obj(*args, **kwargs)
-        self._after_call()
+        token = new_token()  # the lease is its token: no object per call
+        obj = self._life.take(token)
+        if obj is None:
+            obj, token = self._acquire_slow(None)
+        try:
+            guard = inference_guard() if self._inference_mode else None
+            try:
+                if not callable(obj):
+                    raise ModelStateError(
+                        f"{self._name}: the loaded {type(obj).__name__} is not callable; "
+                        "use `with mm.use() as model:`"
+                    )
+                result = obj(*args, **kwargs)
+            finally:
+                del guard  # leaves inference mode, even if a traceback keeps this frame
+        finally:
+            obj = None
+            self._return(token)
+        if self._policy is not None:
+            self._after_call()
         return result
 
     @overload
