@@ -16,7 +16,8 @@ The package, room by room:
   and async), ``_life`` how each step is done (load, wake, offload, unload),
   and ``_owner``'s ``Owned`` its owner and keep-alive expiry;
 - :mod:`~vramkit.model.reports`: its state and what each load and unload reports;
-- ``_lease``: the state machine (state, object, leases, under one lock), leases,
+- ``_lease``: the state machine (state, object, leases, under one lock; a lease
+  on a ``READY`` model takes none), leases,
   the inference-mode guard, ``@mm.inference`` functions;
 - ``_owner``: the contract with whoever owns the model (a pool): admission,
   its outcome, memory given back, the keep-alive thread;

@@ -1,7 +1,8 @@
 """The state a managed model is in, the leases on it, and the ways to borrow it.
 
 :class:`StateMachine` is the state machine of one model: its state, the object,
-the leases out, and who is busy moving it, under one lock. A lease is what
+the leases out, and who is busy moving it, under one lock (a lease on a
+``READY`` model excepted: it takes none, see :class:`StateMachine`). A lease is what
 ``mm.use()`` returns; an :class:`InferenceFunction` is what ``@mm.inference``
 returns. Both borrow through :class:`Borrowable`, the part of a
 ``ManagedModel`` that counts leases and loads (or wakes) the model first.
