@@ -83,13 +83,33 @@ def test_after_a_reset_the_peak_is_exact_even_for_a_spike_between_reads() -> Non
 
 @linux
 @pytest.mark.usefixtures("throttled_for_ever")
-def test_available_memory_is_read_again_when_rss_moves() -> None:
+def test_available_memory_is_read_again_when_rss_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted, not compared: the system-wide figure also moves with every
+    # other process, so equal or unequal values prove nothing either way.
     backend = CpuBackend()
+    reader = backend._proc
+    assert reader is not None
+    system_reads = 0
+    read_system = reader._read_system
+
+    def counting(rss: int, now: float) -> None:
+        nonlocal system_reads
+        system_reads += 1
+        read_system(rss, now)
+
+    monkeypatch.setattr(reader, "_read_system", counting)
     before = backend.read()
-    block = _touched(64 * MiB)
-    after = backend.read()
-    assert after.free_bytes != before.free_bytes  # re-read, though the throttle would not
-    del block
+    assert system_reads == 1  # the first read reads everything
+    backend.read()
+    assert system_reads == 1  # throttled, and RSS has not moved
+    # A new mapping, so that RSS moves whatever the allocator kept from earlier tests.
+    with mmap.mmap(-1, 64 * MiB) as block:
+        for offset in range(0, 64 * MiB, PAGE):
+            block[offset] = 1
+        after = backend.read()
+    assert after.process_used_bytes is not None and before.process_used_bytes is not None
+    assert after.process_used_bytes - before.process_used_bytes >= 32 * MiB
+    assert system_reads == 2  # re-read, though the throttle would not
 
 
 def test_without_proc_psutil_answers(monkeypatch: pytest.MonkeyPatch) -> None:
