@@ -205,11 +205,9 @@ class StorageBaseline:
         weak_ref = _STORAGE._weak_ref
         handles = self._handles
         for tensor in _on_device(tensors_in_heap() if tensors is None else tensors, self._device):
-            storage = _storage(tensor)
-            if storage is not None:
-                address = storage.data_ptr()
-                if address not in handles:
-                    handles[address] = weak_ref(storage)
+            found = _storage(tensor)
+            if found is not None and found[1] not in handles:
+                handles[found[1]] = weak_ref(found[0])
         weakref.finalize(self, _free_handles, handles)
 
     def new_tensors(self, tensors: list[torch.Tensor] | None = None) -> TensorCensus:
@@ -222,10 +220,10 @@ class StorageBaseline:
         handles = self._handles
         fresh = []
         for tensor in _on_device(tensors_in_heap() if tensors is None else tensors, self._device):
-            storage = _storage(tensor)
-            if storage is None:
+            found = _storage(tensor)
+            if found is None:
                 continue
-            handle = handles.get(storage.data_ptr())
+            handle = handles.get(found[1])
             if handle is None or expired(handle):
                 fresh.append(tensor)
         return _census(fresh, None)
@@ -259,11 +257,20 @@ def _device_name(device: torch.device, names: dict[torch.device, str]) -> str:
     return name
 
 
-def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def _storage(tensor: torch.Tensor) -> tuple[torch.UntypedStorage, int] | None:
+    """The tensor's storage and its address; ``None`` for tensors without real memory."""
     try:
-        return tensor.untyped_storage()
+        storage = tensor.untyped_storage()
+        if type(tensor) not in _PLAIN and storage.device.type == "meta":
+            return None  # a FakeTensor: shaped like memory, holds none, warns on data_ptr()
+        return storage, storage.data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):
-        return None  # tensor subclasses without storage (FakeTensor, functorch wrappers)
+        # Subclasses without storage (functorch wrappers), or with a storage
+        # whose address cannot be read (FakeTensor, left by torch.compile).
+        return None
 
 
 def _census(tensors: list[torch.Tensor], wanted: str | None) -> TensorCensus:
@@ -298,13 +305,15 @@ def _describe(
     try:
         if tensor.is_meta or tensor.is_sparse or getattr(tensor, "is_nested", False):
             return None
-        storage = tensor.untyped_storage()
-        nbytes = storage.nbytes()
+        found = _storage(tensor)
+        if found is None:
+            return None
+        nbytes = found[0].nbytes()
         name = _device_name(tensor.device, names)
-        key = (name, storage.data_ptr())
+        key = (name, found[1])
         ref: weakref.ReferenceType[torch.Tensor] | None = weakref.ref(tensor)
     except (RuntimeError, NotImplementedError, TypeError):
-        return None  # tensor subclasses without storage (FakeTensor, functorch wrappers)
+        return None  # tensor subclasses that refuse every use
     if nbytes == 0:
         return None
     return TensorInfo(
