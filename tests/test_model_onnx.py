@@ -47,6 +47,31 @@ def test_session_runs_under_a_lease_and_unloads(mlp_path: Path) -> None:
     assert native() is None
 
 
+def test_a_load_that_reuses_memory_is_sized_at_least_by_its_weights(
+    mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The size is the memory the load added; here the process gives back a
+    # larger block just before the session is built (as when a load reuses
+    # pages another model left), so the difference alone would say nothing.
+    import onnxruntime as ort
+
+    spare = [bytearray(48 * 1024**2)]
+    spare[0][::4096] = b"\x01" * len(spare[0][::4096])  # resident
+    real = ort.InferenceSession
+
+    def session_after_giving_back(*args: Any, **kwargs: Any) -> Any:
+        spare.clear()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session_after_giving_back)
+    mm = ManagedModel.from_onnx(mlp_path)
+    with mm.use():
+        pass
+    assert not spare
+    assert mm.size_bytes is not None and mm.size_bytes >= mlp_path.stat().st_size
+    assert mm.unload().died
+
+
 def test_an_io_binding_keeps_the_native_session_and_is_named(mlp_path: Path) -> None:
     mm = ManagedModel.from_onnx(mlp_path, name="bound")
 

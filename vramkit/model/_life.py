@@ -26,6 +26,7 @@ from vramkit import events
 from vramkit._oomerrors import is_oom_error
 from vramkit._utils import clear_frames
 from vramkit.adapters import Adapter, adapter_for
+from vramkit.adapters._checkpoint import checkpoint_bytes
 from vramkit.cleaning import cleanup
 from vramkit.devices import Device
 from vramkit.errors import (
@@ -103,7 +104,7 @@ class ModelLife(Owned[T]):
             size = adapter.size_bytes(obj)
             check_loaded(self._name, self._loader, obj, adapter, size, self._last, self._owns)
             if size is None:
-                size = grown_bytes(before, after)
+                size = loaded_bytes(grown_bytes(before, after), checkpoint_bytes(self._config))
         except BaseException as exc:
             # The failed load's frames hold whatever it built: clear them so a
             # half-built model does not stay alive through the traceback.
@@ -466,3 +467,15 @@ class ModelLife(Owned[T]):
     def _emit(self, kind: str, before: str, after: str, **fields: Any) -> None:
         """Log the transition and hand it to subscribers (see :mod:`vramkit.events`)."""
         events.emit(events.Event(kind, self._name, str(self._device), before, after, **fields))
+
+
+def loaded_bytes(grown: int | None, weights: int | None) -> int | None:
+    """A model's size from the memory its load added, at least its weight files' bytes.
+
+    The difference undercounts when the load reuses pages the process already
+    held (an allocator's free lists, an arena another model left), so the
+    weight files, where they are known, are the floor.
+    """
+    if weights is None:
+        return grown
+    return weights if grown is None else max(grown, weights)
