@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import signal
 import stat
 import subprocess
@@ -261,6 +262,9 @@ def test_publishing_can_be_turned_off(
 ) -> None:
     made, calls = publisher
     monkeypatch.setenv("VRAMKIT_PUBLISH", "0")
+    # A model of an earlier test in this process may have published (its
+    # keep-alive expiring on a timer) before the switch above: start clean.
+    shutil.rmtree(run_dir, ignore_errors=True)
     assert not made.publish()
     assert calls == [] and not run_dir.exists()
 

@@ -135,7 +135,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     logs = tmp_path_factory.mktemp("replica-logs")
     cache = tmp_path_factory.mktemp("offload")
     ray.cloudpickle.register_pickle_by_value(app)  # replicas cannot import the tests package
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a cluster of its own, never one found running on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         views = app.RouterViews.options(name=app.VIEWS_ACTOR, namespace=app.NAMESPACE).remote()
         port = _free_port()
