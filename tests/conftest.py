@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +63,17 @@ def funasr_pipeline(funasr_module: object, tmp_path_factory: pytest.TempPathFact
     from vramkit.testing.models import build_funasr_pipeline
 
     return build_funasr_pipeline(tmp_path_factory.mktemp("funasr"))
+
+
+@pytest.fixture
+def channels() -> Iterator[tuple[Any, Any]]:
+    """Both ends of an isolation channel over a socket pair, closed after the test."""
+    import socket
+
+    from vramkit.isolation._transport import Channel
+
+    a, b = socket.socketpair()
+    ends = Channel(a), Channel(b)
+    yield ends
+    for end in ends:
+        end.close()

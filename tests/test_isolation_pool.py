@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -38,15 +36,6 @@ def _pool_mappings() -> int:
     """Mappings of pool buffers in this process (``memfd:vramkit-tensor``)."""
     with open("/proc/self/maps", encoding="ascii", errors="replace") as fh:
         return sum(1 for line in fh if "memfd:vramkit-tensor" in line)
-
-
-@pytest.fixture
-def channels() -> Iterator[tuple[Channel, Channel]]:
-    a, b = socket.socketpair()
-    ends = Channel(a), Channel(b)
-    yield ends
-    for end in ends:
-        end.close()
 
 
 def _round_trip(send: Channel, receive: Channel, value: object) -> object:

@@ -13,7 +13,6 @@ import copy
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -104,15 +103,6 @@ def faulty() -> Iterator[Worker]:
 
 
 # ---------------------------------------------------------------------- transport, in-process
-
-
-@pytest.fixture
-def channels() -> Iterator[tuple[Channel, Channel]]:
-    a, b = socket.socketpair()
-    ends = Channel(a), Channel(b)
-    yield ends
-    for end in ends:
-        end.close()
 
 
 @pytest.mark.parametrize(
