@@ -243,6 +243,19 @@ def test_calls_cross_with_tensors_and_arrays_in_shared_memory(inspector: WorkerP
     assert float(big[0]) == 2.0
 
 
+def test_root_calls_answer_alike_by_either_path(inspector: WorkerProxy) -> None:
+    local = Inspector()
+    x = torch.randn(4, 4)
+    cases = {
+        "simple": x,  # packed numbers and raw bytes, both ways
+        "transposed view": x.t(),
+        "negative view": torch.randn(4, 4, dtype=torch.complex64).conj().imag,
+        "requires grad": x.clone().requires_grad_(),
+    }
+    for label, arg in cases.items():
+        assert torch.allclose(inspector(arg), local(arg).detach()), label
+
+
 def test_attributes_are_copies_and_methods_stay_remote(inspector: WorkerProxy) -> None:
     assert inspector.scale == 2.0
     settings = inspector.settings

@@ -175,6 +175,7 @@ class _Server:
         self._channel.send((call_id, True, info))
         while True:
             try:
+                self._channel.spin()  # calls in a loop: the next arrives on a running worker
                 frame = self._channel.recv_frame()
             except ChannelClosedError:
                 return  # the parent closed the channel: nothing more to do

@@ -32,6 +32,11 @@ Small CPU tensors are copied into the pickle instead: below
 :data:`INLINE_BYTES` a copy is cheaper than even a pooled buffer, and it
 leaves the sender's tensor where it was.
 
+The common call, ``model(x)`` with small CPU tensors, and its tensor reply
+skip the pickle (:mod:`._simple`), and a receiver watches for its next message
+a moment before it sleeps on it (:meth:`Channel.spin`): together they are most
+of what a small call costs beyond the socket's own round trip.
+
 Only the two ends of one socketpair, made by one process for its own worker,
 ever read these pickles.
 """
@@ -45,25 +50,31 @@ import ctypes
 import io
 import os
 import pickle
+import select
 import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import TYPE_CHECKING, Any, Final
 
-from vramkit.isolation import _pool
+from vramkit.isolation import _pool, _simple
+from vramkit.isolation._simple import (
+    INLINE_BYTES,
+    as_kind,
+    dtype_codes,
+    rebuild_small,
+    to_dtype,
+)
 
 if TYPE_CHECKING:
     import numpy
     import torch
 
 __all__ = ["INLINE_BYTES", "Channel", "ChannelClosedError"]
-
-INLINE_BYTES: Final = 64 * 1024
-"""CPU tensors and numpy arrays smaller than this are copied into the message."""
 
 # Body length, descriptor count, then the pool's notes: how many buffer ids of
 # the receiver's are free again, how many of the sender's it may unmap, and
@@ -76,6 +87,10 @@ _MAX_NOTES: Final = 0xFFFF  # buffer ids one header can count, each way
 _NO_NOTES: Final[tuple[list[int], list[int]]] = ([], [])  # never changed: read only
 _FD_SIZE: Final = array.array("i").itemsize
 _ANCILLARY: Final = socket.CMSG_SPACE(_FDS_PER_MESSAGE * _FD_SIZE)
+SPIN_SECONDS: Final = 300e-6
+"""How long :meth:`Channel.spin` watches for a message before the caller sleeps on it."""
+_perf_counter = time.perf_counter
+_PICKLE_START: Final = pickle.PROTO[0]  # a pickle's first byte; a simple message's is lower
 _CTRUNC: Final = int(socket.MSG_CTRUNC)  # a plain int: the flag enum's `&` costs a call
 
 _received = threading.local()  # descriptors of the message being unpickled in this thread
@@ -195,8 +210,8 @@ def _reduce_tensor(torch: Any, tensor: torch.Tensor, pickler: _Pickler) -> Any:
     ):
         # The common small argument or result, with the fewest questions asked.
         raw = ctypes.string_at(tensor.data_ptr(), tensor.nbytes) if tensor.nbytes else b""
-        dtype = _dtype_codes(torch).get(tensor.dtype, tensor.dtype)
-        return (_rebuild_small, (raw, dtype, tuple(tensor.shape), 0))
+        dtype = dtype_codes(torch).get(tensor.dtype, tensor.dtype)
+        return (rebuild_small, (raw, dtype, tuple(tensor.shape), 0))
     if tensor.requires_grad and not tensor.is_leaf:
         # An autograd graph cannot cross processes; its values can.
         return (_same, (tensor.detach(),))
@@ -221,7 +236,7 @@ def _reduce_tensor(torch: Any, tensor: torch.Tensor, pickler: _Pickler) -> Any:
         data = tensor.detach()
         buffer_id, fd = outbox.put(data)
         pickler.pooled.append((buffer_id, _carrier().duplicate_for_child(fd) if fd >= 0 else -1))
-        dtype = _dtype_codes(torch).get(data.dtype, data.dtype)
+        dtype = dtype_codes(torch).get(data.dtype, data.dtype)
         flags = tensor.requires_grad | (kind is torch.nn.Parameter) << 1
         return (_rebuild_pooled, (buffer_id, dtype, tuple(data.shape), flags))
     data = tensor.detach() if tensor.requires_grad else tensor
@@ -232,45 +247,9 @@ def _reduce_tensor(torch: Any, tensor: torch.Tensor, pickler: _Pickler) -> Any:
     raw = ctypes.string_at(data.data_ptr(), data.nbytes) if data.nbytes else b""
     # The dtype as a number and the kind as a flag: each global a pickle names
     # costs a lookup on both sides, a good part of a small call.
-    dtype = _dtype_codes(torch).get(data.dtype, data.dtype)
+    dtype = dtype_codes(torch).get(data.dtype, data.dtype)
     flags = tensor.requires_grad | (kind is torch.nn.Parameter) << 1
-    return (_rebuild_small, (raw, dtype, tuple(data.shape), flags))
-
-
-_DTYPE_NAMES: Final = (
-    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
-    "uint8", "bool", "complex64", "complex128",
-)  # fmt: skip
-_codes: dict[Any, int] = {}
-_dtypes: list[Any] = []
-_NUMPY_DTYPES: dict[Any, str] = {}  # torch dtype -> numpy's name for it
-
-
-def _dtype_codes(torch: Any) -> dict[Any, int]:
-    if not _codes:
-        _dtypes.extend(getattr(torch, name) for name in _DTYPE_NAMES)
-        _codes.update((dtype, code) for code, dtype in enumerate(_dtypes))
-        if "numpy" in sys.modules:
-            _NUMPY_DTYPES.update(
-                (getattr(torch, name), name) for name in _DTYPE_NAMES if name != "bfloat16"
-            )
-    return _codes
-
-
-def _dtype_list(torch: Any) -> list[Any]:
-    _dtype_codes(torch)
-    return _dtypes
-
-
-def _dtype(dtype: torch.dtype | int) -> torch.dtype:
-    """A dtype from what a message carries: its number in :data:`_DTYPE_NAMES`, or itself."""
-    if not isinstance(dtype, int):
-        return dtype
-    import torch
-
-    _dtype_codes(torch)
-    found: torch.dtype = _dtypes[dtype]
-    return found
+    return (rebuild_small, (raw, dtype, tuple(data.shape), flags))
 
 
 def _carrier() -> _FdCarrier:
@@ -285,38 +264,9 @@ def _rebuild_pooled(
     import torch
 
     inbox: _pool.Inbox = _received.inbox
-    tensor = inbox.open(buffer_id, _dtype(dtype), shape)
+    tensor = inbox.open(buffer_id, to_dtype(dtype), shape)
     kind = torch.nn.Parameter if flags & 2 else torch.Tensor
-    return _as_kind(tensor, bool(flags & 1), kind)
-
-
-def _rebuild_small(
-    raw: bytes, dtype: torch.dtype | int, shape: tuple[int, ...], flags: int
-) -> torch.Tensor:
-    import torch
-
-    kind: torch.dtype = (_dtypes or _dtype_list(torch))[dtype] if isinstance(dtype, int) else dtype
-    if not raw:
-        tensor = torch.empty(shape, dtype=kind)
-    elif kind in _NUMPY_DTYPES:
-        # numpy's reshape is a tenth of torch's for a tiny tensor; the tensor
-        # shares the array's (own, writable) memory.
-        numpy = sys.modules["numpy"]
-        array_ = numpy.frombuffer(bytearray(raw), _NUMPY_DTYPES[kind]).reshape(shape)
-        tensor = torch.from_numpy(array_)
-    else:  # bfloat16, float8: no numpy twin
-        tensor = torch.frombuffer(bytearray(raw), dtype=kind).reshape(shape)
-    if not flags:
-        return tensor
-    return _as_kind(tensor, bool(flags & 1), torch.nn.Parameter if flags & 2 else torch.Tensor)
-
-
-def _as_kind(tensor: torch.Tensor, requires_grad: bool, kind: type[torch.Tensor]) -> torch.Tensor:
-    import torch
-
-    if kind is torch.nn.Parameter:
-        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
-    return tensor.requires_grad_() if requires_grad else tensor
+    return as_kind(tensor, bool(flags & 1), kind)
 
 
 def _own_copy(rebuild: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> torch.Tensor:
@@ -385,10 +335,39 @@ class Channel:
         self._pickler = _Pickler(self._buffer, self._outbox)
         self._carrier = _FdCarrier()
         self._unreported: tuple[list[int], list[int]] | None = None
+        self._readable = select.poll()
+        self._readable.register(sock.fileno(), select.POLLIN)
+        self._spin = SPIN_SECONDS if _usable_cpus() > 1 else 0.0
+        self._waited = 0.0  # how long the last message took to come, where measured
+        self._since: float | None = None  # when the wait for the next message began
 
     def fileno(self) -> int:
         """The socket's descriptor, for ``poll``."""
         return self._sock.fileno()
+
+    def spin(self) -> bool:
+        """Watch for the next message a moment without sleeping: whether it is readable now.
+
+        A process that sleeps until its message arrives costs the other a
+        scheduler wakeup, each way: on a virtual machine that is most of a
+        small call's round trip. With a CPU to spare, watching for up to
+        :data:`SPIN_SECONDS` first lets the message land on a running
+        process. It spins only while the last message came within that
+        window (a slow model's reply, a caller's pause between calls: no
+        spin), and it measures every wait it begins, so it spins again once
+        messages come fast again. Readable includes the other end having
+        closed (the receive then raises :class:`ChannelClosedError`).
+        """
+        now = _perf_counter()
+        self._since = now
+        if not self._spin or self._waited > self._spin:
+            return False
+        poll = self._readable.poll
+        end = now + self._spin
+        while not poll(0):
+            if _perf_counter() >= end:
+                return False
+        return True
 
     def send(self, message: object) -> None:
         """Pickle ``message`` and send it, with the descriptors of its shared tensors.
@@ -396,9 +375,23 @@ class Channel:
         Raises:
             ChannelClosedError: The other end is gone.
         """
+        outbox = self._outbox
+        if (
+            type(message) is tuple
+            and self._unreported is None
+            and not self._inbox.freed
+            and not (outbox is not None and outbox.dropped)
+        ):
+            simple = _simple.encode(message)
+            if simple is not None:  # the common call or reply, no pickle: one system call
+                try:
+                    self._sock.sendall(_HEADER.pack(len(simple), 0, 0, 0, 0) + simple)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise ChannelClosedError("the other end of the channel is gone") from exc
+                return
         if not _torch_reductions:
             _register_torch_reductions()
-        buffer, pickler, outbox, carrier = self._buffer, self._pickler, self._outbox, self._carrier
+        buffer, pickler, carrier = self._buffer, self._pickler, self._carrier
         pickler.dispatch_table = _dispatch_table()
         released, forgotten = self._notes()
         previous = mp_context.get_spawning_popen()
@@ -523,6 +516,8 @@ class Channel:
                 raise
         except ConnectionResetError as exc:  # it died with our data unread
             raise ChannelClosedError("the other end of the channel is gone") from exc
+        if self._since is not None:
+            self._waited, self._since = _perf_counter() - self._since, None
         noted = (released + forgotten + 2 * used) * 8
         slots: list[int | None] = list(fds)
         buffers: list[int] = []
@@ -544,8 +539,10 @@ class Channel:
     def decode(self, frame: tuple[memoryview, list[int | None], list[int]]) -> Any:
         """Unpickle a frame from :meth:`recv_frame`; every descriptor is used or closed."""
         body, slots, buffers = frame
-        if not slots and not buffers:
-            return pickle.loads(body)  # nothing shared: no descriptor, no pool buffer to settle
+        if not slots and not buffers:  # nothing shared: no descriptor, no pool buffer to settle
+            if body and body[0] != _PICKLE_START:
+                return _simple.decode(body)
+            return pickle.loads(body)
         _received.fds = slots
         _received.inbox = self._inbox
         self._inbox.expect(buffers)
@@ -626,6 +623,13 @@ class Channel:
         if self._outbox is not None:
             self._outbox.close()
         self._inbox.close()
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _rights(fds: Sequence[int]) -> tuple[int, int, bytes]:

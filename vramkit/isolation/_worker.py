@@ -322,7 +322,9 @@ class Worker:
     def _await_reply(self, call_id: int, op: str, deadline: float, timeout: float | None) -> Any:
         assert self._channel is not None
         assert self._poller is not None
-        channel_fd = self._channel.fileno()
+        channel = self._channel
+        channel_fd = channel.fileno()
+        spun = channel.spin()  # a fast reply lands without a sleep; a slow one: poll below
         while True:
             if deadline == _NO_DEADLINE:
                 wait_ms = None
@@ -331,7 +333,8 @@ class Worker:
                 if remaining <= 0:
                     raise self._timed_out(op, timeout)
                 wait_ms = max(int(remaining * 1000) + 1, 1)
-            ready = [fd for fd, _ in self._poller.poll(wait_ms)]
+            ready = [channel_fd] if spun else [fd for fd, _ in self._poller.poll(wait_ms)]
+            spun = False
             if channel_fd in ready:
                 try:
                     frame = self._channel.recv_frame()
