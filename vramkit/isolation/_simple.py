@@ -66,7 +66,7 @@ def encode(message: tuple[Any, ...]) -> bytes | None:
     torch = sys.modules.get("torch")
     if torch is None:
         return None
-    if second == "call" and type(second) is str:
+    if type(second) is str and second == "call":
         if type(payload) is not tuple or len(payload) != 3:
             return None
         path, args, kwargs = payload
