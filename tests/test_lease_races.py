@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vramkit import ManagedModel, ModelState
-from vramkit.errors import ModelBusyError, ModelStateError
+from vramkit import ManagedModel, ModelPool, ModelState
+from vramkit.errors import ModelBusyError, ModelStateError, UnknownModelError
 from vramkit.model._lease import StateMachine
 
 WIDTH = 16
 ROUNDS = 150  # leases per thread, each way in turn
+POOL_ROUNDS = 50  # leases per thread through a pool, each remove() a full unload
 
 
 def _build() -> torch.nn.Module:
@@ -243,3 +244,87 @@ def test_a_lease_taken_while_an_unload_looks_is_seen_by_it(monkeypatch: pytest.M
     assert state is ModelState.READY
     assert torch.equal(out, reference)
     assert mm.unload().died
+
+
+# -- leases through a pool: lock-free too, against remove() ---------------------------
+
+
+def test_pool_leases_and_removes_never_overlap(fast_switching: None) -> None:
+    # Leases through the pool take no lock: they enter, see READY, then read the
+    # owner. remove() unloads (waiting for the leases out) and lets the model
+    # leave only once unloaded. Inside every lease the model must be READY and
+    # still the pool's; right after remove() returns, no lease may be out; and a
+    # lease on the removed model is refused, never granted.
+    problems: list[str] = []
+    loader, box = _watched(problems)
+    x = torch.ones(1, WIDTH)
+    reference = _build()(x).detach()
+    with ModelPool("cpu", budget="64MiB", headroom=0, name="raced-pool") as pool:
+        mm = pool.register("m", loader)
+        box.append(mm)
+        counts = [Counter[str]() for _ in range(3)]  # one per thread: += is not atomic
+
+        def lessee(seen: Counter[str]) -> None:
+            for _ in range(POOL_ROUNDS):
+                try:
+                    with pool.use("m") as module:
+                        if mm.pool is not pool or "m" not in pool:
+                            problems.append("a lease got a model that left the pool")
+                        if not torch.equal(module(x), reference):
+                            problems.append("wrong output")
+                    seen["leased"] += 1
+                except ModelStateError as exc:  # removed between pool.use() and the block
+                    if "removed" not in str(exc):
+                        problems.append(f"{type(exc).__name__}: {exc}")
+                    seen["refused"] += 1
+                except UnknownModelError:  # looked up while out of the pool
+                    seen["absent"] += 1
+                except Exception as exc:  # anything else is a problem
+                    problems.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.0002)
+
+        threads = [threading.Thread(target=lessee, args=(c,), daemon=True) for c in counts]
+        for thread in threads:
+            thread.start()
+        removes = 0
+        while any(thread.is_alive() for thread in threads):
+            removed = pool.remove("m")
+            if removed.leases:
+                problems.append(f"remove() returned with {removed.leases} lease(s) out")
+            if removed.state is not ModelState.UNLOADED or removed.pool is not None:
+                problems.append(f"remove() left the model {removed.state}, owned")
+            removes += 1
+            pool.add(removed)
+        for thread in threads:
+            thread.join()
+    seen = sum(counts, Counter[str]())
+    assert problems == []
+    assert seen["leased"] + seen["refused"] + seen["absent"] == 3 * POOL_ROUNDS
+    assert removes > 0 and seen["leased"] > 0
+
+
+def test_a_stale_pool_lease_is_refused_even_when_the_model_is_loaded_again() -> None:
+    # The lock-free way sees a READY model: only the owner, read after the lease
+    # is in, tells that the model left the pool since the lease object was made.
+    with ModelPool("cpu", budget="64MiB", headroom=0, name="stale") as pool:
+        mm = pool.register("m", _build)
+        lease = pool.use("m")
+        pool.remove("m")
+        mm.load()  # directly, outside any pool
+        with pytest.raises(ModelStateError, match="removed"), lease:
+            raise AssertionError("the block must not run")
+        assert mm.leases == 0
+        assert mm.unload().died
+
+
+def test_a_model_leaves_its_pool_only_unloaded() -> None:
+    # What the lock-free pool lease relies on: a READY model is still its pool's.
+    # (remove() unloads first; a model loaded again in between is unloaded again.)
+    with ModelPool("cpu", budget="64MiB", headroom=0, name="leaving") as pool:
+        mm = pool.register("m", _build)
+        mm.load()
+        assert mm._leave(pool) is False
+        assert mm.pool is pool
+        mm.unload()
+        assert mm._leave(pool) is True
+        assert mm.pool is None

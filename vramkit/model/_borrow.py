@@ -35,27 +35,26 @@ _LEASE_REENTERED = (
 class Borrowing(ModelLife[T]):
     """The leases of one model: what ``use()``, ``@inference`` and ``mm(...)`` borrow through."""
 
-    def _acquire(self, pool: object = None) -> tuple[T, int]:
-        """Take a lease, loading or waking first if needed. Returns the object and a token.
+    def _acquire(self) -> tuple[T, int]:
+        """Take a lease, loading or waking first if needed. Returns the object and a token."""
+        token = new_token()
+        obj = self._life.take(token)  # no lock on a READY model
+        if obj is not None:
+            return obj, token
+        return self._acquire_slow(None)
+
+    def _acquire_slow(self, pool: object, held: int = 0) -> tuple[T, int]:
+        """A lease the lock-free way could not take: load, wake or wait, under the lock.
 
         Args:
             pool: The pool the lease is taken through: refused if the model
                 left it meanwhile.
+            held: The token of a lock-free lease to give back first (it was
+                taken on a model no longer in ``pool``).
         """
         life = self._life
-        if pool is None:
-            token = new_token()
-            obj = life.take(token)  # no lock on a READY model
-            if obj is not None:
-                return obj, token
-        else:
-            with life.lock:  # the pool's remove() changes the owner under this lock
-                if life.state is ModelState.READY and self._owner is pool:
-                    return life.grant()
-        return self._acquire_slow(pool)
-
-    def _acquire_slow(self, pool: object) -> tuple[T, int]:
-        life = self._life
+        if held:
+            life.put_back(held)
         with life.lock:
             life.acquiring += 1
         try:
@@ -123,13 +122,7 @@ class Borrowing(ModelLife[T]):
         )
 
     def _return(self, token: int) -> None:
-        life = self._life
-        # The last lease ended: the model is idle. Only an owner (a pool waiting
-        # for room) and a keep-alive expiry care, so only they cost a lock.
-        if life.put_back(token) and (self._owner is not None or self._keep_alive is not None):
-            stamp = life.went_idle()
-            if stamp is not None:
-                self._idle(stamp)
+        self._life.put_back(token)  # the last lease out tells the owner and the keep-alive
 
     def _after_call(self) -> None:
         tracker = self._cleanup_tracker()

@@ -86,6 +86,8 @@ class StateMachine(Generic[T]):
         busy: The thread running a load, wake, offload or unload, if any.
         stamp: Bumped at every change a keep-alive expiry must notice.
         closed: Set by ``close()``: nothing may start any more.
+        on_idle: Called when the last lease ends (an owner waiting for room,
+            a keep-alive expiry), or ``None``.
     """
 
     __slots__ = (
@@ -99,6 +101,7 @@ class StateMachine(Generic[T]):
         "lock",
         "name",
         "obj",
+        "on_idle",
         "stamp",
         "state",
         "waiting",
@@ -123,6 +126,9 @@ class StateMachine(Generic[T]):
         self.busy: int | None = None
         self.stamp = 0
         self.closed = False
+        # Who hears of the model going idle (an owner, a keep-alive expiry), set
+        # by the model: called by put_back with no lock held.
+        self.on_idle: Callable[[], None] | None = None
 
     # -- leases ------------------------------------------------------------------
 
@@ -151,21 +157,22 @@ class StateMachine(Generic[T]):
         self.stamp += 1
         return cast("T", self.obj), token
 
-    def put_back(self, token: int) -> bool:
+    def put_back(self, token: int) -> None:
         """End the lease ``token``, from any thread, without the lock unless a claim waits.
 
-        Returns:
-            Whether no lease was left out (the model went idle).
+        The last lease out tells ``on_idle``, if set.
         """
         leases = self.leases
         leases.pop(token, None)
         if leases:
-            return False
+            return
         self.last_used = _monotonic()
         if self.claims:  # an unload or offload waits for the last lease
             with self.lock:
                 self.cond.notify_all()
-        return True
+        on_idle = self.on_idle
+        if on_idle is not None:
+            on_idle()
 
     def went_idle(self) -> int | None:
         """After :meth:`put_back` ended the last lease: a new stamp, or ``None`` if a lease came."""
@@ -380,10 +387,29 @@ class Borrowable(Protocol[T_co]):
         """Whether synchronous leases run under ``torch.inference_mode()``."""
         ...
 
-    def _acquire(self, pool: object = None) -> tuple[T_co, int]:
-        """Take a lease, loading or waking first: the object and the lease's token.
+    # What a lease reads on its way in, without a call: the state machine, and
+    # the flag behind ``inference_mode``.
+    @property
+    def _life(self) -> StateMachine[Any]: ...
 
-        ``pool``: the pool the lease goes through; refused once the model left it.
+    @property
+    def _inference_mode(self) -> bool: ...
+
+    @property
+    def _owner(self) -> object:
+        """The pool the model belongs to, if any."""
+        ...
+
+    def _acquire(self) -> tuple[T_co, int]:
+        """Take a lease, loading or waking first: the object and the lease's token."""
+        ...
+
+    def _acquire_slow(self, pool: object, held: int = 0) -> tuple[T_co, int]:
+        """A lease the lock-free way could not take: load, wake or wait, under the lock.
+
+        ``pool``: the pool the lease goes through; refused once the model left
+        it. ``held``: the token of a lock-free lease to give back first (taken
+        on a model no longer in ``pool``).
         """
         ...
 
@@ -407,27 +433,32 @@ class Borrowable(Protocol[T_co]):
 _InferenceMode = getattr(torch._C, "_InferenceMode", None)  # looked up once, not per call
 
 
-def inference_guard() -> object:
-    """Enter ``torch.inference_mode()``; leaving happens when the returned guard is dropped.
-
-    The C++ RAII guard costs a third of the context manager, which matters on
-    a path taken once per inference call.
-    """
-    if _InferenceMode is not None:
-        return _InferenceMode(True)
-    mode = torch.inference_mode()  # pragma: no cover - builds without the private guard
-    mode.__enter__()
-    return _ExitOnDrop(mode)
-
-
-class _ExitOnDrop:  # pragma: no cover - fallback for the above
+class _ExitOnDrop:  # pragma: no cover - builds without the private guard
     __slots__ = ("_mode",)
 
-    def __init__(self, mode: Any) -> None:
-        self._mode = mode
+    def __init__(self, enabled: bool) -> None:
+        self._mode = torch.inference_mode(enabled)
+        self._mode.__enter__()
 
     def __del__(self) -> None:
         self._mode.__exit__(None, None, None)
+
+
+# The C++ RAII guard costs a third of the context manager, which matters on a
+# path taken once per lease: leases build it directly, with no call around it.
+_guard: Callable[[bool], object] = _InferenceMode if _InferenceMode is not None else _ExitOnDrop
+
+
+def inference_guard() -> object:
+    """Enter ``torch.inference_mode()``; leaving happens when the returned guard is dropped."""
+    return _guard(True)
+
+
+class Gate(Protocol):
+    """What a lease needs of the pool it goes through."""
+
+    _gated: bool
+    """Whether leases must take the locked way (a member is being removed, the pool closed)."""
 
 
 class Lease(Generic[T]):
@@ -441,16 +472,24 @@ class Lease(Generic[T]):
 
     __slots__ = ("_grad", "_model", "_pool", "_token")
 
-    def __init__(self, model: Borrowable[T], pool: object = None) -> None:
+    def __init__(self, model: Borrowable[T], pool: Gate | None = None) -> None:
+        # Only what entering reads: the token and the guard are set on the way in.
         self._model = model
         self._pool = pool
-        self._token = 0
-        self._grad: Any = None
 
     def __enter__(self) -> T:
-        obj, self._token = self._model._acquire(self._pool)
-        if self._model.inference_mode:
-            self._grad = inference_guard()
+        model = self._model
+        pool = self._pool
+        token = new_token()
+        obj = model._life.take(token)  # a READY model: no lock (see StateMachine)
+        # The owner is read after the lease is in: it changes only while the
+        # model is UNLOADED (see Owned._leave), so a model taken READY through
+        # its pool is still that pool's.
+        if obj is None or (pool is not None and (model._owner is not pool or pool._gated)):
+            obj, token = self._enter_slow(token if obj is not None else 0)
+        self._token = token
+        if model._inference_mode:
+            self._grad = _guard(True)
         return obj
 
     def __exit__(
@@ -460,7 +499,19 @@ class Lease(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         self._grad = None  # dropping the guard leaves inference mode
-        self._model._return(self._token)
+        self._model._life.put_back(self._token)
+        if exc is not None:
+            self._failed(exc)
+
+    def _enter_slow(self, held: int) -> tuple[T, int]:
+        """Take the lease the locked way: load, wake, wait, or refuse (not the pool's any more).
+
+        ``held``: the token of a lock-free lease to give back first.
+        """
+        return self._model._acquire_slow(self._pool, held)
+
+    def _failed(self, exc: BaseException) -> None:
+        """The block raised ``exc`` (the lease has ended): a pool lease makes room on OOM."""
 
     async def __aenter__(self) -> T:
         # A load can take seconds: it runs off the event loop, in a worker

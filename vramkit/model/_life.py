@@ -83,6 +83,7 @@ class ModelLife(Owned[T]):
         self._stats = ModelStats()  # last_used excepted: the state machine keeps it
         self._owner: ModelOwner[Any] | None = None  # a pool, through _join
         self._last: weakref.ref[Any] | None = None  # the object of the last load, if alive
+        self._listen()  # a keep-alive hears of idle moments (an owner, once it joins)
 
     # ------------------------------------------------------------------ load
 

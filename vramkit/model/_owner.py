@@ -13,6 +13,8 @@ reference's error gives (borrow through the pool, or through the model).
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from vramkit._keepalive import default_scheduler
@@ -91,12 +93,51 @@ class Owned(Generic[T]):
             if self._owner is not None and self._owner is not owner:
                 raise InvalidArgumentError(f"{self._name} already belongs to another pool")
             self._owner = owner
+            self._listen()
 
-    def _leave(self, owner: ModelOwner[Any]) -> None:
-        """Stop belonging to ``owner`` (a no-op if it is not the owner)."""
+    def _leave(self, owner: ModelOwner[Any]) -> bool:
+        """Stop belonging to ``owner``, if the model is ``UNLOADED`` (a no-op for another owner).
+
+        A lease through the pool takes no lock: it enters itself, sees the
+        state ``READY``, then reads the owner. The owner changes only here,
+        under the lock and while the model is unloaded, so such a lease either
+        saw a state other than ``READY`` or read the owner from before the
+        unload that preceded this: never a READY model that has left.
+
+        Returns:
+            ``False`` if the model is not ``UNLOADED`` (loaded again since the
+            caller unloaded it): it still belongs to ``owner``; unload it again.
+        """
         with self._life.cond:
-            if self._owner is owner:
-                self._owner = None
+            if self._owner is not owner:
+                return True
+            if self._life.state is not ModelState.UNLOADED:
+                return False
+            self._owner = None
+            self._listen()
+            return True
+
+    def _listen(self) -> None:
+        """Set who hears of the last lease ending (caller holds the lock, or is the constructor).
+
+        The state machine calls it at every idle moment, lock-free: an owner's
+        ``_freed`` directly (the model is in the owner's members anyway), a
+        keep-alive expiry through a weak reference (a model nobody holds still
+        dies without the garbage collector).
+        """
+        life = self._life
+        if self._keep_alive is not None:
+            life.on_idle = _WentIdle(self)
+        elif self._owner is not None:
+            life.on_idle = functools.partial(self._owner._freed, self)
+        else:
+            life.on_idle = None
+
+    def _went_idle(self) -> None:
+        """The last lease ended: a new stamp, then tell the owner and start the keep-alive."""
+        stamp = self._life.went_idle()
+        if stamp is not None:  # else a lease came in meanwhile: its end tells again
+            self._idle(stamp)
 
     def _idle(self, stamp: int) -> None:
         """The last lease ended at ``stamp``: tell the owner, and start the keep-alive."""
@@ -140,3 +181,17 @@ class Owned(Generic[T]):
         else:
             way = f"`{self._name}.use()`"
         return f"borrow it with {way} instead of keeping a reference"
+
+
+class _WentIdle:
+    """Calls a model's ``_went_idle`` while the model lives (held weakly)."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: Owned[Any]) -> None:
+        self._model = weakref.ref(model)
+
+    def __call__(self) -> None:
+        model = self._model()
+        if model is not None:
+            model._went_idle()

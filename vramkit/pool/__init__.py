@@ -149,6 +149,9 @@ class ModelPool(Admission):
         self._overshoot = False  # over budget after a load: fit again as leases return
         self._entering: collections.Counter[str] = collections.Counter()  # leases being taken
         self._leaving: set[str] = set()  # models being removed
+        # Leases take the locked way (through _entering_model) while a model is
+        # being removed or the pool is closed; read lock-free by every lease.
+        self._gated = False
         self._plan = Plan()
         self._closed = False
         self._loads = 0
@@ -236,22 +239,36 @@ class ModelPool(Admission):
             if name in self._leaving:
                 raise UnknownModelError(f"{name!r} is already being removed from {self._name!r}")
             self._leaving.add(name)
+            self._gated = True
             while self._entering[name]:  # a lease or prefetch between its check and its lease
                 self._lock.wait()
         try:
-            model.unload(wait=True)
+            self._unload_and_leave(model)
         except BaseException:
             with self._lock:
                 self._leaving.discard(name)
+                self._gated = bool(self._leaving) or self._closed
                 self._lock.notify_all()
             raise
         with self._lock:
             self._leaving.discard(name)
+            self._gated = bool(self._leaving) or self._closed
             del self._members[name]
             self._ledger.discard(name, model)
-            model._leave(self)  # under the model's lock, which leases check their pool under
             self._lock.notify_all()
         return model
+
+    def _unload_and_leave(self, model: ManagedModel[Any]) -> None:
+        """Unload ``model`` and stop owning it; again if it was loaded in between.
+
+        A model leaves only while ``UNLOADED``: a lease through the pool reads
+        the owner after the state without a lock, and a READY model is then
+        still the pool's (see ``Owned._leave``).
+        """
+        while True:
+            model.unload(wait=True)
+            if model._leave(self):
+                return
 
     def __getitem__(self, name: str) -> ManagedModel[Any]:
         if not isinstance(name, str):
@@ -301,7 +318,8 @@ class ModelPool(Admission):
             model = self._members[name].model
         except (KeyError, TypeError):
             model = self[name]  # raises, naming what the pool has
-        self._plan.advance(name)
+        if self._plan.pending:  # no plan (the usual case): not even a call
+            self._plan.advance(name)
         return PoolLease(model, self)
 
     def call(self, name: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
@@ -455,12 +473,12 @@ class ModelPool(Admission):
             if self._closed:
                 return
             self._closed = True
+            self._gated = True
             members = list(self._members.values())
             self._lock.notify_all()
         self._stop_threads()
         for member in members:
-            member.model.unload(wait=True)
-            member.model._leave(self)
+            self._unload_and_leave(member.model)
 
     def _stop_threads(self) -> None:
         self._scheduler.close()

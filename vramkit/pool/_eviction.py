@@ -46,25 +46,25 @@ class Plan:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._names: collections.deque[str] = collections.deque()
+        # The names still planned, next first; read without the lock only to see
+        # whether any are (a lease through the pool asks at every use).
+        self.pending: collections.deque[str] = collections.deque()
 
     def replace(self, names: Sequence[str]) -> None:
         """Plan ``names``, in order, instead of what was planned."""
         with self._lock:
-            self._names = collections.deque(names)
+            self.pending = collections.deque(names)
 
     def advance(self, name: str) -> None:
         """``name`` is being used: the plan moves on if it was next."""
-        if not self._names:  # no plan (the usual case): no lock on the lease path
-            return
         with self._lock:
-            if self._names and self._names[0] == name:
-                self._names.popleft()
+            if self.pending and self.pending[0] == name:
+                self.pending.popleft()
 
     def names(self) -> list[str]:
         """What is planned, next first."""
         with self._lock:
-            return list(self._names)
+            return list(self.pending)
 
 
 def eviction_order(idle: Sequence[Member], plan: Sequence[str]) -> list[Member]:

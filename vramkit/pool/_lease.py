@@ -29,6 +29,7 @@ class Evicting(Protocol):
 
     _leaving: set[str]  # members being removed
     _closed: bool
+    _gated: bool  # either of the above: leases take the locked way
 
     def _entering_model(self, model: ManagedModel[Any]) -> AbstractContextManager[None]:
         """Mark a lease in progress on a member (``remove()`` waits); refuse a non-member."""
@@ -68,30 +69,28 @@ class PoolLease(Lease[Any]):
     """A lease taken through the pool: OOM inside the block evicts the others first.
 
     One object, as ``mm.use()`` makes one: while no member is being removed
-    and the pool is open, entering is the model's own lease, which is refused
-    once the model has left the pool (and a load it needs is admitted by the
-    pool, which refuses a model being removed). Otherwise the lease is marked
-    as entering, so that ``remove()`` waits for it or refuses it.
+    and the pool is open, entering is the model's own lock-free lease, which
+    is refused once the model has left the pool (and a load it needs is
+    admitted by the pool, which refuses a model being removed). Otherwise
+    (the pool is *gated*) the lease is marked as entering, so that
+    ``remove()`` waits for it or refuses it.
     """
 
     __slots__ = ()
     _pool: Evicting  # made as Lease(model, pool): no constructor of its own to call
 
-    def __enter__(self) -> Any:
+    def _enter_slow(self, held: int) -> tuple[Any, int]:
+        model = cast("ManagedModel[Any]", self._model)
         pool = self._pool
-        if not pool._leaving and not pool._closed:
-            return Lease.__enter__(self)
-        with pool._entering_model(cast("ManagedModel[Any]", self._model)):
-            return Lease.__enter__(self)
+        if not pool._gated:  # the model left the pool (or is not READY): refused or loaded
+            return model._acquire_slow(pool, held)
+        if held:
+            model._life.put_back(held)
+        with pool._entering_model(model):  # refuses a model being removed, or a closed pool
+            return model._acquire_slow(pool)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        Lease.__exit__(self, exc_type, exc, tb)
-        if exc is not None and is_oom_error(exc):
+    def _failed(self, exc: BaseException) -> None:
+        if is_oom_error(exc):
             self._make_room()
 
     async def __aenter__(self) -> Any:
