@@ -447,14 +447,14 @@ class _ExitOnDrop:  # pragma: no cover - builds without the private guard
         self._mode.__exit__(None, None, None)
 
 
-# The C++ RAII guard costs a third of the context manager, which matters on a
-# path taken once per lease: leases build it directly, with no call around it.
-_guard: Callable[[bool], object] = _InferenceMode if _InferenceMode is not None else _ExitOnDrop
+inference_guard: Callable[[bool], object] = (
+    _InferenceMode if _InferenceMode is not None else _ExitOnDrop
+)
+"""``inference_guard(True)`` enters ``torch.inference_mode()``; dropping the guard leaves it.
 
-
-def inference_guard() -> object:
-    """Enter ``torch.inference_mode()``; leaving happens when the returned guard is dropped."""
-    return _guard(True)
+The C++ RAII guard costs a third of the context manager, which matters on a
+path taken once per lease: leases build it directly, with no call around it.
+"""
 
 
 class Gate(Protocol):
@@ -492,7 +492,7 @@ class Lease(Generic[T]):
             obj, token = self._enter_slow(token if obj is not None else 0)
         self._token = token
         if model._inference_mode:
-            self._grad = _guard(True)
+            self._grad = inference_guard(True)
         return obj
 
     def __exit__(
@@ -582,7 +582,7 @@ class InferenceFunction(Generic[R]):
         model = self._model
         obj, token = model._acquire()
         try:
-            guard = inference_guard() if self._mode else None
+            guard = inference_guard(True) if self._mode else None
             try:
                 result = self._invoke(instance, obj, args, kwargs)
             finally:

@@ -358,7 +358,7 @@ class ManagedModel(ModelView[T]):
         if obj is None:
             obj, token = self._acquire_slow(None)
         try:
-            guard = inference_guard() if self._inference_mode else None
+            guard = inference_guard(True) if self._inference_mode else None
             try:
                 if not callable(obj):
                     raise ModelStateError(
