@@ -382,14 +382,15 @@ class _IdleMark:
     path every lease through the pool takes.
     """
 
-    __slots__ = ("_model", "_pool")
+    __slots__ = ("_dirty", "_model", "_pool")
 
     def __init__(self, pool: Admission, model: ManagedModel[Any]) -> None:
         self._pool = pool
         self._model = model
+        self._dirty = pool._ledger.dirty  # the ledger keeps this one dict for its life
 
     def freed(self) -> None:
+        self._dirty[self._model] = None  # as _freed does
         pool = self._pool
-        pool._ledger.dirty[self._model] = None  # as _freed does
         if pool._waiting or pool._overshoot:
             pool._wake()
