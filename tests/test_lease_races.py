@@ -303,6 +303,44 @@ def test_pool_leases_and_removes_never_overlap(fast_switching: None) -> None:
     assert removes > 0 and seen["leased"] > 0
 
 
+def test_pool_leases_and_evictions_never_overlap(fast_switching: None) -> None:
+    # The pool evicts idle members (unloading or offloading them) with the same
+    # claim an unload makes: a lock-free lease through the pool must never run
+    # on a member that was evicted under it.
+    problems: list[str] = []
+    x = torch.ones(1, WIDTH)
+    reference = _build()(x).detach()
+    with ModelPool("cpu", budget="64MiB", headroom=0, name="raced-evict") as pool:
+        for name in ("a", "b"):
+            loader, box = _watched(problems)
+            box.append(pool.register(name, loader))
+        counts = [Counter[str]() for _ in range(3)]
+
+        def lessee(seen: Counter[str]) -> None:
+            for turn in range(ROUNDS):
+                name = "ab"[turn % 2]
+                try:
+                    with pool.use(name) as module:
+                        if not torch.equal(module(x), reference):
+                            problems.append("wrong output")
+                    seen["leased"] += 1
+                except Exception as exc:  # a lease through the pool never fails here
+                    problems.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.0002)
+
+        threads = [threading.Thread(target=lessee, args=(c,), daemon=True) for c in counts]
+        for thread in threads:
+            thread.start()
+        evicted = 0
+        while any(thread.is_alive() for thread in threads):
+            evicted += len(pool.evict_idle())
+        for thread in threads:
+            thread.join()
+    assert problems == []
+    assert sum(c["leased"] for c in counts) == 3 * ROUNDS
+    assert evicted > 0
+
+
 def test_a_stale_pool_lease_is_refused_even_when_the_model_is_loaded_again() -> None:
     # The lock-free way sees a READY model: only the owner, read after the lease
     # is in, tells that the model left the pool since the lease object was made.
