@@ -12,15 +12,15 @@ varied lengths (0.8 to 4.8 s) in batches of ``--batch``, three ways in one run:
   cleanup policy cleans after every call (one call being one batch).
 
 Each way transcribes every file, in ``--blocks`` blocks of consecutive batches
-(one batch a block by default); the ways take turns block by block, each block
-in another of the six orders of the three ways, so a machine that speeds up or
-slows down during the run (other work starting or stopping) weighs on all
-three alike. Printed per way: files per second and the ratio to the other two,
-and the growth of the process's resident set (on CUDA also of torch's reserved
-bytes) over its files. The targets are judged on the median over blocks of
-each block's ratio (the same files, one way right after the other), which a
-change of the machine's load between blocks does not move; the ratio of the
-totals is printed beside it.
+(6 by default); the ways take turns block by block, each block in another of
+the six orders of the three ways, so a machine that speeds up or slows down
+during the run (other work starting or stopping) weighs on all three alike.
+Printed per way: files per second and the ratio to the other two, and the
+growth of the process's resident set (on CUDA also of torch's reserved bytes)
+over its files. The throughput targets are judged on the median over batches
+of each batch's ratio (the same files, timed within the same block), which a
+change of the machine's load between blocks moves less than the ratio of the
+totals, printed beside it.
 
 Then a **planted results cache**: a module-level dict keeping each file's
 waveform as a tensor on the device beside its text (the "global cache" pattern
@@ -88,7 +88,7 @@ class WayResult:
     reserved_growth_bytes: int | None = None
     oom_at_file: int | None = None
     texts: list[str] = field(default_factory=list)
-    block_seconds: list[float] = field(default_factory=list)
+    batch_seconds: list[float] = field(default_factory=list)  # in the order of the batches
 
     @property
     def files_per_second(self) -> float:
@@ -106,10 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--budget", default="8GiB", help="CUDA only: the memory cap of the card (default 8GiB)"
     )
     parser.add_argument(
-        "--blocks",
-        type=int,
-        default=None,
-        help="blocks the ways take turns on (default: one per batch)",
+        "--blocks", type=int, default=6, help="blocks the ways take turns on (default 6)"
     )
     parser.add_argument("--quick", action="store_true", help="24 files: a smoke run")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
@@ -118,7 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.files = min(args.files, 24)
     if args.files < 2 * args.batch or args.batch < 1:
         parser.error("--files must be at least two batches and --batch at least 1")
-    if args.blocks is not None and args.blocks < 1:
+    if args.blocks < 1:
         parser.error("--blocks must be at least 1")
     return args
 
@@ -198,6 +195,7 @@ def run_block(
     rss_before, reserved_before = rss(), reserved(device)
     started = time.perf_counter()
     for batch in batches:
+        batch_started = time.perf_counter()
         try:
             results = quietly(lambda b=batch: transcribe(b))
         except Exception as exc:
@@ -205,11 +203,10 @@ def run_block(
                 raise
             result.oom_at_file = result.files + len(batch)
             break
+        result.batch_seconds.append(time.perf_counter() - batch_started)
         result.texts.extend(str(r["text"]) for r in results)
         result.files += len(batch)
-    elapsed = time.perf_counter() - started
-    result.seconds += elapsed
-    result.block_seconds.append(elapsed)
+    result.seconds += time.perf_counter() - started
     result.rss_growth_bytes += rss() - rss_before
     reserved_after = reserved(device)
     if reserved_before is not None and reserved_after is not None:
@@ -252,14 +249,14 @@ def planted_cache(am: Any, batches: Sequence[Batch], device: str) -> tuple[int |
 
 
 def paired_ratio(ours: WayResult, other: WayResult) -> float:
-    """Our throughput over ``other``'s: the median of each block's ratio (same files, same moment).
+    """Our throughput over ``other``'s: the median of each batch's ratio (same files, same block).
 
     Falls back to the ratio of the totals when a way stopped early (out of memory).
     """
-    if len(ours.block_seconds) != len(other.block_seconds) or not ours.block_seconds:
+    if len(ours.batch_seconds) != len(other.batch_seconds) or not ours.batch_seconds:
         return ours.files_per_second / other.files_per_second if other.files_per_second else 0.0
     return statistics.median(
-        theirs / mine for mine, theirs in zip(ours.block_seconds, other.block_seconds, strict=True)
+        theirs / mine for mine, theirs in zip(ours.batch_seconds, other.batch_seconds, strict=True)
     )
 
 
@@ -293,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quietly(lambda t=transcribe: t(batches[0]))
         results = {name: WayResult(name) for name in ways}
         orders = list(itertools.permutations(ways))
-        count = min(args.blocks or len(batches), len(batches))
+        count = min(args.blocks, len(batches))
         bounds = [len(batches) * i // count for i in range(count + 1)]
         load_before = os.getloadavg()
         for number in range(count):
@@ -373,7 +370,7 @@ def print_results(
         totals = ours.files_per_second / other.files_per_second
         print(
             ratio_line(f"vramkit vs {other.name}", paired, target)
-            + f" (median of {len(ours.block_seconds)} blocks' ratios; ratio of totals {totals:.3f})"
+            + f" (median of {len(ours.batch_seconds)} batches' ratios; of totals {totals:.3f})"
         )
     growth_ok = ours.rss_growth_bytes <= TARGET_RSS_GROWTH
     print(
