@@ -17,7 +17,8 @@
    weights (the worker ends; its pid gone, its RSS zero) against the same
    model unloaded in-process; with the bytes each gave back.
 
-Run: ``python benchmarks/bench_isolation.py [--quick]``.
+Run: ``python benchmarks/bench_isolation.py [--quick] [--small-only]`` (``--small-only``:
+part 1 alone).
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ def main() -> None:
     # Before any worker starts: forking once threads run is asking for trouble.
     floor = pipe_round_trip(5 if quick else 15)
     small_calls(quick, floor)
+    if "--small-only" in sys.argv:
+        return
     big_tensors(quick)
     print(
         "\n3-4. Start to READY and unload to memory back "
