@@ -25,6 +25,7 @@ import httpx
 import ray
 import ray.cloudpickle
 from ray import serve
+from ray.serve._private import api as serve_api
 from ray.serve.config import RequestRouterConfig
 
 from . import _ray_app as app
@@ -130,17 +131,39 @@ def _deploy(logs: Path, cache: Path) -> None:
         waiter.submit(serve.run, deployment.bind(), route_prefix="/models").result(timeout=300)
 
 
+SERVE_PATIENCE = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     logs = tmp_path_factory.mktemp("replica-logs")
     cache = tmp_path_factory.mktemp("offload")
     ray.cloudpickle.register_pickle_by_value(app)  # replicas cannot import the tests package
-    # "local": a cluster of its own, never one found running on the machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Serve kills a proxy that is not ready 5 s after it started, and serve.start
+    # gives up on it after a fixed 60 s: on a loaded machine starting one takes
+    # longer. Serve's own patience is not what these tests test. The cluster's
+    # processes inherit the environment when ray.init starts them; serve.start
+    # reads its limit from a module global.
+    patience = pytest.MonkeyPatch()
+    for name, seconds in SERVE_PATIENCE.items():
+        patience.setenv(name, seconds)
+    patience.setattr(serve_api, "HTTP_PROXY_TIMEOUT", 300, raising=False)
+    try:
+        # "local": a cluster of its own, never one found running on the machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except BaseException:
+        patience.undo()
+        raise
     try:
         views = app.RouterViews.options(name=app.VIEWS_ACTOR, namespace=app.NAMESPACE).remote()
         port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        finally:
+            patience.undo()
         _deploy(logs, cache)
         it = Served(port, logs, views)
         yield it
