@@ -132,24 +132,25 @@ def big_tensors(quick: bool) -> None:
     numel = BIG // 4
     runs = 5 if quick else 15
 
-    def fresh() -> torch.Tensor:
-        return torch.rand(numel)  # a new tensor each call, as new audio or features would be
+    def per_call(call: Callable[[torch.Tensor], object]) -> float:
+        """Median seconds of ``call`` on a new tensor each time, made outside the timing."""
+        samples = []
+        for _ in range(runs):
+            x = torch.rand(numel)  # new audio or features each call
+            started = time.perf_counter()
+            call(x)
+            samples.append(time.perf_counter() - started)
+            del x
+        return statistics.median(samples)
 
-    def in_process() -> None:
-        local(fresh())
-
-    def in_worker() -> None:
-        result = isolated(fresh())
+    def in_worker(x: torch.Tensor) -> None:
+        result = isolated(x)
         assert result.numel() == numel
-
-    def make_only() -> None:
-        fresh()
 
     src, dst = torch.rand(numel), torch.empty(numel)
     copy_seconds = median_seconds(lambda: dst.copy_(src), runs=runs * 2)
-    make = median_seconds(make_only, runs=runs)
-    local_seconds = median_seconds(in_process, runs=runs) - make
-    worker_seconds = median_seconds(in_worker, runs=runs) - make
+    local_seconds = per_call(local)
+    worker_seconds = per_call(in_worker)
     added = worker_seconds - local_seconds
     memcpy_bandwidth = BIG / copy_seconds
     moved = 2 * BIG  # the argument there, the result back
