@@ -249,6 +249,19 @@ def test_a_lease_taken_while_an_unload_looks_is_seen_by_it(monkeypatch: pytest.M
 # -- leases through a pool: lock-free too, against remove() ---------------------------
 
 
+def _race(
+    lessee: Callable[[Counter[str]], None], counts: list[Counter[str]], step: Callable[[], object]
+) -> None:
+    """Run ``lessee`` on a thread per counter, doing ``step`` over and over until all end."""
+    threads = [threading.Thread(target=lessee, args=(c,), daemon=True) for c in counts]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        step()
+    for thread in threads:
+        thread.join()
+
+
 def test_pool_leases_and_removes_never_overlap(fast_switching: None) -> None:
     # Leases through the pool take no lock: they enter, see READY, then read the
     # owner. remove() unloads (waiting for the leases out) and lets the model
@@ -283,11 +296,10 @@ def test_pool_leases_and_removes_never_overlap(fast_switching: None) -> None:
                     problems.append(f"{type(exc).__name__}: {exc}")
                 time.sleep(0.0002)
 
-        threads = [threading.Thread(target=lessee, args=(c,), daemon=True) for c in counts]
-        for thread in threads:
-            thread.start()
         removes = 0
-        while any(thread.is_alive() for thread in threads):
+
+        def remove_and_add() -> None:
+            nonlocal removes
             removed = pool.remove("m")
             if removed.leases:
                 problems.append(f"remove() returned with {removed.leases} lease(s) out")
@@ -295,8 +307,8 @@ def test_pool_leases_and_removes_never_overlap(fast_switching: None) -> None:
                 problems.append(f"remove() left the model {removed.state}, owned")
             removes += 1
             pool.add(removed)
-        for thread in threads:
-            thread.join()
+
+        _race(lessee, counts, remove_and_add)
     seen = sum(counts, Counter[str]())
     assert problems == []
     assert seen["leased"] + seen["refused"] + seen["absent"] == 3 * POOL_ROUNDS
@@ -328,14 +340,13 @@ def test_pool_leases_and_evictions_never_overlap(fast_switching: None) -> None:
                     problems.append(f"{type(exc).__name__}: {exc}")
                 time.sleep(0.0002)
 
-        threads = [threading.Thread(target=lessee, args=(c,), daemon=True) for c in counts]
-        for thread in threads:
-            thread.start()
         evicted = 0
-        while any(thread.is_alive() for thread in threads):
+
+        def evict() -> None:
+            nonlocal evicted
             evicted += len(pool.evict_idle())
-        for thread in threads:
-            thread.join()
+
+        _race(lessee, counts, evict)
     assert problems == []
     assert sum(c["leased"] for c in counts) == 3 * ROUNDS
     assert evicted > 0
