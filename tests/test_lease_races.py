@@ -116,6 +116,16 @@ def _hammer(
     return seen
 
 
+def _check_hammered(
+    mm: ManagedModel[torch.nn.Module], seen: Counter[str], problems: list[str]
+) -> None:
+    """No problem seen, every lease counted, the other side moved, and no lease left out."""
+    assert problems == []
+    assert seen["use()"] + seen["@inference"] + seen["mm(x)"] == 3 * ROUNDS
+    assert seen["moved"] > 0
+    assert mm.leases == 0
+
+
 def test_leases_and_unloads_never_overlap(fast_switching: None) -> None:
     problems: list[str] = []
     loader, box = _watched(problems)
@@ -128,11 +138,7 @@ def test_leases_and_unloads_never_overlap(fast_switching: None) -> None:
         else:
             mm.unload()  # refuses with ModelBusyError while a lease is out
 
-    seen = _hammer(mm, mover, problems)
-    assert problems == []
-    assert seen["use()"] + seen["@inference"] + seen["mm(x)"] == 3 * ROUNDS
-    assert seen["moved"] > 0
-    assert mm.leases == 0
+    _check_hammered(mm, _hammer(mm, mover, problems), problems)
     mm.unload()
     assert mm.state is ModelState.UNLOADED
 
@@ -154,11 +160,7 @@ def test_leases_and_offloads_never_overlap(fast_switching: None, tmp_path: Path)
         else:
             mm.unload(timeout=0.05)
 
-    seen = _hammer(mm, mover, problems)
-    assert problems == []
-    assert seen["use()"] + seen["@inference"] + seen["mm(x)"] == 3 * ROUNDS
-    assert seen["moved"] > 0
-    assert mm.leases == 0
+    _check_hammered(mm, _hammer(mm, mover, problems), problems)
     mm.unload()
 
 

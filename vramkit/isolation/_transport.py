@@ -376,12 +376,7 @@ class Channel:
             ChannelClosedError: The other end is gone.
         """
         outbox = self._outbox
-        if (
-            type(message) is tuple
-            and self._unreported is None
-            and not self._inbox.freed
-            and not (outbox is not None and outbox.dropped)
-        ):
+        if type(message) is tuple and not self._notes_due():
             simple = _simple.encode(message)
             if simple is not None:  # the common call or reply, no pickle: one system call
                 try:
@@ -431,15 +426,22 @@ class Channel:
             buffer.seek(0)
             buffer.truncate()
 
+    def _notes_due(self) -> bool:
+        """Whether the next message has pool notes to carry (a simple message carries none)."""
+        outbox = self._outbox
+        return bool(
+            self._inbox.freed or self._unreported is not None or (outbox and outbox.dropped)
+        )
+
     def _notes(self) -> tuple[list[int], list[int]]:
         """The pool's notes for the next message: buffers freed here, buffers unmapped there.
 
         They ride on every message: buffers of the other end's that are free
         again here, and buffers of ours it may unmap.
         """
-        outbox = self._outbox
-        if not self._inbox.freed and self._unreported is None and not (outbox and outbox.dropped):
+        if not self._notes_due():
             return _NO_NOTES
+        outbox = self._outbox
         released = self._inbox.released()
         forgotten = outbox.forgotten() if outbox is not None else []
         if self._unreported is not None:
