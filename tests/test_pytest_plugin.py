@@ -739,7 +739,8 @@ def test_a_test_that_does_not_ask_costs_nothing(project: pytest.Pytester) -> Non
         for where, function in (call.split(":") for call in plain["calls"])
     )
     assert "vram_guard" not in plain["fixtures"]
-    assert {"session/_session.py:_start", "memory.py:snapshot", "_gc.py:tensors_in_heap"} <= set(
+    # The census walks what the test made, inside the heap's boundary.
+    assert {"session/_session.py:_start", "memory.py:snapshot", "_gc.py:tensors_since"} <= set(
         marked["calls"]
     )
     assert "vram_guard" in marked["fixtures"]

@@ -18,6 +18,17 @@ just after the freeze, so unfrozen); while the mark is still unfrozen nobody
 froze again, and a walk of what is not frozen plus the remembered tensors is
 every tensor. That keeps a census on a frozen heap at the cost of what was
 made since the freeze.
+
+A leak-checked block freezes the heap for its own duration (a
+:class:`Boundary`): what is alive when it begins is frozen, so the walk of
+what is not frozen, when it ends, finds exactly what the block made, at the
+cost of what the block made rather than of the whole heap. Freezing and
+thawing are constant-time list splices. While the boundary holds, the
+collector's own passes skip the objects from before the block; vramkit's
+full collections (:func:`collect`) and heap walks thaw around themselves and
+freeze again, remembering weakly what the block made so far, so the boundary
+survives them. A ``gc.freeze()`` or ``gc.unfreeze()`` by anyone else breaks it,
+and the blocks it covers say they could not tell what they made.
 """
 
 from __future__ import annotations
@@ -34,7 +45,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["exclusive", "freeze", "tensor_classes", "tensors_in_heap"]
+__all__ = [
+    "Boundary",
+    "collect",
+    "enter_boundary",
+    "exclusive",
+    "freeze",
+    "leave_boundary",
+    "tensor_classes",
+    "tensors_in_heap",
+    "tensors_since",
+]
 
 _lock = threading.Lock()
 _walkers = 0
@@ -61,6 +82,36 @@ class _FrozenTensors:
 _frozen: _FrozenTensors | None = None
 
 
+@dataclass(slots=True, eq=False)
+class Boundary:
+    """The heap frozen when the first leak-checked block began, thawed when the last one ends.
+
+    Attributes:
+        before: Made just before the freeze: frozen while nobody thawed since.
+        after: Made just after the latest freeze (vramkit's own included): not
+            frozen while nobody froze since.
+        carried: What the blocks made that a freeze of vramkit's own took in
+            (a holder search, a full collection), held weakly.
+        users: The blocks inside the boundary now.
+        broken: Someone else froze or thawed the heap since: a walk of what is
+            not frozen is no longer what the blocks made.
+        keep: :func:`freeze` ran inside: the heap stays frozen when the last
+            block ends.
+    """
+
+    before: _Mark
+    after: _Mark
+    carried: list[weakref.ReferenceType[Any]]
+    users: int = 1
+    broken: bool = False
+    keep: bool = False
+
+
+_boundary_lock = threading.RLock()  # entering, leaving, reading and thawing a boundary
+_current: Boundary | None = None
+_thawing = 0  # vramkit's thaws in progress: the boundary's heap is not frozen meanwhile
+
+
 @contextlib.contextmanager
 def exclusive(*, thaw: bool = True) -> Iterator[None]:
     """Hold off other Python threads for the duration of a heap walk.
@@ -85,6 +136,16 @@ def exclusive(*, thaw: bool = True) -> Iterator[None]:
     remembers of the frozen heap is carried over, so a holder search does not
     cost the next census a walk of the whole heap.
     """
+    # Whether to thaw is decided, and the thaw undone, under the boundary's
+    # lock: a block leaving meanwhile would thaw the heap for good, and this
+    # walk would freeze it again for good. Taken before the walk holds anything.
+    with _boundary_lock if thaw else contextlib.nullcontext(), _walking(thaw=thaw):
+        yield
+
+
+@contextlib.contextmanager
+def _walking(*, thaw: bool) -> Iterator[None]:
+    """The body of :func:`exclusive`."""
     global _walkers, _saved_interval, _gc_was_enabled
     with _lock:
         if _walkers == 0:
@@ -95,18 +156,19 @@ def exclusive(*, thaw: bool = True) -> Iterator[None]:
         _walkers += 1
     # Inside the walk no other thread runs and collections are paused: the
     # freeze count read here is the one the walk sees.
-    refreeze = thaw and gc.get_freeze_count() > 0
+    refreeze = thaw and _frozen_now()
     carried: list[weakref.ReferenceType[Any]] | None = None
+    thawed: contextlib.AbstractContextManager[None] = (
+        _refrozen() if refreeze else contextlib.nullcontext()
+    )
     if refreeze:
         carried = _carry()
-        gc.unfreeze()
     try:
-        yield
+        with thawed:
+            yield
     finally:
-        if refreeze:
-            gc.freeze()
-            if carried is not None:
-                _remember(carried)
+        if carried is not None:
+            _remember(carried)
         with _lock:
             _walkers -= 1
             if _walkers == 0:
@@ -133,7 +195,7 @@ def tensors_in_heap() -> list[torch.Tensor]:
     """
     import torch
 
-    with exclusive(thaw=False):
+    with _boundary_lock, exclusive(thaw=False):
         return _tensors(tensor_classes(torch.Tensor))
 
 
@@ -144,31 +206,162 @@ def freeze() -> None:
     """
     import torch
 
-    with exclusive(thaw=False):
+    with _boundary_lock, exclusive(thaw=False):
         found = _tensors(tensor_classes(torch.Tensor))
-        gc.freeze()
+        boundary = _current
+        if boundary is None or boundary.broken:
+            gc.freeze()
+        else:  # inside a leak-checked block: keep its record, and stay frozen after it
+            with _refrozen():
+                pass
+            boundary.keep = True
         _remember(found)
         found.clear()
 
 
+def collect(generation: int = 2) -> int:
+    """``gc.collect(generation)``; a full one also collects what a :class:`Boundary` froze.
+
+    Inside a leak-checked block the objects from before it are frozen, and
+    ``gc.collect()`` alone skips them: a model loaded before the block and
+    dropped in it would keep its cycles until the block ends. This thaws,
+    collects, and freezes again, remembering weakly what the blocks made so
+    far (a walk of that only). Young collections never reach frozen objects
+    anyway.
+
+    Returns:
+        What ``gc.collect`` returns: the unreachable objects found.
+    """
+    if generation < 2 or _current is None:
+        return gc.collect(generation)
+    with _boundary_lock:
+        boundary = _current
+        if boundary is None or boundary.broken:
+            return gc.collect(generation)
+        import torch  # imported already: a boundary is entered by a leak check
+
+        with exclusive(thaw=False):
+            if not _carry_boundary(boundary, tensor_classes(torch.Tensor)):
+                return gc.collect(generation)
+            gc.unfreeze()
+        global _thawing
+        _thawing += 1
+        try:
+            # Not inside exclusive(): finalizers run here, and may wait on
+            # other threads.
+            return gc.collect()
+        finally:
+            _thawing -= 1
+            gc.freeze()
+            boundary.after = _Mark()
+
+
+def enter_boundary() -> Boundary | None:
+    """Freeze the heap for a leak-checked block, or join the boundary already set.
+
+    Returns:
+        The boundary the block is inside, to pass to :func:`tensors_since` and
+        :func:`leave_boundary`; ``None`` where the heap was frozen already
+        (``gc.freeze()``, :func:`vramkit.freeze_heap`: the census walks what was
+        made since that freeze instead) or a boundary is broken.
+    """
+    global _current
+    with _boundary_lock:
+        boundary = _current
+        if boundary is not None:
+            if boundary.broken:
+                return None
+            boundary.users += 1
+            return boundary
+        # Counting frozen objects walks them (tens of milliseconds on a large
+        # heap), but takes constant time when there are none; frozen by
+        # vramkit, the record says so.
+        if _frozen is not None or gc.get_freeze_count():
+            return None
+        before = _Mark()
+        gc.freeze()
+        boundary = _current = Boundary(before, _Mark(), [])
+        return boundary
+
+
+def leave_boundary(boundary: Boundary) -> None:
+    """End one block's part in ``boundary``; the last one out thaws the heap.
+
+    A heap frozen by :func:`freeze` inside stays frozen, and so does a broken
+    boundary: whoever froze since owns the freeze now.
+    """
+    global _current
+    with _boundary_lock:
+        boundary.users -= 1
+        if boundary.users > 0 or _current is not boundary:
+            return
+        _current = None
+        boundary.carried = []
+        if not boundary.keep and not boundary.broken:
+            gc.unfreeze()
+            _forget()  # a record of the heap the boundary froze: nothing is frozen now
+
+
+def tensors_since(boundary: Boundary | None) -> list[torch.Tensor] | None:
+    """The live tensors made since ``boundary`` began; every tensor without one.
+
+    Returns:
+        The tensors (one walk of what is not frozen, plus what a refreeze took
+        in); ``None`` when the boundary is broken.
+    """
+    if boundary is None:
+        return tensors_in_heap()
+    import torch
+
+    with _boundary_lock, exclusive(thaw=False):
+        return _since(boundary, tensor_classes(torch.Tensor))
+
+
 def _tensors(kinds: frozenset[type]) -> list[Any]:
-    """The body of :func:`tensors_in_heap`. Call inside :func:`exclusive`."""
+    """The body of :func:`tensors_in_heap`. Call inside :func:`exclusive`, holding the lock."""
     known = _frozen
     if known is None:
         # Counting the frozen objects walks them: asked only when nothing is known.
-        return _walk_frozen(kinds) if gc.get_freeze_count() else _instances(kinds)
+        return _walk_frozen(kinds) if _frozen_now() else _instances(kinds)
     found = _instances(kinds | {_Mark})
     if not any(h is known.mark for h in found):  # frozen since: the record is stale
         found.clear()
         return _walk_frozen(kinds)
-    # Thawed since (gc.unfreeze()): the walk found the remembered ones too.
     unique = {id(h): h for h in found if type(h) is not _Mark}
     found.clear()
+    thawed = False
     for ref in known.refs:
         tensor = ref()
         if tensor is not None:
+            # Found by the walk: thawed since (gc.unfreeze()).
+            thawed = thawed or id(tensor) in unique
             unique[id(tensor)] = tensor
+    if thawed and not _frozen_now():
+        _forget()  # nothing frozen is left to remember: a leak check may freeze again
     return list(unique.values())
+
+
+def _frozen_now() -> bool:
+    """Whether any object is frozen: known inside an intact boundary, else counted.
+
+    Counting walks the frozen objects, tens of milliseconds on a large heap.
+    """
+    boundary = _current
+    if boundary is not None and not boundary.broken and not _thawing:
+        return True
+    return gc.get_freeze_count() > 0  # constant time when nothing is frozen
+
+
+def _forget() -> None:
+    global _frozen
+    _frozen = None
+
+
+def thaw() -> None:
+    """``gc.unfreeze()``, and forget what the census remembered of the frozen heap."""
+    with _boundary_lock, exclusive(thaw=False):
+        gc.unfreeze()
+        _forget()
 
 
 def tensor_classes(base: type) -> frozenset[type]:
@@ -200,13 +393,77 @@ def _walk_frozen(kinds: frozenset[type]) -> list[Any]:
 
     Call inside :func:`exclusive`: no other thread can freeze or thaw meanwhile.
     """
-    gc.unfreeze()
-    try:
+    with _refrozen():
         found = _instances(kinds)
-    finally:
-        gc.freeze()
     _remember(found)
     return found
+
+
+@contextlib.contextmanager
+def _refrozen() -> Iterator[None]:
+    """Thaw for the body, then freeze again, keeping what the boundary's blocks made.
+
+    Call inside :func:`exclusive` on a frozen heap, holding ``_boundary_lock``
+    since deciding that it is frozen.
+    """
+    global _thawing
+    boundary = _current
+    if boundary is not None and not boundary.broken:
+        import torch  # imported already: a boundary is entered by a leak check
+
+        _carry_boundary(boundary, tensor_classes(torch.Tensor))
+    gc.unfreeze()
+    _thawing += 1
+    try:
+        yield
+    finally:
+        _thawing -= 1
+        gc.freeze()
+        if boundary is not None and not boundary.broken:
+            boundary.after = _Mark()
+
+
+def _since(boundary: Boundary, kinds: frozenset[type]) -> list[Any] | None:
+    """What the boundary's blocks made and is alive; ``None`` once it is broken.
+
+    Call inside :func:`exclusive`.
+    """
+    if boundary.broken:
+        return None
+    found = _instances(kinds | {_Mark})
+    intact = any(h is boundary.after for h in found) and not any(
+        h is boundary.before for h in found
+    )
+    unique = {id(h): h for h in found if type(h) is not _Mark} if intact else {}
+    found.clear()
+    if not intact:
+        boundary.broken = True
+        return None
+    for ref in boundary.carried:
+        tensor = ref()
+        if tensor is not None:
+            unique[id(tensor)] = tensor
+    return list(unique.values())
+
+
+def _carry_boundary(boundary: Boundary, kinds: frozenset[type]) -> bool:
+    """Remember weakly what the blocks made, before a freeze takes it in.
+
+    Call inside :func:`exclusive`.
+
+    Returns:
+        Whether the boundary still holds.
+    """
+    made = _since(boundary, kinds)
+    if made is None:
+        return False
+    try:
+        boundary.carried = [weakref.ref(t) for t in made]
+    except TypeError:  # a tensor class without weak references: it could not be found again
+        boundary.broken = True
+    finally:
+        made.clear()
+    return not boundary.broken
 
 
 def _carry() -> list[weakref.ReferenceType[Any]] | None:

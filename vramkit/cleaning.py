@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vramkit._gc import freeze
+from vramkit._gc import collect, freeze
 from vramkit._units import check_flag, check_seconds, format_bytes
 from vramkit.devices import Device, DeviceLike, resolve_device
 from vramkit.devices.cpu import malloc_trim
@@ -168,7 +168,7 @@ def cleanup(
     steps: list[str] = []
     collected = 0
     if gc_collect:
-        collected = gc.collect(generation)
+        collected = collect(generation)
         steps.append("gc" if generation == 2 else f"gc young ({generation})")
     for target in devices:
         step = target.clean()  # the host's cache is the heap: trimmed once below
@@ -209,7 +209,7 @@ def freeze_heap() -> int:
     Returns:
         How many objects are frozen now.
     """
-    gc.collect()  # garbage frozen would never be collected
+    collect()  # garbage frozen would never be collected
     freeze()  # and remember the frozen tensors now, not at the first leak check
     return gc.get_freeze_count()
 

@@ -148,8 +148,11 @@ class TensorCensus(Sequence[TensorInfo]):
 
     def new_since(self, earlier: TensorCensus) -> TensorCensus:
         """Storages present now that ``earlier`` did not have: what appeared in between."""
-        old = earlier.keys()
-        return TensorCensus([t for t in self._items if t.storage_key not in old])
+        return self.without(earlier.keys())
+
+    def without(self, keys: frozenset[StorageKey]) -> TensorCensus:
+        """This census less the storages whose keys are in ``keys``."""
+        return TensorCensus([t for t in self._items if t.storage_key not in keys])
 
     def format(self, limit: int = 10) -> str:
         """A readable table of the largest ``limit`` storages."""
@@ -227,6 +230,16 @@ class StorageBaseline:
             if handle is None or expired(handle):
                 fresh.append(tensor)
         return _census(fresh, None)
+
+
+def storage_keys(tensors: list[torch.Tensor], device: str) -> frozenset[StorageKey]:
+    """The keys of the storages ``tensors`` hold on ``device`` (a resolved name)."""
+    keys = set()
+    for tensor in _on_device(tensors, device):
+        found = _storage(tensor)
+        if found is not None:
+            keys.add((device, found[1]))
+    return frozenset(keys)
 
 
 def _free_handles(handles: dict[int, int]) -> None:

@@ -13,7 +13,6 @@ started from (or ``UNLOADED``), with the owner's room given back.
 
 from __future__ import annotations
 
-import gc
 import time
 import weakref
 from dataclasses import replace
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from vramkit import events
+from vramkit._gc import collect
 from vramkit._oomerrors import is_oom_error
 from vramkit._utils import clear_frames
 from vramkit.adapters import Adapter, adapter_for
@@ -225,7 +225,7 @@ class ModelLife(Owned[T]):
         self._parked.release()
         self._parked.clear()
         box.clear()
-        gc.collect()
+        collect()
         load = self._do_load()
         report = tiers.WakeReport(
             self._name,

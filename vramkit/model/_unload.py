@@ -15,7 +15,6 @@ and, on drivers that free asynchronously, the driver's reading is awaited.
 
 from __future__ import annotations
 
-import gc
 import time
 import weakref
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vramkit._gc import tensors_in_heap
+from vramkit._gc import collect, tensors_in_heap
 from vramkit._units import format_bytes
 from vramkit._utils import clear_frames
 from vramkit.adapters import Adapter
@@ -157,7 +156,7 @@ def release_and_prove(box: list[Any], adapter: Adapter, unload: Unload) -> Unloa
     # (hundreds of milliseconds on a large heap) only when something survived.
     died = tracked.dead()
     if not died:
-        gc.collect()
+        collect()
         died = tracked.dead()
     holders: tuple[ReferrerChain, ...] = ()
     described: tuple[str, ...] = ()

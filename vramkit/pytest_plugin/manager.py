@@ -105,9 +105,9 @@ class Manager:
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         """Thaw the heap this run froze: the process may go on (``pytest.main`` in a script)."""
         if self._froze:
-            import gc
+            from vramkit._gc import thaw
 
-            gc.unfreeze()
+            thaw()
             self._froze = False
 
     # -- collection --------------------------------------------------------------

@@ -6,6 +6,11 @@ before the block; when the block ends, :func:`examine` measures what is left
 counters), re-checks suspected growth after full collections, judges it, and
 searches the holders of the largest new tensors when the verdict is not clean.
 Each check walks the heap once, and the holder search reuses that walk.
+
+Inside a :class:`~vramkit._gc.Boundary` (the heap frozen for the block), a
+check walks only what the block made. A tensor made in the block that views
+a storage from before it holds nothing new: when the census of what the block
+made exceeds the tolerance, one walk of the whole heap tells those apart.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from vramkit._gc import tensors_in_heap
+from vramkit._gc import Boundary, tensors_in_heap, tensors_since
 from vramkit.cleaning import CleanupReport, cleanup
 from vramkit.memory import DeviceMemoryDelta, driver_layer, layer_bytes, usage_layer
 from vramkit.referrers import find_holders_each
 from vramkit.session._report import HeldTensor, Verdict
-from vramkit.tensors import StorageBaseline, TensorCensus
+from vramkit.tensors import StorageBaseline, TensorCensus, storage_keys
 
 if TYPE_CHECKING:
     from vramkit.devices import Device, DeviceMemory
@@ -29,6 +34,10 @@ __all__ = ["Finding", "allocator_growth", "driver_growth", "examine"]
 
 _HINTED: Final = 3  # referrer searches walk the heap: only for the largest few
 _PAUSE_SECONDS: Final = 0.01  # between re-checks; grows with each attempt
+BROKEN: Final = (
+    "the heap was frozen or thawed inside the block (gc.freeze() or gc.unfreeze()), so "
+    "the census could not tell what the block made"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +54,8 @@ class Finding:
 
     Attributes:
         snapshot: The reading the verdict is based on (after the last re-check).
-        census: Storages that appeared during the block and are still alive.
+        census: Storages that appeared during the block and are still alive;
+            ``None`` when the census could not tell (:data:`BROKEN`).
         allocator: Growth of the allocator layer (see ``SessionReport``).
         driver: Growth of the driver layer.
         verdict: ``"clean"``, ``"leak"`` or ``"unverified"``.
@@ -53,10 +63,11 @@ class Finding:
         held: The largest few new tensors with their holders (not clean only).
         checks: How many times memory was measured (1 + re-checks).
         cleanup: The first re-check's cleanup, when one ran.
+        note: Why the check could not judge, when it could not; else ``None``.
     """
 
     snapshot: MemorySnapshot
-    census: TensorCensus
+    census: TensorCensus | None
     allocator: int | None
     driver: int | None
     verdict: Verdict
@@ -64,6 +75,7 @@ class Finding:
     held: tuple[HeldTensor, ...]
     checks: int
     cleanup: CleanupReport | None
+    note: str | None = None
 
 
 def examine(
@@ -76,6 +88,7 @@ def examine(
     process_tolerance: int | None,
     retries: int,
     raised: bool,
+    boundary: Boundary | None = None,
 ) -> Finding:
     """Measure what a run left behind, re-check suspected growth, and judge it.
 
@@ -88,15 +101,20 @@ def examine(
         process_tolerance: Allowed driver growth, or ``None`` (ignored).
         retries: Extra re-checks after the first full collection.
         raised: Whether the block raised: then no re-check and no holder search.
+        boundary: The boundary the block ran inside: then each check walks
+            only what the block made.
     """
     on_host = usage_layer(before) != "allocated"  # no allocator counts: a census
+    walk = _Walk(device, baseline, boundary, tolerance)
     # A cycle that outlived a few collections sits in the oldest generation,
     # where a young collection leaves it: suspected growth is always
     # re-checked after a full one, so it never reads as a leak.
     first: CleanupReport | None = None
     # One walk of the heap per check, shared by the census and the holder search.
-    heap = tensors_in_heap() if on_host else None
-    reading, checks = _check(device, baseline, before, after, heap), 1
+    heap = walk.tensors() if on_host else None
+    if on_host and heap is None:
+        return _unjudged(after, before, device, checks=1)
+    reading, checks = _check(device, walk, before, after, heap), 1
     attempt = 0
     while (
         _suspicious(reading, tolerance, process_tolerance)
@@ -112,19 +130,25 @@ def examine(
         latest = cleanup(device)
         if first is None:
             first = latest
-        heap = tensors_in_heap() if on_host else None
-        reading = _check(device, baseline, before, latest.after, heap)
+        heap = walk.tensors() if on_host else None
+        if on_host and heap is None:
+            return _unjudged(latest.after, before, device, checks=checks + 1)
+        reading = _check(device, walk, before, latest.after, heap)
         checks += 1
     if heap is None:  # on an accelerator the census is for the report only
-        heap = tensors_in_heap()
+        heap = walk.tensors()
     try:
-        census = reading.census if reading.census is not None else baseline.new_tensors(heap)
+        census = reading.census
+        if census is None and heap is not None:
+            census = walk.census(heap)
         verdict, leaked = _judge(reading, on_host, tolerance, process_tolerance)
         held: tuple[HeldTensor, ...] = ()
-        if verdict != "clean" and not raised:
-            held = _holders(census[:_HINTED], heap)
+        if verdict != "clean" and not raised and census is not None:
+            # The holder search walks the whole heap itself where the checks did not.
+            held = _holders(census[:_HINTED], heap if boundary is None else None)
     finally:
-        heap.clear()
+        if heap is not None:
+            heap.clear()
     return Finding(
         snapshot=reading.snapshot,
         census=census,
@@ -138,18 +162,78 @@ def examine(
     )
 
 
+class _Walk:
+    """The tensors each check reads, and the census of what is new among them.
+
+    Without a boundary, every tensor; inside one, what the block made, with
+    the storages from before the block (views made in it) told apart by one
+    walk of the whole heap, only when what the block made exceeds the tolerance.
+    """
+
+    __slots__ = ("_baseline", "_boundary", "_device", "_old", "_tolerance")
+
+    def __init__(
+        self, device: Device, baseline: StorageBaseline, boundary: Boundary | None, tolerance: int
+    ) -> None:
+        self._device = str(device)
+        self._baseline = baseline
+        self._boundary = boundary
+        self._tolerance = tolerance
+        self._old: frozenset[tuple[str, int]] | None = None
+
+    def tensors(self) -> list[Any] | None:
+        """The tensors a check reads; ``None`` when the boundary broke."""
+        if self._boundary is None:
+            return tensors_in_heap()
+        return tensors_since(self._boundary)
+
+    def census(self, tensors: list[Any]) -> TensorCensus:
+        """The storages among ``tensors`` that were not alive before the block."""
+        census = self._baseline.new_tensors(tensors)
+        if self._boundary is None or census.total_bytes <= self._tolerance:
+            return census
+        if self._old is None:
+            # Once per leak check: the storages of every tensor the block did not make.
+            made = {id(t) for t in tensors}
+            everything = tensors_in_heap()
+            try:
+                self._old = storage_keys([t for t in everything if id(t) not in made], self._device)
+            finally:
+                everything.clear()
+        return census.without(self._old)
+
+
+def _unjudged(
+    after: MemorySnapshot, before: DeviceMemory, device: Device, *, checks: int
+) -> Finding:
+    """The finding when the census could not tell what the block made (:data:`BROKEN`)."""
+    name = str(device)
+    return Finding(
+        snapshot=after,
+        census=None,
+        allocator=None,
+        driver=driver_growth(before, after[name]),
+        verdict="unverified",
+        leaked=0,
+        held=(),
+        checks=checks,
+        cleanup=None,
+        note=BROKEN,
+    )
+
+
 def _check(
     device: Device,
-    baseline: StorageBaseline,
+    walk: _Walk,
     before: DeviceMemory,
     latest: MemorySnapshot,
     heap: list[Any] | None,
 ) -> _Reading:
-    """One reading; on the host (``heap``: the heap's tensors, walked for it) a census."""
+    """One reading; on the host (``heap``: the tensors a check reads) a census."""
     name = str(device)
     census = None
     if heap is not None:
-        census = baseline.new_tensors(heap)
+        census = walk.census(heap)
         allocator: int | None = census.total_bytes
     else:
         allocator = allocator_growth(before, latest[name])
@@ -187,11 +271,11 @@ def _judge(
     return "clean", max(allocator, 0)
 
 
-def _holders(largest: TensorCensus, heap: list[Any]) -> tuple[HeldTensor, ...]:
+def _holders(largest: TensorCensus, heap: list[Any] | None) -> tuple[HeldTensor, ...]:
     """Who holds each of ``largest``: one search for all, bounded by work, not by time.
 
     The same leak gets the same report on an idle machine and a busy one.
-    ``heap`` is the heap's tensors, from the check's own walk.
+    ``heap`` is the heap's tensors, from the check's own walk (``None``: walked for it).
     """
     infos = [info for info in largest if info.tensor is not None]
     targets = [info.tensor for info in infos]

@@ -79,6 +79,9 @@ class SessionReport:
         checks: How many times memory was measured on exit (1 + re-checks).
         seconds: Wall time of the block itself.
         raised: ``"TypeName: message"`` when the block raised, else ``None``.
+        note: Why the check could not judge, for an ``"unverified"`` verdict
+            that is not the driver's (the heap was frozen or thawed inside the
+            block); else ``None``.
     """
 
     device: str
@@ -99,6 +102,7 @@ class SessionReport:
     checks: int
     seconds: float
     raised: str | None
+    note: str | None = None
 
     @property
     def delta(self) -> MemoryDelta:
@@ -130,6 +134,8 @@ class SessionReport:
         layers = self._layers()
         if self.verdict == "leak":
             head = f"leaked {format_bytes(self.leaked_bytes)} on {self.device} ({layers})"
+        elif self.verdict == "unverified" and self.note is not None:
+            head = f"could not check {self.device} for leaks: {self.note} ({layers})"
         elif self.verdict == "unverified":
             head = (
                 f"{format_bytes(self.allocator_growth_bytes)} allocated on {self.device} "
@@ -202,6 +208,7 @@ class SessionReport:
             "checks": self.checks,
             "seconds": self.seconds,
             "raised": self.raised,
+            "note": self.note,
             "new_tensors": (
                 None if self.new_tensors is None else [t.describe() for t in self.new_tensors]
             ),

@@ -2,6 +2,10 @@
 
 Entering takes the baseline (a census when a leak check is on) and the peak
 floor; leaving measures, cleans up, and asks ``_leak`` for a verdict.
+
+A leak-checked entry freezes the heap until it ends (see
+:class:`vramkit._gc.Boundary`): the census on entry and on exit then walks
+what the block made, not the whole heap.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast
 
+from vramkit._gc import Boundary, enter_boundary, leave_boundary, tensors_since
 from vramkit._units import check_flag, format_bytes, parse_bytes
 from vramkit._utils import qualname, wrap_calls
 from vramkit.cleaning import CleanupReport, cleanup
@@ -54,6 +59,7 @@ class SessionRun:
     __slots__ = (
         "_baseline",
         "_before",
+        "_boundary",
         "_peak_floor",
         "_report",
         "_started",
@@ -66,6 +72,7 @@ class SessionRun:
         self.name = name
         self._report: SessionReport | None = None
         self._baseline: StorageBaseline | None = None
+        self._boundary: Boundary | None = None
         self._before: MemorySnapshot | None = None
         self._peak_floor: int | None = None
         self._started = 0.0
@@ -246,7 +253,19 @@ class GpuSession:
                 # collected during the block would offset a leak of its size.
                 device.release_workspaces()
                 cleanup(device)
-            run._baseline = StorageBaseline(device)
+            run._boundary = enter_boundary()
+        try:
+            return self._begin(run, device)
+        except BaseException:
+            _leave(run)
+            raise
+
+    def _begin(self, run: SessionRun, device: Device) -> SessionRun:
+        if self.leak_check is not None:
+            made = tensors_since(run._boundary)
+            if made is None:  # the boundary broke before this entry: walk everything
+                _leave(run)
+            run._baseline = StorageBaseline(device, made)
         name = str(device)
         with _peak_lock:
             before = snapshot(device)
@@ -269,6 +288,8 @@ class GpuSession:
             # The block's own exception is what the caller must see.
             _log.warning("could not measure session %s", run.name, exc_info=True)
             return
+        finally:
+            _leave(run)
         run._report = report
         self._last_report = report
         if exc is not None:
@@ -332,6 +353,7 @@ class GpuSession:
             process_tolerance=self.process_tolerance_bytes,
             retries=self.retries,
             raised=exc is not None,
+            boundary=run._boundary,
         )
         return SessionReport(
             device=name,
@@ -352,7 +374,15 @@ class GpuSession:
             checks=found.checks,
             seconds=seconds,
             raised=_describe_exception(exc),
+            note=found.note,
         )
+
+
+def _leave(run: SessionRun) -> None:
+    """End the run's part in the heap's boundary, once."""
+    boundary, run._boundary = run._boundary, None
+    if boundary is not None:
+        leave_boundary(boundary)
 
 
 def _max_known(a: int | None, b: int | None) -> int | None:
