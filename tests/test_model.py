@@ -384,7 +384,7 @@ def test_unload_during_a_lease_in_another_thread_is_busy() -> None:
     time.sleep(0.05)
     with pytest.raises(
         ModelBusyError,
-        match=r"has 1 lease out \(oldest held for 0\.\d s by "
+        match=r"has 1 lease out \(in use for 0\.\d s, the oldest taken by "
         r"thread 'worker-1'\)",
     ):
         mm.unload()

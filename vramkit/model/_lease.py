@@ -77,10 +77,13 @@ class StateMachine(Generic[T]):
         lock: The lock; ``cond`` is a condition on it.
         state: The :class:`ModelState`.
         obj: The loaded object (the only strong reference vramkit keeps).
-        leases: Token of each lease out -> (thread id, since when, the asyncio
-            task holding it or ``None`` for a synchronous lease): what busy
-            errors name and what tells a lease of this thread or task. Read it
+        leases: Token of each lease out -> the thread id that took it: what
+            busy errors name and what tells a lease of this thread. Read it
             through :meth:`snapshot` (lock-free leases change it at any time).
+        owners: Token of each asynchronous lease -> the asyncio task holding
+            it (set under the lock; a synchronous lease has no entry).
+        busy_since: ``time.monotonic()`` when the leases went from none to
+            some, for messages; read with ``leases`` it may be a moment off.
         acquiring: Threads on their way to a lease through a load or wake.
         last_used: ``time.monotonic()`` when the last lease ended or a load settled.
         busy: The thread running a load, wake, offload or unload, if any.
@@ -93,6 +96,7 @@ class StateMachine(Generic[T]):
     __slots__ = (
         "acquiring",
         "busy",
+        "busy_since",
         "claims",
         "closed",
         "cond",
@@ -102,6 +106,7 @@ class StateMachine(Generic[T]):
         "name",
         "obj",
         "on_idle",
+        "owners",
         "stamp",
         "state",
         "waiting",
@@ -113,7 +118,10 @@ class StateMachine(Generic[T]):
         self.cond = threading.Condition(self.lock)
         self.state = ModelState.UNLOADED
         self.obj: T | None = None
-        self.leases: dict[int, tuple[int, float, object]] = {}
+        # A plain int per lease: a tuple with the time cost a third of a lease.
+        self.leases: dict[int, int] = {}
+        self.owners: dict[int, object] = {}
+        self.busy_since: float | None = None
         # Between a load's end and the lease it was for, the model is READY with no
         # lease: a pool must not evict it there (the lease would load it again,
         # racing the very load that evicted it).
@@ -138,7 +146,10 @@ class StateMachine(Generic[T]):
         ``None``: the model is not ``READY`` (or is being claimed): nothing is
         held, take the locked way (:meth:`claim_to_load`, then :meth:`grant`).
         """
-        self.leases[token] = (_get_ident(), _monotonic(), None)
+        leases = self.leases
+        if not leases:
+            self.busy_since = _monotonic()
+        leases[token] = _get_ident()
         # Read after the insert: a claim that set its state before the insert
         # shows here; one that set it after sees the lease (see the class).
         obj = self.obj
@@ -153,7 +164,12 @@ class StateMachine(Generic[T]):
         ``task``: the asyncio task that owns an async lease (``None``: this thread).
         """
         token = new_token()
-        self.leases[token] = (_get_ident(), _monotonic(), task)
+        if task is not None:
+            self.owners[token] = task  # before the lease: a reader never sees it unowned
+        leases = self.leases
+        if not leases:
+            self.busy_since = _monotonic()
+        leases[token] = _get_ident()
         self.stamp += 1
         return cast("T", self.obj), token
 
@@ -167,6 +183,9 @@ class StateMachine(Generic[T]):
             del leases[token]  # a third cheaper than pop(token, None)
         except KeyError:  # returned twice: nothing more to do
             return
+        owners = self.owners
+        if owners:
+            owners.pop(token, None)
         if leases:
             return
         self.last_used = _monotonic()
@@ -185,9 +204,12 @@ class StateMachine(Generic[T]):
             self.stamp += 1
             return self.stamp
 
-    def snapshot(self) -> tuple[tuple[int, float, object], ...]:
-        """The leases out now, as (thread id, since when, task); a copy taken at once."""
-        return tuple(self.leases.values())  # one C call: lock-free leases cannot change it midway
+    def snapshot(self) -> tuple[tuple[int, object], ...]:
+        """The leases out now, oldest first: (thread id, task or ``None``), copied at once."""
+        taken = tuple(self.leases.items())  # one C call: lock-free leases cannot change it midway
+        owners = self.owners
+        # Tokens count up: the lowest is the oldest lease.
+        return tuple((ident, owners.get(token)) for token, ident in sorted(taken))
 
     def count(self) -> int:
         """How many leases are out now."""
@@ -270,7 +292,7 @@ class StateMachine(Generic[T]):
         """:meth:`claim`'s loop (caller holds the lock and is counted in ``claims``)."""
         while True:
             leases = self.snapshot()
-            here = [owner for ident, _, owner in leases if ident == me]
+            here = [owner for ident, owner in leases if ident == me]
             mine = sum(1 for owner in here if owner is None or owner is task)
             if mine:
                 raise ModelBusyError(
@@ -343,11 +365,13 @@ class StateMachine(Generic[T]):
             doing = self.state.value.lower()
             where = "" if self.busy is None else f" in thread {_thread_name(self.busy)!r}"
             return f"{self.name} is {doing}{where}; unload(wait=True) waits for it"
-        ident, since, _ = min(leases, key=lambda lease: lease[1])
+        ident = leases[0][0]
         count = len(leases)
+        since = self.busy_since
+        held = "" if since is None else f"in use for {_monotonic() - since:.1f} s, "
         return (
             f"{self.name} has {count} lease{'s' if count != 1 else ''} out "
-            f"(oldest held for {_monotonic() - since:.1f} s by thread {_thread_name(ident)!r}); "
+            f"({held}the oldest taken by thread {_thread_name(ident)!r}); "
             "unload(wait=True) or unload(timeout=...) waits for them"
         )
 
