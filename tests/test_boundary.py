@@ -164,7 +164,7 @@ def test_gc_freeze_inside_the_block_makes_the_check_say_it_could_not_tell() -> N
         _leak()
         gc.freeze()
 
-    unsure = "frozen or thawed inside the block"
+    unsure = "frozen or thawed while the block ran"
     with pytest.warns(VramLeakWarning, match=unsure), gpu_session("cpu") as s:
         leak_then_freeze()
     assert s.report.verdict == "unverified"
@@ -292,3 +292,65 @@ def test_a_heap_thawed_by_hand_after_freeze_heap_gets_the_boundary_back() -> Non
         second = _frozen()
     assert not first
     assert second
+
+
+class _WaitsWhenCollected:
+    """Garbage in a cycle whose finalizer blocks until released: a collection that pauses."""
+
+    def __init__(self, started: threading.Event, release: threading.Event) -> None:
+        self.me = self
+        self.started = started
+        self.release = release
+
+    def __del__(self) -> None:
+        self.started.set()
+        self.release.wait(30)
+
+
+def test_a_block_in_another_thread_runs_while_a_collection_has_the_heap_thawed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # vramkit's collection inside a block thaws the heap and runs finalizers
+    # without holding anything other blocks wait for. Here a finalizer waits
+    # for the other block to end: that block waits its bound for the heap to
+    # freeze again, then walks the whole heap and judges right; nothing hangs.
+    from vramkit import _gc
+
+    monkeypatch.setattr(_gc, "THAW_WAIT_SECONDS", 0.2)
+    started, release = threading.Event(), threading.Event()
+    verdicts: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def collecting() -> None:
+        try:
+            with gpu_session("cpu") as s:
+                _WaitsWhenCollected(started, release)  # garbage only a collection frees
+                vramkit.cleanup("cpu")
+            verdicts["collecting"] = s.report.verdict
+        except BaseException as exc:
+            errors.append(exc)
+
+    def leaking() -> None:
+        try:
+            with gpu_session("cpu", leak_check="warn", retries=0) as s:
+                _leak()
+            verdicts["leaking"] = s.report.verdict
+        except BaseException as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=collecting)
+    first.start()
+    try:
+        assert started.wait(30), "the collection never reached the finalizer"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VramLeakWarning)
+            second = threading.Thread(target=leaking)
+            second.start()
+            second.join(30)
+            assert not second.is_alive(), "a block waited for a collection in another thread"
+    finally:
+        release.set()
+        first.join(30)
+    assert errors == []
+    assert verdicts == {"leaking": "leak", "collecting": "clean"}
+    assert not _frozen()

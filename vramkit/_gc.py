@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
+import sysconfig
 import threading
 import weakref
 from collections.abc import Iterator
@@ -109,7 +110,18 @@ class Boundary:
 
 _boundary_lock = threading.RLock()  # entering, leaving, reading and thawing a boundary
 _current: Boundary | None = None
-_thawing = 0  # vramkit's thaws in progress: the boundary's heap is not frozen meanwhile
+_thawing = 0  # vramkit's collections under way: the boundary's heap is not frozen meanwhile
+_thawed_out = threading.Condition(_boundary_lock)  # notified when a collection freezes again
+THAW_WAIT_SECONDS = 30.0
+"""How long a block's census waits for a collection in another thread to freeze the heap again.
+
+Past it the block walks the whole heap (on entry) or says it could not tell
+(on exit): a finalizer that waits for the very thread that waits here stalls
+it this long, instead of for ever.
+"""
+# A build without the GIL keeps no generations to freeze: a walk of what is
+# not frozen would be the whole heap, so blocks walk it without a boundary.
+_FREEZES = not sysconfig.get_config_var("Py_GIL_DISABLED")
 
 
 @contextlib.contextmanager
@@ -232,28 +244,37 @@ def collect(generation: int = 2) -> int:
     Returns:
         What ``gc.collect`` returns: the unreachable objects found.
     """
+    global _thawing
     if generation < 2 or _current is None:
         return gc.collect(generation)
     with _boundary_lock:
         boundary = _current
-        if boundary is None or boundary.broken:
-            return gc.collect(generation)
-        import torch  # imported already: a boundary is entered by a leak check
+        thawed = False
+        if boundary is not None and not boundary.broken and not _thawing:
+            import torch  # imported already: a boundary is entered by a leak check
 
+            with exclusive(thaw=False):
+                thawed = _carry_boundary(boundary, tensor_classes(torch.Tensor))
+                if thawed:
+                    gc.unfreeze()
+                    _thawing += 1
+    if not thawed:  # no boundary, a broken one, or thawed by a collection under way
+        return gc.collect(generation)
+    try:
+        # Without the lock (finalizers run here, and may wait on threads that
+        # wait for it), but without thread switches either: what other
+        # threads make while the heap is thawed would be frozen unremembered.
+        # A finalizer that blocks still lets them run.
         with exclusive(thaw=False):
-            if not _carry_boundary(boundary, tensor_classes(torch.Tensor)):
-                return gc.collect(generation)
-            gc.unfreeze()
-        global _thawing
-        _thawing += 1
-        try:
-            # Not inside exclusive(): finalizers run here, and may wait on
-            # other threads.
             return gc.collect()
-        finally:
+    finally:
+        with _boundary_lock:
             _thawing -= 1
-            gc.freeze()
-            boundary.after = _Mark()
+            # The last block may have left meanwhile: then nothing is to be frozen.
+            if _current is boundary and not boundary.broken:
+                gc.freeze()
+                boundary.after = _Mark()
+            _thawed_out.notify_all()
 
 
 def enter_boundary() -> Boundary | None:
@@ -266,7 +287,11 @@ def enter_boundary() -> Boundary | None:
         made since that freeze instead) or a boundary is broken.
     """
     global _current
+    if not _FREEZES:
+        return None
     with _boundary_lock:
+        if not _frozen_again():  # a collection has the heap thawed: this block walks it all
+            return None
         boundary = _current
         if boundary is not None:
             if boundary.broken:
@@ -313,8 +338,20 @@ def tensors_since(boundary: Boundary | None) -> list[torch.Tensor] | None:
         return tensors_in_heap()
     import torch
 
-    with _boundary_lock, exclusive(thaw=False):
-        return _since(boundary, tensor_classes(torch.Tensor))
+    with _boundary_lock:
+        _frozen_again()
+        with exclusive(thaw=False):
+            return _since(boundary, tensor_classes(torch.Tensor))
+
+
+def _frozen_again() -> bool:
+    """Wait (holding the lock) for vramkit's collections in other threads to freeze again.
+
+    Returns:
+        Whether none is under way any more (``False`` after
+        :data:`THAW_WAIT_SECONDS`).
+    """
+    return _thawed_out.wait_for(lambda: not _thawing, timeout=THAW_WAIT_SECONDS)
 
 
 def _tensors(kinds: frozenset[type]) -> list[Any]:
@@ -429,6 +466,8 @@ def _since(boundary: Boundary, kinds: frozenset[type]) -> list[Any] | None:
     Call inside :func:`exclusive`.
     """
     if boundary.broken:
+        return None
+    if _thawing:  # a collection in another thread has it thawed: no telling now
         return None
     found = _instances(kinds | {_Mark})
     intact = any(h is boundary.after for h in found) and not any(

@@ -35,8 +35,9 @@ __all__ = ["Finding", "allocator_growth", "driver_growth", "examine"]
 _HINTED: Final = 3  # referrer searches walk the heap: only for the largest few
 _PAUSE_SECONDS: Final = 0.01  # between re-checks; grows with each attempt
 BROKEN: Final = (
-    "the heap was frozen or thawed inside the block (gc.freeze() or gc.unfreeze()), so "
-    "the census could not tell what the block made"
+    "the heap was frozen or thawed while the block ran (gc.freeze() or gc.unfreeze() in "
+    "it, or a collection of vramkit's under way in another thread), so the census could "
+    "not tell what the block made"
 )
 
 

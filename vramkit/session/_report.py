@@ -80,8 +80,8 @@ class SessionReport:
         seconds: Wall time of the block itself.
         raised: ``"TypeName: message"`` when the block raised, else ``None``.
         note: Why the check could not judge, for an ``"unverified"`` verdict
-            that is not the driver's (the heap was frozen or thawed inside the
-            block); else ``None``.
+            that is not the driver's (the heap was frozen or thawed while the
+            block ran); else ``None``.
     """
 
     device: str
