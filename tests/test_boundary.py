@@ -11,7 +11,7 @@ import gc
 import re
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import vramkit
 from vramkit.errors import VramLeakError, VramLeakWarning
-from vramkit.session import gpu_session
+from vramkit.session import GpuSession, gpu_session
 
 MIB = 1 << 20
 
@@ -220,27 +220,21 @@ def test_threads_in_blocks_at_once_each_get_their_own_verdict() -> None:
     errors: list[BaseException] = []
 
     def clean() -> None:
-        try:
-            with gpu_session("cpu", leak_check="warn") as s:
-                barrier.wait()
-                scratch = torch.ones(MIB)
-                del scratch
-                barrier.wait()
-            verdicts["clean"] = s.report.verdict
-        except BaseException as exc:
-            errors.append(exc)
+        barrier.wait()
+        scratch = torch.ones(MIB)
+        del scratch
+        barrier.wait()
 
     def leaky() -> None:
-        try:
-            with gpu_session("cpu", leak_check="warn", retries=0) as s:
-                barrier.wait()
-                _HELD.append(torch.empty(32 * MIB, dtype=torch.uint8))
-                barrier.wait()
-            verdicts["leaky"] = s.report.verdict
-        except BaseException as exc:
-            errors.append(exc)
+        barrier.wait()
+        _leak()
+        barrier.wait()
 
-    threads = [threading.Thread(target=f) for f in (clean, leaky)]
+    runs = [
+        _judged("clean", gpu_session("cpu", leak_check="warn"), clean, verdicts, errors),
+        _judged("leaky", gpu_session("cpu", leak_check="warn", retries=0), leaky, verdicts, errors),
+    ]
+    threads = [threading.Thread(target=run) for run in runs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", VramLeakWarning)
         for thread in threads:
@@ -294,6 +288,26 @@ def test_a_heap_thawed_by_hand_after_freeze_heap_gets_the_boundary_back() -> Non
     assert second
 
 
+def _judged(
+    name: str,
+    session: GpuSession,
+    body: Callable[[], object],
+    verdicts: dict[str, str],
+    errors: list[BaseException],
+) -> Callable[[], None]:
+    """A thread's target: ``body`` inside ``session``, its verdict kept under ``name``."""
+
+    def run() -> None:
+        try:
+            with session as s:
+                body()
+            verdicts[name] = s.report.verdict
+        except BaseException as exc:
+            errors.append(exc)
+
+    return run
+
+
 class _WaitsWhenCollected:
     """Garbage in a cycle whose finalizer blocks until released: a collection that pauses."""
 
@@ -322,29 +336,19 @@ def test_a_block_in_another_thread_runs_while_a_collection_has_the_heap_thawed(
     errors: list[BaseException] = []
 
     def collecting() -> None:
-        try:
-            with gpu_session("cpu") as s:
-                _WaitsWhenCollected(started, release)  # garbage only a collection frees
-                vramkit.cleanup("cpu")
-            verdicts["collecting"] = s.report.verdict
-        except BaseException as exc:
-            errors.append(exc)
+        _WaitsWhenCollected(started, release)  # garbage only a collection frees
+        vramkit.cleanup("cpu")
 
-    def leaking() -> None:
-        try:
-            with gpu_session("cpu", leak_check="warn", retries=0) as s:
-                _leak()
-            verdicts["leaking"] = s.report.verdict
-        except BaseException as exc:
-            errors.append(exc)
-
-    first = threading.Thread(target=collecting)
+    session = gpu_session("cpu", leak_check="warn", retries=0)
+    first = threading.Thread(
+        target=_judged("collecting", gpu_session("cpu"), collecting, verdicts, errors)
+    )
     first.start()
     try:
         assert started.wait(30), "the collection never reached the finalizer"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", VramLeakWarning)
-            second = threading.Thread(target=leaking)
+            second = threading.Thread(target=_judged("leaking", session, _leak, verdicts, errors))
             second.start()
             second.join(30)
             assert not second.is_alive(), "a block waited for a collection in another thread"
