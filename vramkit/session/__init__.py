@@ -27,6 +27,9 @@ How a leak is judged, after PyTorch's ``CudaMemoryLeakCheck``:
   leaked ``torch.empty`` that were never touched do not show in RSS, and are
   a leak all the same). Growth of the driver layer alone is ignored (contexts,
   kernels and arenas grow for good reasons) unless ``process_tolerance`` is set.
+- The census walks what the block made: a leak-checked block freezes the heap
+  while it runs (``gc.freeze()``, thawed when it ends; see
+  :class:`vramkit._gc.Boundary`), so its cost follows the block, not the heap.
 
 The package, room by room: ``_report`` (:class:`SessionReport`, its verdicts
 and text), ``_session`` (:class:`GpuSession` and its entries, :class:`SessionRun`)
