@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import sys
+from math import prod
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ _TENSOR: Final = 2  # (call_id, True, tensor)
 _TUPLE: Final = 3  # (call_id, True, (tensor, ...))
 
 _HEAD: Final = struct.Struct("<BQB")  # kind, call id, tensor count
-_TENSOR_HEAD: Final = struct.Struct("<BB")  # dtype number, dimensions
-_SHAPES: Final = [struct.Struct(f"<{n}q") for n in range(9)]  # a shape, by dimensions
+_HEAD_SIZE: Final = _HEAD.size
+_KINDS: Final = frozenset((_CALL, _TENSOR, _TUPLE))
+# Per tensor: dtype number, dimensions, then the shape; one struct per count of dimensions.
+_TENSOR_HEADS: Final = [struct.Struct(f"<BB{n}q") for n in range(9)]
 _MAX_ITEMS: Final = 255
 _ID_LIMIT: Final = 1 << 64
 
@@ -66,6 +69,12 @@ def encode(message: tuple[Any, ...]) -> bytes | None:
     torch = sys.modules.get("torch")
     if torch is None:
         return None
+    if second is True:
+        if type(payload) is tuple:
+            if not payload or len(payload) > _MAX_ITEMS:
+                return None
+            return _pack(torch, _TUPLE, call_id, payload)
+        return _pack(torch, _TENSOR, call_id, (payload,))
     if type(second) is str and second == "call":
         if type(payload) is not tuple or len(payload) != 3:
             return None
@@ -73,45 +82,42 @@ def encode(message: tuple[Any, ...]) -> bytes | None:
         if path != () or kwargs or type(args) is not tuple or len(args) > _MAX_ITEMS:
             return None
         return _pack(torch, _CALL, call_id, args)
-    if second is True:
-        if type(payload) is tuple:
-            if not payload or len(payload) > _MAX_ITEMS:
-                return None
-            return _pack(torch, _TUPLE, call_id, payload)
-        return _pack(torch, _TENSOR, call_id, (payload,))
     return None
 
 
 def _unpack(body: memoryview) -> tuple[int, int, list[Any]]:
     kind, call_id, count = _HEAD.unpack_from(body)
-    if kind not in (_CALL, _TENSOR, _TUPLE):
+    if kind not in _KINDS:
         raise ValueError(f"not a message of this channel: kind {kind}")
-    import torch
-
-    dtypes = dtype_list(torch)
-    offset = _HEAD.size
+    table = _table or _make_table()
+    offset = _HEAD_SIZE
+    end = len(body)
     tensors = []
     for _ in range(count):
-        code, dims = _TENSOR_HEAD.unpack_from(body, offset)
-        offset += _TENSOR_HEAD.size
-        shape = _SHAPES[dims].unpack_from(body, offset)
-        offset += _SHAPES[dims].size
-        size = dtypes[code].itemsize
-        for dim in shape:
-            size *= dim
-        if offset + size > len(body):
-            raise ValueError(f"a message of {len(body)} bytes cut short")
-        tensors.append(rebuild_small(body[offset : offset + size], code, shape, 0))
+        head = _TENSOR_HEADS[body[offset + 1]]
+        code, _, *shape = head.unpack_from(body, offset)
+        offset += head.size
+        dtype, itemsize, twin = table[code]
+        size = itemsize * prod(shape)
+        if offset + size > end:
+            raise ValueError(f"a message of {end} bytes cut short")
+        if twin is not None and size:
+            # numpy's reshape is a tenth of torch's for a tiny tensor; the
+            # tensor shares the array's (own, writable) memory.
+            raw = bytearray(body[offset : offset + size])
+            tensors.append(_from_numpy(_frombuffer(raw, twin).reshape(shape)))
+        else:
+            tensors.append(rebuild_small(body[offset : offset + size], dtype, tuple(shape), 0))
         offset += size
-    if offset != len(body):
-        raise ValueError(f"a message of {len(body)} bytes held {offset}")
+    if offset != end:
+        raise ValueError(f"a message of {end} bytes held {offset}")
     return kind, call_id, tensors
 
 
 def _pack(torch: Any, kind: int, call_id: int, tensors: tuple[Any, ...]) -> bytes | None:
-    codes = dtype_codes(torch)
+    codes = _codes or dtype_codes(torch)
     parts = [_HEAD.pack(kind, call_id, len(tensors))]
-    tensor_type, strided, limit = torch.Tensor, torch.strided, INLINE_BYTES
+    tensor_type, strided, limit, string_at = torch.Tensor, torch.strided, INLINE_BYTES, _string_at
     for tensor in tensors:
         if (
             type(tensor) is not tensor_type
@@ -127,16 +133,15 @@ def _pack(torch: Any, kind: int, call_id: int, tensors: tuple[Any, ...]) -> byte
         if (
             code is None
             or size >= limit
-            or len(shape) >= len(_SHAPES)
+            or len(shape) >= len(_TENSOR_HEADS)
             or not tensor.is_contiguous()
             or tensor.is_conj()
             or tensor.is_neg()
         ):
             return None
-        parts.append(_TENSOR_HEAD.pack(code, len(shape)))
-        parts.append(_SHAPES[len(shape)].pack(*shape))
+        parts.append(_TENSOR_HEADS[len(shape)].pack(code, len(shape), *shape))
         if size:
-            parts.append(ctypes.string_at(tensor.data_ptr(), size))
+            parts.append(string_at(tensor.data_ptr(), size))
     return b"".join(parts)
 
 
@@ -166,6 +171,33 @@ _DTYPE_NAMES: Final = (
 _codes: dict[Any, int] = {}
 _dtypes: list[Any] = []
 _NUMPY_DTYPES: dict[Any, str] = {}  # torch dtype -> numpy's name for it
+# Per dtype number: the dtype, its item size and its numpy twin (None: none, or no numpy).
+_table: list[tuple[Any, int, Any]] = []
+_string_at = ctypes.string_at
+_from_numpy: Any = None
+_frombuffer: Any = None
+
+
+def _make_table() -> list[tuple[Any, int, Any]]:
+    """Fill :data:`_table` once, with torch's and numpy's functions it calls."""
+    global _from_numpy, _frombuffer
+    import torch
+
+    dtype_codes(torch)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        _from_numpy, _frombuffer = torch.from_numpy, numpy.frombuffer
+    _table[:] = [
+        (
+            dtype,
+            dtype.itemsize,
+            numpy.dtype(_NUMPY_DTYPES[dtype])
+            if numpy is not None and dtype in _NUMPY_DTYPES
+            else None,
+        )
+        for dtype in _dtypes
+    ]
+    return _table
 
 
 def dtype_codes(torch: Any) -> dict[Any, int]:

@@ -37,6 +37,10 @@ skip the pickle (:mod:`._simple`), and a receiver watches for its next message
 a moment before it sleeps on it (:meth:`Channel.spin`): together they are most
 of what a small call costs beyond the socket's own round trip.
 
+A receiver reads whatever the socket holds into a buffer of its own: a small
+message costs one system call, and the bytes (and descriptors) of the
+messages behind it wait there for the next receive.
+
 Only the two ends of one socketpair, made by one process for its own worker,
 ever read these pickles.
 """
@@ -82,11 +86,13 @@ __all__ = ["INLINE_BYTES", "Channel", "ChannelClosedError"]
 # the receiver maps already). The notes lead the body as int64s, read before
 # the pickle: a message that fails to unpickle still gives its buffers back.
 _HEADER: Final = struct.Struct("<QIHHH")
+_HEADER_SIZE: Final = _HEADER.size
 _FDS_PER_MESSAGE: Final = 250  # under the kernel's SCM_MAX_FD (253)
 _MAX_NOTES: Final = 0xFFFF  # buffer ids one header can count, each way
 _NO_NOTES: Final[tuple[list[int], list[int]]] = ([], [])  # never changed: read only
 _FD_SIZE: Final = array.array("i").itemsize
 _ANCILLARY: Final = socket.CMSG_SPACE(_FDS_PER_MESSAGE * _FD_SIZE)
+_RECV_BYTES: Final = 256 * 1024  # a message up to this size is read into the channel's buffer
 SPIN_SECONDS: Final = 300e-6
 """How long :meth:`Channel.spin` watches for a message before the caller sleeps on it."""
 _perf_counter = time.perf_counter
@@ -325,7 +331,15 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._header = bytearray(_HEADER.size)
+        # What was read off the socket and not yet taken, from `_start` to
+        # `_end`: a small message arrives whole in one read, with whatever of
+        # the next one came along; descriptors that came with those bytes
+        # wait in `_fds`, in order, for the message whose header counts them.
+        self._inbox_bytes = bytearray(_RECV_BYTES)
+        self._in = memoryview(self._inbox_bytes)
+        self._start = 0
+        self._end = 0
+        self._fds: list[int] = []
         # One pickler for every message: building one costs as much as a small
         # message's pickling. Its memo is cleared after each send, so it keeps
         # nothing alive between messages.
@@ -356,10 +370,13 @@ class Channel:
         window (a slow model's reply, a caller's pause between calls: no
         spin), and it measures every wait it begins, so it spins again once
         messages come fast again. Readable includes the other end having
-        closed (the receive then raises :class:`ChannelClosedError`).
+        closed (the receive then raises :class:`ChannelClosedError`), and a
+        message read already, behind the last one (see :meth:`pending`).
         """
         now = _perf_counter()
         self._since = now
+        if self._end > self._start:
+            return True  # read already, behind the last message
         if not self._spin or self._waited > self._spin:
             return False
         poll = self._readable.poll
@@ -498,29 +515,25 @@ class Channel:
         return self.decode(self.recv_frame())
 
     def recv_frame(self) -> tuple[memoryview, list[int | None], list[int]]:
-        """Read one whole message off the socket: its pickle and its descriptors.
+        """Read one whole message: its pickle and its descriptors.
 
         Once this returns the stream is at the next message, whatever
         :meth:`decode` then makes of this one, and the pool's notes that came
-        with it are applied.
+        with it are applied. The body of a message that fits the channel's
+        buffer is a view of it: valid until the next receive.
 
         Raises:
             ChannelClosedError: The other end is gone.
         """
         try:
-            size, fds, released, forgotten, used = self._recv_header()
-            try:
-                body = bytearray(size)
-                self._recv_exact(memoryview(body))
-            except BaseException:
-                for fd in fds:
-                    _close(fd)
-                raise
+            body, fds, released, forgotten, used = self._read_message()
         except ConnectionResetError as exc:  # it died with our data unread
             raise ChannelClosedError("the other end of the channel is gone") from exc
         if self._since is not None:
             self._waited, self._since = _perf_counter() - self._since, None
         noted = (released + forgotten + 2 * used) * 8
+        if not noted and not fds:
+            return body, [], []  # the common message: nothing shared, no pool note
         slots: list[int | None] = list(fds)
         buffers: list[int] = []
         if noted:
@@ -536,7 +549,7 @@ class Channel:
                     passed, slots[slot] = slots[slot], None
                     if passed is not None:
                         self._inbox.map(buffer_id, passed)
-        return memoryview(body)[noted:], slots, buffers
+        return body[noted:], slots, buffers
 
     def decode(self, frame: tuple[memoryview, list[int | None], list[int]]) -> Any:
         """Unpickle a frame from :meth:`recv_frame`; every descriptor is used or closed."""
@@ -563,50 +576,111 @@ class Channel:
         """Pool buffers this end made, and buffers of the other end's it maps."""
         return (self._outbox.count if self._outbox is not None else 0), self._inbox.count
 
-    def _recv_header(self) -> tuple[int, list[int], int, int, int]:
-        view = memoryview(self._header)
-        got, fds = self._recv_with_fds(view, _FDS_PER_MESSAGE)
-        if got < len(view):
-            try:
-                self._recv_exact(view[got:])
-            except BaseException:
-                for fd in fds:
-                    _close(fd)
-                raise
-        size, count, released, forgotten, used = _HEADER.unpack(self._header)
+    def pending(self) -> bool:
+        """Whether bytes of a message were read already: ``poll`` on the socket cannot see them.
+
+        A read takes what the socket holds, so the next message (or its
+        start) may already be here, behind the one just received.
+        """
+        return self._end > self._start
+
+    def _read_message(self) -> tuple[memoryview, list[int], int, int, int]:
+        """The next message's body, its descriptors and its header's pool counts."""
+        if self._end - self._start < _HEADER_SIZE:
+            self._fill(_HEADER_SIZE)
+        size, count, released, forgotten, used = _HEADER.unpack_from(self._in, self._start)
+        self._start += _HEADER_SIZE
+        fds = self._claim_fds(count) if count else []
         try:
-            while len(fds) < count:
-                marker = bytearray(1)
-                got, more = self._recv_with_fds(memoryview(marker), count - len(fds))
-                fds.extend(more)
-                if not more:
-                    raise ChannelClosedError("descriptors promised by a message did not arrive")
+            if size > _RECV_BYTES:
+                body = self._read_large(size)
+            else:
+                if self._end - self._start < size:
+                    self._fill(size)
+                start = self._start
+                self._start = start + size
+                body = self._in[start : start + size]
         except BaseException:
             for fd in fds:
                 _close(fd)
             raise
-        return size, fds, released, forgotten, used
+        return body, fds, released, forgotten, used
 
-    def _recv_with_fds(self, view: memoryview, most: int) -> tuple[int, list[int]]:
-        got, ancillary, flags, _ = self._sock.recvmsg_into(
-            [view], _ANCILLARY if most >= _FDS_PER_MESSAGE else socket.CMSG_SPACE(most * _FD_SIZE)
-        )
-        fds: list[int] = []
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                passed = array.array("i")
-                passed.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-                fds.extend(passed)
-        if flags & _CTRUNC:
-            for fd in fds:
+    def _claim_fds(self, count: int) -> list[int]:
+        """The ``count`` descriptors of the message whose header was just read.
+
+        They ride on the header's bytes and, past the first chunk, on one
+        marker byte each after it: once those are read, every one has come.
+        """
+        markers = (count - 1) // _FDS_PER_MESSAGE
+        if markers:
+            if self._end - self._start < markers:
+                self._fill(markers)
+            self._start += markers
+        queue = self._fds
+        if len(queue) < count:
+            for fd in queue:
                 _close(fd)
+            queue.clear()
+            raise ChannelClosedError("descriptors promised by a message did not arrive")
+        fds = queue[:count]
+        del queue[:count]
+        return fds
+
+    def _fill(self, least: int) -> None:
+        """Read until ``least`` bytes (at most the buffer's size) wait from ``_start`` on.
+
+        Each read takes all the socket has, up to the buffer's end: a small
+        message costs one system call, and the bytes after it stay for the
+        next receive. Every read asks for descriptors, since any byte read
+        may be a later header's, which carries them.
+        """
+        start, end = self._start, self._end
+        if start == end:
+            start = end = 0
+        elif _RECV_BYTES - start < least:
+            kept = end - start  # too little room behind the kept bytes: move them to the top
+            self._inbox_bytes[:kept] = self._inbox_bytes[start:end]
+            start, end = 0, kept
+        self._start, self._end = start, end
+        view = self._in
+        while end - start < least:
+            end += self._recv_some(view[end:])
+            self._end = end
+
+    def _recv_some(self, view: memoryview) -> int:
+        got, ancillary, flags, _ = self._sock.recvmsg_into([view], _ANCILLARY)
+        if ancillary:
+            fds = self._fds
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    passed = array.array("i")
+                    passed.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+                    fds.extend(passed)
+        if flags & _CTRUNC:
+            for fd in self._fds:
+                _close(fd)
+            self._fds.clear()
             raise OSError(
                 "shared-memory descriptors were dropped in transit: the process is out "
                 "of file descriptors (raise `ulimit -n`)"
             )
         if got == 0:
             raise ChannelClosedError("the other end of the channel is gone")
-        return got, fds
+        return int(got)
+
+    def _read_large(self, size: int) -> memoryview:
+        """A body larger than the buffer, in memory of its own: what is buffered, then the rest.
+
+        The rest is read to the byte: no descriptor rides on a body, and
+        the bytes after it are the next message's.
+        """
+        body = memoryview(bytearray(size))
+        kept = self._end - self._start  # less than the body: the buffer is smaller
+        body[:kept] = self._in[self._start : self._end]
+        self._start = self._end = 0
+        self._recv_exact(body[kept:])
+        return body
 
     def _recv_exact(self, view: memoryview) -> None:
         while len(view):
@@ -622,6 +696,9 @@ class Channel:
         its mapping) until it is dropped.
         """
         self._sock.close()
+        for fd in self._fds:  # arrived ahead of a message that never will
+            _close(fd)
+        self._fds.clear()
         if self._outbox is not None:
             self._outbox.close()
         self._inbox.close()

@@ -349,7 +349,10 @@ class Worker:
                 # importable) raises to the caller; the stream is still in step.
                 reply_id, ok, value = self._channel.decode(frame)
                 if reply_id is not None and reply_id != call_id:
-                    continue  # the late reply to a call that was interrupted here
+                    # The late reply to a call that was interrupted here; ours
+                    # may have come in the same read, where poll cannot see it.
+                    spun = channel.pending()
+                    continue
                 if ok:
                     return value
                 _raise_remote(value)
