@@ -54,6 +54,7 @@ import ctypes
 import io
 import os
 import pickle
+import select
 import socket
 import struct
 import sys
@@ -96,8 +97,7 @@ SPIN_SECONDS: Final = 300e-6
 """How long :meth:`Channel.spin` watches for a message before the caller sleeps on it."""
 _perf_counter = time.perf_counter
 _PICKLE_START: Final = pickle.PROTO[0]  # a pickle's first byte; a simple message's is lower
-_CTRUNC: Final = int(socket.MSG_CTRUNC)
-_DONTWAIT: Final = int(socket.MSG_DONTWAIT)  # a plain int: the flag enum's `&` costs a call
+_CTRUNC: Final = int(socket.MSG_CTRUNC)  # a plain int: the flag enum's `&` costs a call
 
 _received = threading.local()  # descriptors of the message being unpickled in this thread
 
@@ -340,7 +340,6 @@ class Channel:
         self._start = 0
         self._end = 0
         self._fds: list[int] = []
-        self._closed = False  # a read found the end of the stream (the receive raises)
         # One pickler for every message: building one costs as much as a small
         # message's pickling. Its memo is cleared after each send, so it keeps
         # nothing alive between messages.
@@ -350,6 +349,8 @@ class Channel:
         self._pickler = _Pickler(self._buffer, self._outbox)
         self._carrier = _FdCarrier()
         self._unreported: tuple[list[int], list[int]] | None = None
+        self._readable = select.poll()
+        self._readable.register(sock.fileno(), select.POLLIN)
         self._spin = SPIN_SECONDS if _usable_cpus() > 1 else 0.0
         self._waited = 0.0  # how long the last message took to come, where measured
         self._since: float | None = None  # when the wait for the next message began
@@ -374,27 +375,16 @@ class Channel:
         """
         now = _perf_counter()
         self._since = now
-        if self._end > self._start or self._closed:
+        if self._end > self._start:
             return True  # read already, behind the last message
         if not self._spin or self._waited > self._spin:
             return False
-        # Watching is reading: a read that finds nothing returns at once, and
-        # the one that finds the message has it, one system call after it
-        # landed instead of a poll and then a read.
-        self._start = self._end = 0
-        read, buffers, end = self._recv_some, [self._in], now + self._spin
-        while True:
-            try:
-                got = read(buffers, _DONTWAIT)
-            except BlockingIOError:
-                if _perf_counter() >= end:
-                    return False
-                continue
-            except ConnectionResetError:
-                got = 0  # it died with our data unread: the receive says so
-            self._end = got
-            self._closed = not got
-            return True
+        poll = self._readable.poll
+        end = now + self._spin
+        while not poll(0):
+            if _perf_counter() >= end:
+                return False
+        return True
 
     def send(self, message: object) -> None:
         """Pickle ``message`` and send it, with the descriptors of its shared tensors.
@@ -655,21 +645,11 @@ class Channel:
         self._start, self._end = start, end
         view = self._in
         while end - start < least:
-            if self._closed:
-                raise ChannelClosedError("the other end of the channel is gone")
-            got = self._recv_some([view[end:]], 0)
-            if not got:
-                raise ChannelClosedError("the other end of the channel is gone")
-            end += got
+            end += self._recv_some(view[end:])
             self._end = end
 
-    def _recv_some(self, buffers: list[memoryview], flags: int) -> int:
-        """One read into ``buffers``, keeping the descriptors that came with it: bytes read.
-
-        Raises:
-            BlockingIOError: ``flags`` has ``MSG_DONTWAIT`` and nothing has come.
-        """
-        got, ancillary, flags, _ = self._sock.recvmsg_into(buffers, _ANCILLARY, flags)
+    def _recv_some(self, view: memoryview) -> int:
+        got, ancillary, flags, _ = self._sock.recvmsg_into([view], _ANCILLARY)
         if ancillary:
             fds = self._fds
             for level, kind, data in ancillary:
@@ -685,6 +665,8 @@ class Channel:
                 "shared-memory descriptors were dropped in transit: the process is out "
                 "of file descriptors (raise `ulimit -n`)"
             )
+        if got == 0:
+            raise ChannelClosedError("the other end of the channel is gone")
         return int(got)
 
     def _read_large(self, size: int) -> memoryview:
