@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from vramkit import ManagedModel
-from vramkit.isolation import Isolation, _simple, _transport
+from vramkit.isolation import Isolation, _reader, _simple
 from vramkit.isolation._spec import WorkerSpec
 from vramkit.isolation._transport import INLINE_BYTES, Channel
 from vramkit.isolation._worker import Worker
@@ -62,7 +62,7 @@ def _messages(large: bool) -> list[Any]:
         (3, True, (torch.zeros(2), torch.ones(3, dtype=torch.int64))),  # a simple tuple
     ]
     if large:  # a body larger than the buffer, between two small messages
-        messages.insert(-1, b"x" * (_transport._RECV_BYTES + 5))
+        messages.insert(-1, b"x" * (_reader.RECV_BYTES + 5))
     return messages
 
 
@@ -105,7 +105,7 @@ def test_every_message_arrives_whole_and_in_order_however_reads_split_the_stream
 ) -> None:
     send, receive = channels
     if most is not None:
-        receive._sock = _Trickle(receive._sock, most)  # type: ignore[assignment]
+        receive._reader._sock = _Trickle(receive._reader._sock, most)  # type: ignore[assignment]
     messages = _messages(large=most is None or most > 3)  # byte by byte, it would take seconds
     before = set()
     for round_ in range(2):  # the first makes the pool's buffers, the second reuses them
@@ -124,6 +124,28 @@ def test_every_message_arrives_whole_and_in_order_however_reads_split_the_stream
         receive.send(None)  # the answer gives the pool's buffers back
         assert send.recv() is None
     assert _fds() <= before  # no descriptor left unclaimed
+
+
+@pytest.mark.parametrize("most", [None, 7])
+def test_messages_cut_at_the_buffer_end_are_joined_whole(
+    monkeypatch: pytest.MonkeyPatch, most: int | None
+) -> None:
+    monkeypatch.setattr(_reader, "RECV_BYTES", 1000)  # a small buffer: reads fill it to its end
+    a, b = socket.socketpair()
+    send, receive = Channel(a), Channel(b)
+    try:
+        if most is not None:
+            receive._reader._sock = _Trickle(receive._reader._sock, most)  # type: ignore[assignment]
+        sizes = [1, 3, 40, 7, 100, 2, 60, 5, 1] * 8 + [400, 2, 3]  # 24 to 1620-byte bodies
+        messages = [(i, True, torch.full((n,), float(i))) for i, n in enumerate(sizes)]
+        for message in messages:  # about 12 KB: on the socket before any is read
+            send.send(message)
+        for message in messages:
+            assert _equal(receive.recv(), message)
+        assert not receive.pending()
+    finally:
+        send.close()
+        receive.close()
 
 
 def test_a_message_read_with_the_last_one_is_seen_without_the_socket(
@@ -167,9 +189,9 @@ def test_a_header_promising_descriptors_that_never_came_is_refused(
     channels: tuple[Channel, Channel],
 ) -> None:
     send, receive = channels
-    header = _transport._HEADER.pack(4, 2, 0, 0, 0)  # two descriptors, none sent
+    header = _reader.HEADER.pack(4, 2, 0, 0, 0)  # two descriptors, none sent
     send._sock.sendall(header + b"body")
-    with pytest.raises(_transport.ChannelClosedError, match="did not arrive"):
+    with pytest.raises(_reader.ChannelClosedError, match="did not arrive"):
         receive.recv_frame()
 
 
@@ -222,4 +244,4 @@ def _wire_bytes(message: tuple[Any, ...]) -> int:
     """What a simple message takes on the socket, its header included."""
     body = _simple.encode(message)
     assert body is not None
-    return _transport._HEADER.size + len(body)
+    return _reader.HEADER.size + len(body)

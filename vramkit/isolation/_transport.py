@@ -37,9 +37,9 @@ skip the pickle (:mod:`._simple`), and a receiver watches for its next message
 a moment before it sleeps on it (:meth:`Channel.spin`): together they are most
 of what a small call costs beyond the socket's own round trip.
 
-A receiver reads whatever the socket holds into a buffer of its own: a small
-message costs one system call, and the bytes (and descriptors) of the
-messages behind it wait there for the next receive.
+A receiver reads whatever the socket holds into a buffer of its own
+(:mod:`._reader`): a small message costs one system call, and the bytes (and
+descriptors) of the messages behind it wait there for the next receive.
 
 Only the two ends of one socketpair, made by one process for its own worker,
 ever read these pickles.
@@ -48,7 +48,6 @@ ever read these pickles.
 from __future__ import annotations
 
 import array
-import contextlib
 import copyreg
 import ctypes
 import io
@@ -56,7 +55,6 @@ import os
 import pickle
 import select
 import socket
-import struct
 import sys
 import threading
 import time
@@ -66,6 +64,13 @@ from multiprocessing import reduction
 from typing import TYPE_CHECKING, Any, Final
 
 from vramkit.isolation import _pool, _simple
+from vramkit.isolation._reader import (
+    FDS_PER_MESSAGE,
+    HEADER,
+    ChannelClosedError,
+    FrameReader,
+)
+from vramkit.isolation._reader import close_quietly as _close
 from vramkit.isolation._simple import (
     INLINE_BYTES,
     as_kind,
@@ -80,30 +85,15 @@ if TYPE_CHECKING:
 
 __all__ = ["INLINE_BYTES", "Channel", "ChannelClosedError"]
 
-# Body length, descriptor count, then the pool's notes: how many buffer ids of
-# the receiver's are free again, how many of the sender's it may unmap, and
-# how many buffers this message fills (id and descriptor slot, -1 for a buffer
-# the receiver maps already). The notes lead the body as int64s, read before
-# the pickle: a message that fails to unpickle still gives its buffers back.
-_HEADER: Final = struct.Struct("<QIHHH")
-_HEADER_SIZE: Final = _HEADER.size
-_FDS_PER_MESSAGE: Final = 250  # under the kernel's SCM_MAX_FD (253)
+_HEADER: Final = HEADER
 _MAX_NOTES: Final = 0xFFFF  # buffer ids one header can count, each way
 _NO_NOTES: Final[tuple[list[int], list[int]]] = ([], [])  # never changed: read only
-_FD_SIZE: Final = array.array("i").itemsize
-_ANCILLARY: Final = socket.CMSG_SPACE(_FDS_PER_MESSAGE * _FD_SIZE)
-_RECV_BYTES: Final = 256 * 1024  # a message up to this size is read into the channel's buffer
 SPIN_SECONDS: Final = 300e-6
 """How long :meth:`Channel.spin` watches for a message before the caller sleeps on it."""
 _perf_counter = time.perf_counter
 _PICKLE_START: Final = pickle.PROTO[0]  # a pickle's first byte; a simple message's is lower
-_CTRUNC: Final = int(socket.MSG_CTRUNC)  # a plain int: the flag enum's `&` costs a call
 
 _received = threading.local()  # descriptors of the message being unpickled in this thread
-
-
-class ChannelClosedError(EOFError):
-    """The other end of the channel is gone (its process exited or closed it)."""
 
 
 class _PassedFd:
@@ -331,15 +321,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        # What was read off the socket and not yet taken, from `_start` to
-        # `_end`: a small message arrives whole in one read, with whatever of
-        # the next one came along; descriptors that came with those bytes
-        # wait in `_fds`, in order, for the message whose header counts them.
-        self._inbox_bytes = bytearray(_RECV_BYTES)
-        self._in = memoryview(self._inbox_bytes)
-        self._start = 0
-        self._end = 0
-        self._fds: list[int] = []
+        self._reader = FrameReader(sock)
         # One pickler for every message: building one costs as much as a small
         # message's pickling. Its memo is cleared after each send, so it keeps
         # nothing alive between messages.
@@ -375,7 +357,7 @@ class Channel:
         """
         now = _perf_counter()
         self._since = now
-        if self._end > self._start:
+        if self._reader.pending():
             return True  # read already, behind the last message
         if not self._spin or self._waited > self._spin:
             return False
@@ -494,7 +476,7 @@ class Channel:
                 sock.sendall(header + notes)
                 sock.sendall(body)
             return
-        chunks = [fds[i : i + _FDS_PER_MESSAGE] for i in range(0, len(fds), _FDS_PER_MESSAGE)]
+        chunks = [fds[i : i + FDS_PER_MESSAGE] for i in range(0, len(fds), FDS_PER_MESSAGE)]
         # Descriptors ride on the first byte of a sendmsg: the header carries the
         # first chunk, one marker byte each of the rest; the notes open the body.
         sent = sock.sendmsg([header], [_rights(chunks[0])])
@@ -526,7 +508,7 @@ class Channel:
             ChannelClosedError: The other end is gone.
         """
         try:
-            body, fds, released, forgotten, used = self._read_message()
+            body, fds, released, forgotten, used = self._reader.read()
         except ConnectionResetError as exc:  # it died with our data unread
             raise ChannelClosedError("the other end of the channel is gone") from exc
         if self._since is not None:
@@ -582,112 +564,7 @@ class Channel:
         A read takes what the socket holds, so the next message (or its
         start) may already be here, behind the one just received.
         """
-        return self._end > self._start
-
-    def _read_message(self) -> tuple[memoryview, list[int], int, int, int]:
-        """The next message's body, its descriptors and its header's pool counts."""
-        if self._end - self._start < _HEADER_SIZE:
-            self._fill(_HEADER_SIZE)
-        size, count, released, forgotten, used = _HEADER.unpack_from(self._in, self._start)
-        self._start += _HEADER_SIZE
-        fds = self._claim_fds(count) if count else []
-        try:
-            if size > _RECV_BYTES:
-                body = self._read_large(size)
-            else:
-                if self._end - self._start < size:
-                    self._fill(size)
-                start = self._start
-                self._start = start + size
-                body = self._in[start : start + size]
-        except BaseException:
-            for fd in fds:
-                _close(fd)
-            raise
-        return body, fds, released, forgotten, used
-
-    def _claim_fds(self, count: int) -> list[int]:
-        """The ``count`` descriptors of the message whose header was just read.
-
-        They ride on the header's bytes and, past the first chunk, on one
-        marker byte each after it: once those are read, every one has come.
-        """
-        markers = (count - 1) // _FDS_PER_MESSAGE
-        if markers:
-            if self._end - self._start < markers:
-                self._fill(markers)
-            self._start += markers
-        queue = self._fds
-        if len(queue) < count:
-            for fd in queue:
-                _close(fd)
-            queue.clear()
-            raise ChannelClosedError("descriptors promised by a message did not arrive")
-        fds = queue[:count]
-        del queue[:count]
-        return fds
-
-    def _fill(self, least: int) -> None:
-        """Read until ``least`` bytes (at most the buffer's size) wait from ``_start`` on.
-
-        Each read takes all the socket has, up to the buffer's end: a small
-        message costs one system call, and the bytes after it stay for the
-        next receive. Every read asks for descriptors, since any byte read
-        may be a later header's, which carries them.
-        """
-        start, end = self._start, self._end
-        if start == end:
-            start = end = 0
-        elif _RECV_BYTES - start < least:
-            kept = end - start  # too little room behind the kept bytes: move them to the top
-            self._inbox_bytes[:kept] = self._inbox_bytes[start:end]
-            start, end = 0, kept
-        self._start, self._end = start, end
-        view = self._in
-        while end - start < least:
-            end += self._recv_some(view[end:])
-            self._end = end
-
-    def _recv_some(self, view: memoryview) -> int:
-        got, ancillary, flags, _ = self._sock.recvmsg_into([view], _ANCILLARY)
-        if ancillary:
-            fds = self._fds
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    passed = array.array("i")
-                    passed.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-                    fds.extend(passed)
-        if flags & _CTRUNC:
-            for fd in self._fds:
-                _close(fd)
-            self._fds.clear()
-            raise OSError(
-                "shared-memory descriptors were dropped in transit: the process is out "
-                "of file descriptors (raise `ulimit -n`)"
-            )
-        if got == 0:
-            raise ChannelClosedError("the other end of the channel is gone")
-        return int(got)
-
-    def _read_large(self, size: int) -> memoryview:
-        """A body larger than the buffer, in memory of its own: what is buffered, then the rest.
-
-        The rest is read to the byte: no descriptor rides on a body, and
-        the bytes after it are the next message's.
-        """
-        body = memoryview(bytearray(size))
-        kept = self._end - self._start  # less than the body: the buffer is smaller
-        body[:kept] = self._in[self._start : self._end]
-        self._start = self._end = 0
-        self._recv_exact(body[kept:])
-        return body
-
-    def _recv_exact(self, view: memoryview) -> None:
-        while len(view):
-            got = self._sock.recv_into(view)
-            if got == 0:
-                raise ChannelClosedError("the other end of the channel is gone")
-            view = view[got:]
+        return self._reader.pending()
 
     def close(self) -> None:
         """Close the socket (the other end then sees end-of-file) and unmap the pool.
@@ -696,9 +573,7 @@ class Channel:
         its mapping) until it is dropped.
         """
         self._sock.close()
-        for fd in self._fds:  # arrived ahead of a message that never will
-            _close(fd)
-        self._fds.clear()
+        self._reader.close()
         if self._outbox is not None:
             self._outbox.close()
         self._inbox.close()
@@ -713,11 +588,6 @@ def _usable_cpus() -> int:
 
 def _rights(fds: Sequence[int]) -> tuple[int, int, bytes]:
     return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-
-
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
 
 
 def _register_torch_reductions() -> None:
