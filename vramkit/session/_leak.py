@@ -184,9 +184,7 @@ class _Walk:
 
     def tensors(self) -> list[Any] | None:
         """The tensors a check reads; ``None`` when the boundary broke."""
-        if self._boundary is None:
-            return tensors_in_heap()
-        return tensors_since(self._boundary)
+        return tensors_since(self._boundary)  # every tensor without a boundary
 
     def census(self, tensors: list[Any]) -> TensorCensus:
         """The storages among ``tensors`` that were not alive before the block."""
