@@ -5,7 +5,9 @@
    floor: one round trip of a 100-byte message over a socketpair between two
    processes, on this machine, now. Goal: at most 100 µs added. Wall time on a
    busy machine is mostly waiting for a CPU, so the CPU time a call costs
-   (caller plus worker, from getrusage and /proc) is printed too.
+   (caller plus worker, from getrusage and /proc) is printed too, and so are
+   percentiles of single calls timed one by one (the typical call and the
+   tail, apart from the machine's rare stalls that a batch's mean carries).
 2. A 64 MiB float32 tensor argument and a 64 MiB result (``nn.ReLU``, a fresh
    input each call, so every call moves 128 MiB; the result is dropped before
    the next call, so the pool's buffers are reused): the time isolation adds,
@@ -40,6 +42,7 @@ from vramkit.testing.models import tiny_mlp
 
 GOAL_CALL_ADDED = 100e-6
 GOAL_BANDWIDTH_RATIO = 0.5
+PERCENTILES = (0.10, 0.50, 0.90, 0.99)  # of single calls, beside the goal's batch figure
 MIB = 1 << 20
 BIG = 64 * MIB
 
@@ -86,6 +89,33 @@ def cpu_per_call(call: Callable[[], object], calls: int, worker: int | None) -> 
     return ran / calls, waited / calls
 
 
+def call_percentiles(
+    fns: dict[str, Callable[[], object]], *, calls: int, rounds: int
+) -> dict[str, tuple[float, ...]]:
+    """Each call timed on its own: the :data:`PERCENTILES` of each of ``fns``.
+
+    Batches of ``calls`` alternate between the functions as in
+    ``interleaved_per_call``, so a slow spell of the machine lands on all of
+    them. A batch's mean (the goal's figure) carries the machine's rare long
+    stalls; these show the typical call and the tail apart.
+    """
+    clock = time.perf_counter
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times = samples[name]
+            for _ in range(calls):
+                started = clock()
+                fn()
+                times.append(clock() - started)
+    result = {}
+    for name, values in samples.items():
+        values.sort()
+        last = len(values) - 1
+        result[name] = tuple(values[min(int(q * len(values)), last)] for q in PERCENTILES)
+    return result
+
+
 def small_calls(quick: bool, floor: float) -> None:
     x = torch.ones(1, 8)
     factory = functools.partial(torch.nn.Linear, 8, 8)
@@ -120,6 +150,20 @@ def small_calls(quick: bool, floor: float) -> None:
     print(f"   {reference:<28} {fmt_seconds(floor):>10}  (100 bytes, no Python work)")
     verdict = "meets" if added <= GOAL_CALL_ADDED else "MISSES"
     print(f"   goal <= {fmt_seconds(GOAL_CALL_ADDED)} added: {verdict}")
+    spread = call_percentiles(cases, calls=calls, rounds=rounds)
+    print(
+        f"   each call timed on its own ({rounds} interleaved batches of {calls}; "
+        "not the goal's figure):\n"
+        f"   {'':<28} " + " ".join(f"{f'p{round(q * 100)}':>10}" for q in PERCENTILES)
+    )
+    for name, values in spread.items():
+        print(f"   {name:<28} " + " ".join(f"{fmt_seconds(v):>10}" for v in values))
+    extra = [
+        i - o for i, o in zip(spread["isolated:   mm(x)"], spread["in-process: mm(x)"], strict=True)
+    ]
+    print(
+        f"   {'isolated minus in-process':<28} " + " ".join(f"{fmt_seconds(v):>10}" for v in extra)
+    )
     isolated.unload()
     local.unload()
 
