@@ -94,23 +94,64 @@ def interleaved_per_call(
     that a slow spell of the machine (another process, a frequency change)
     lands on all of them rather than on whichever ran during it.
     """
+    samples = _interleaved(fns, calls=calls, rounds=rounds, each=False)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_percentiles(
+    fns: dict[str, Callable[[], object]],
+    *,
+    calls: int,
+    rounds: int,
+    quantiles: tuple[float, ...] = (0.10, 0.50, 0.90, 0.99),
+) -> dict[str, tuple[float, ...]]:
+    """Each call timed on its own, in the batches of :func:`interleaved_per_call`: its quantiles.
+
+    A batch's mean carries the machine's rare long stalls; the quantiles of
+    single calls show the typical call and the tail apart.
+    """
+    samples = _interleaved(fns, calls=calls, rounds=rounds, each=True)
+    result = {}
+    for name, values in samples.items():
+        values.sort()
+        last = len(values) - 1
+        result[name] = tuple(values[min(int(q * len(values)), last)] for q in quantiles)
+    return result
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], object]], *, calls: int, rounds: int, each: bool
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``: per batch (its mean), or per call if ``each``.
+
+    The collector is off while it times, so a collection does not land on
+    whichever function happened to run then.
+    """
     for fn in fns.values():
         for _ in range(min(calls, 100)):
             fn()
+    clock = time.perf_counter
     samples: dict[str, list[float]] = {name: [] for name in fns}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(rounds):
             for name, fn in fns.items():
-                started = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                samples[name].append((time.perf_counter() - started) / calls)
+                times = samples[name]
+                if each:
+                    for _ in range(calls):
+                        started = clock()
+                        fn()
+                        times.append(clock() - started)
+                else:
+                    started = clock()
+                    for _ in range(calls):
+                        fn()
+                    times.append((clock() - started) / calls)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def load_heap(workdir: str) -> tuple[str, Any]:

@@ -34,7 +34,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import fmt_seconds, interleaved_per_call, median_seconds, versions
+from _common import (
+    fmt_seconds,
+    interleaved_per_call,
+    interleaved_percentiles,
+    median_seconds,
+    versions,
+)
 
 from vramkit import ManagedModel
 from vramkit.isolation import worker_pid
@@ -89,33 +95,6 @@ def cpu_per_call(call: Callable[[], object], calls: int, worker: int | None) -> 
     return ran / calls, waited / calls
 
 
-def call_percentiles(
-    fns: dict[str, Callable[[], object]], *, calls: int, rounds: int
-) -> dict[str, tuple[float, ...]]:
-    """Each call timed on its own: the :data:`PERCENTILES` of each of ``fns``.
-
-    Batches of ``calls`` alternate between the functions as in
-    ``interleaved_per_call``, so a slow spell of the machine lands on all of
-    them. A batch's mean (the goal's figure) carries the machine's rare long
-    stalls; these show the typical call and the tail apart.
-    """
-    clock = time.perf_counter
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times = samples[name]
-            for _ in range(calls):
-                started = clock()
-                fn()
-                times.append(clock() - started)
-    result = {}
-    for name, values in samples.items():
-        values.sort()
-        last = len(values) - 1
-        result[name] = tuple(values[min(int(q * len(values)), last)] for q in PERCENTILES)
-    return result
-
-
 def small_calls(quick: bool, floor: float) -> None:
     x = torch.ones(1, 8)
     factory = functools.partial(torch.nn.Linear, 8, 8)
@@ -150,7 +129,7 @@ def small_calls(quick: bool, floor: float) -> None:
     print(f"   {reference:<28} {fmt_seconds(floor):>10}  (100 bytes, no Python work)")
     verdict = "meets" if added <= GOAL_CALL_ADDED else "MISSES"
     print(f"   goal <= {fmt_seconds(GOAL_CALL_ADDED)} added: {verdict}")
-    spread = call_percentiles(cases, calls=calls, rounds=rounds)
+    spread = interleaved_percentiles(cases, calls=calls, rounds=rounds, quantiles=PERCENTILES)
     print(
         f"   each call timed on its own ({rounds} interleaved batches of {calls}; "
         "not the goal's figure):\n"
