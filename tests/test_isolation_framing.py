@@ -189,7 +189,7 @@ def test_a_header_promising_descriptors_that_never_came_is_refused(
     channels: tuple[Channel, Channel],
 ) -> None:
     send, receive = channels
-    header = _reader.HEADER.pack(4, 2, 0, 0, 0, 0.0)  # two descriptors, none sent
+    header = _reader.HEADER.pack(4, 2, 0, 0, 0)  # two descriptors, none sent
     send._sock.sendall(header + b"body")
     with pytest.raises(_reader.ChannelClosedError, match="did not arrive"):
         receive.recv_frame()

@@ -26,16 +26,14 @@ __all__ = [
     "close_quietly",
 ]
 
-HEADER: Final = struct.Struct("<QIHHHd")
-"""Body length, descriptor count, the pool's notes, then the sender's work.
+HEADER: Final = struct.Struct("<QIHHH")
+"""Body length, descriptor count, then the pool's notes.
 
 How many buffer ids of the receiver's are free again, how many of the
 sender's it may unmap, and how many buffers this message fills (id and
 descriptor slot, -1 for a buffer the receiver maps already). The notes lead
 the body as int64s, read before the pickle: a message that fails to unpickle
-still gives its buffers back. Last, the seconds the sender spent between its
-last receive and this send (NaN before its first receive): what tells the
-receiver whether watching for the next message pays (see ``Channel.spin``).
+still gives its buffers back.
 """
 _HEADER_SIZE: Final = HEADER.size
 FDS_PER_MESSAGE: Final = 250  # under the kernel's SCM_MAX_FD (253)
@@ -70,14 +68,14 @@ class FrameReader:
         """Whether bytes were read already that no message has taken yet."""
         return self._end > self._start
 
-    def read(self) -> tuple[memoryview, list[int], int, int, int, float]:
-        """The next message's body, its descriptors, its header's pool counts and sender's work.
+    def read(self) -> tuple[memoryview, list[int], int, int, int]:
+        """The next message's body, its descriptors and its header's pool counts.
 
         A body that fits the buffer is a view of it: valid until the next read.
         """
         if self._end - self._start < _HEADER_SIZE:
             self._fill(_HEADER_SIZE)
-        size, count, released, forgotten, used, worked = HEADER.unpack_from(self._view, self._start)
+        size, count, released, forgotten, used = HEADER.unpack_from(self._view, self._start)
         self._start += _HEADER_SIZE
         fds = self._claim_fds(count) if count else []
         try:
@@ -93,7 +91,7 @@ class FrameReader:
             for fd in fds:
                 close_quietly(fd)
             raise
-        return body, fds, released, forgotten, used, worked
+        return body, fds, released, forgotten, used
 
     def _claim_fds(self, count: int) -> list[int]:
         """The ``count`` descriptors of the message whose header was just read.

@@ -51,7 +51,6 @@ import array
 import copyreg
 import ctypes
 import io
-import math
 import os
 import pickle
 import select
@@ -335,11 +334,8 @@ class Channel:
         self._readable = select.poll()
         self._readable.register(sock.fileno(), select.POLLIN)
         self._spin = SPIN_SECONDS if _usable_cpus() > 1 else 0.0
-        # How long the other end worked on the last message it sent (between
-        # its receive and its send): it predicts how soon the next one comes.
-        self._their_work = 0.0
-        # When this end last received (NaN before: its first message says "unknown").
-        self._received_at = math.nan
+        self._waited = 0.0  # how long the last message took to come, where measured
+        self._since: float | None = None  # when the wait for the next message began
 
     def fileno(self) -> int:
         """The socket's descriptor, for ``poll``."""
@@ -352,23 +348,21 @@ class Channel:
         scheduler wakeup, each way: on a virtual machine that is most of a
         small call's round trip. With a CPU to spare, watching for up to
         :data:`SPIN_SECONDS` first lets the message land on a running
-        process. It spins only while the other end works on a message for
-        less than that window (a slow model's reply, a caller's pause
-        between calls: no spin), as the last message said: each message
-        carries how long its sender worked between its receive and its send.
-        How long this end waited would not do: a wait includes the other
-        end's own wake-up when it slept, and where wake-ups take longer than
-        the window, two ends that both stopped spinning would never start
-        again. Readable includes the other end having closed (the receive
-        then raises :class:`ChannelClosedError`), and a message read already,
-        behind the last one (see :meth:`pending`).
+        process. It spins only while the last message came within that
+        window (a slow model's reply, a caller's pause between calls: no
+        spin), and it measures every wait it begins, so it spins again once
+        messages come fast again. Readable includes the other end having
+        closed (the receive then raises :class:`ChannelClosedError`), and a
+        message read already, behind the last one (see :meth:`pending`).
         """
+        now = _perf_counter()
+        self._since = now
         if self._reader.pending():
             return True  # read already, behind the last message
-        if not self._spin or self._their_work > self._spin:
+        if not self._spin or self._waited > self._spin:
             return False
         poll = self._readable.poll
-        end = _perf_counter() + self._spin
+        end = now + self._spin
         while not poll(0):
             if _perf_counter() >= end:
                 return False
@@ -385,8 +379,7 @@ class Channel:
             simple = _simple.encode(message)
             if simple is not None:  # the common call or reply, no pickle: one system call
                 try:
-                    header = _HEADER.pack(len(simple), 0, 0, 0, 0, self._worked())
-                    self._sock.sendall(header + simple)
+                    self._sock.sendall(_HEADER.pack(len(simple), 0, 0, 0, 0) + simple)
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     raise ChannelClosedError("the other end of the channel is gone") from exc
                 return
@@ -411,8 +404,7 @@ class Channel:
                 if carrier.fds or released or forgotten or pickler.pooled:
                     self._send_frame(body, carrier.fds, released, forgotten, pickler.pooled)
                 elif len(body) <= 65536:  # the common small message: one system call
-                    header = _HEADER.pack(len(body), 0, 0, 0, 0, self._worked())
-                    self._sock.sendall(header + body)
+                    self._sock.sendall(_HEADER.pack(len(body), 0, 0, 0, 0) + body)
                 else:
                     self._send_frame(body, (), [], [], [])
             except (BrokenPipeError, ConnectionResetError) as exc:
@@ -432,10 +424,6 @@ class Channel:
                 carrier.fds.clear()
             buffer.seek(0)
             buffer.truncate()
-
-    def _worked(self) -> float:
-        """Seconds since this end last received: how long it worked on what it sends now."""
-        return _perf_counter() - self._received_at
 
     def _notes_due(self) -> bool:
         """Whether the next message has pool notes to carry (a simple message carries none)."""
@@ -478,12 +466,7 @@ class Channel:
             used = [number for pair in pooled for number in pair]
             notes = array.array("q", released + forgotten + used).tobytes()
         header = _HEADER.pack(
-            len(notes) + len(body),
-            len(fds),
-            len(released),
-            len(forgotten),
-            len(pooled),
-            self._worked(),
+            len(notes) + len(body), len(fds), len(released), len(forgotten), len(pooled)
         )
         sock = self._sock
         if not fds:
@@ -525,12 +508,11 @@ class Channel:
             ChannelClosedError: The other end is gone.
         """
         try:
-            body, fds, released, forgotten, used, worked = self._reader.read()
+            body, fds, released, forgotten, used = self._reader.read()
         except ConnectionResetError as exc:  # it died with our data unread
             raise ChannelClosedError("the other end of the channel is gone") from exc
-        self._received_at = _perf_counter()
-        if worked >= 0.0:  # False for NaN: the sender had received nothing yet
-            self._their_work = worked
+        if self._since is not None:
+            self._waited, self._since = _perf_counter() - self._since, None
         noted = (released + forgotten + 2 * used) * 8
         if not noted and not fds:
             return body, [], []  # the common message: nothing shared, no pool note
