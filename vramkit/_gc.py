@@ -205,10 +205,8 @@ def tensors_in_heap() -> list[torch.Tensor]:
     there that starts holding a new storage (``param.data = ...``) is still
     seen, since a census reads the storage from the tensor each time.
     """
-    import torch
-
     with _boundary_lock, exclusive(thaw=False):
-        return _tensors(tensor_classes(torch.Tensor))
+        return _tensors(_tensor_kinds())
 
 
 def freeze() -> None:
@@ -216,10 +214,8 @@ def freeze() -> None:
 
     Costs a walk of what was made since the last freeze, not of the whole heap.
     """
-    import torch
-
     with _boundary_lock, exclusive(thaw=False):
-        found = _tensors(tensor_classes(torch.Tensor))
+        found = _tensors(_tensor_kinds())
         boundary = _current
         if boundary is None or boundary.broken:
             gc.freeze()
@@ -251,10 +247,8 @@ def collect(generation: int = 2) -> int:
         boundary = _current
         thawed = False
         if boundary is not None and not boundary.broken and not _thawing:
-            import torch  # imported already: a boundary is entered by a leak check
-
             with exclusive(thaw=False):
-                thawed = _carry_boundary(boundary, tensor_classes(torch.Tensor))
+                thawed = _carry_boundary(boundary, _tensor_kinds())
                 if thawed:
                     gc.unfreeze()
                     _thawing += 1
@@ -336,12 +330,10 @@ def tensors_since(boundary: Boundary | None) -> list[torch.Tensor] | None:
     """
     if boundary is None:
         return tensors_in_heap()
-    import torch
-
     with _boundary_lock:
         _frozen_again()
         with exclusive(thaw=False):
-            return _since(boundary, tensor_classes(torch.Tensor))
+            return _since(boundary, _tensor_kinds())
 
 
 def _frozen_again() -> bool:
@@ -401,6 +393,13 @@ def thaw() -> None:
         _forget()
 
 
+def _tensor_kinds() -> frozenset[type]:
+    """``torch.Tensor`` and every class derived from it (torch is imported here, lazily)."""
+    import torch
+
+    return tensor_classes(torch.Tensor)
+
+
 def tensor_classes(base: type) -> frozenset[type]:
     """``base`` and every class derived from it, as loaded now."""
     found: set[type] = set()
@@ -446,9 +445,7 @@ def _refrozen() -> Iterator[None]:
     global _thawing
     boundary = _current
     if boundary is not None and not boundary.broken:
-        import torch  # imported already: a boundary is entered by a leak check
-
-        _carry_boundary(boundary, tensor_classes(torch.Tensor))
+        _carry_boundary(boundary, _tensor_kinds())
     gc.unfreeze()
     _thawing += 1
     try:
@@ -470,14 +467,13 @@ def _since(boundary: Boundary, kinds: frozenset[type]) -> list[Any] | None:
     if _thawing:  # a collection in another thread has it thawed: no telling now
         return None
     found = _instances(kinds | {_Mark})
-    intact = any(h is boundary.after for h in found) and not any(
-        h is boundary.before for h in found
-    )
-    unique = {id(h): h for h in found if type(h) is not _Mark} if intact else {}
-    found.clear()
-    if not intact:
-        boundary.broken = True
-        return None
+    try:
+        if not any(h is boundary.after for h in found) or any(h is boundary.before for h in found):
+            boundary.broken = True
+            return None
+        unique = {id(h): h for h in found if type(h) is not _Mark}
+    finally:
+        found.clear()
     for ref in boundary.carried:
         tensor = ref()
         if tensor is not None:
@@ -513,9 +509,7 @@ def _carry() -> list[weakref.ReferenceType[Any]] | None:
     """
     if _frozen is None:
         return None
-    import torch  # imported already: the census that made the record needed it
-
-    found = _tensors(tensor_classes(torch.Tensor))
+    found = _tensors(_tensor_kinds())
     try:
         return [weakref.ref(t) for t in found]
     except TypeError:
