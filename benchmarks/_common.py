@@ -85,6 +85,10 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
+QUANTILES: tuple[float, ...] = (0.10, 0.50, 0.90, 0.99)
+"""What :func:`interleaved_percentiles` reports by default: the typical call and the tail."""
+
+
 def interleaved_per_call(
     fns: dict[str, Callable[[], object]], *, calls: int, rounds: int = 15
 ) -> dict[str, float]:
@@ -103,7 +107,7 @@ def interleaved_percentiles(
     *,
     calls: int,
     rounds: int,
-    quantiles: tuple[float, ...] = (0.10, 0.50, 0.90, 0.99),
+    quantiles: tuple[float, ...] = QUANTILES,
 ) -> dict[str, tuple[float, ...]]:
     """Each call timed on its own, in the batches of :func:`interleaved_per_call`: its quantiles.
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 from _common import (
+    QUANTILES,
     fmt_seconds,
     interleaved_per_call,
     interleaved_percentiles,
@@ -48,7 +49,6 @@ from vramkit.testing.models import tiny_mlp
 
 GOAL_CALL_ADDED = 100e-6
 GOAL_BANDWIDTH_RATIO = 0.5
-PERCENTILES = (0.10, 0.50, 0.90, 0.99)  # of single calls, beside the goal's batch figure
 MIB = 1 << 20
 BIG = 64 * MIB
 
@@ -129,11 +129,11 @@ def small_calls(quick: bool, floor: float) -> None:
     print(f"   {reference:<28} {fmt_seconds(floor):>10}  (100 bytes, no Python work)")
     verdict = "meets" if added <= GOAL_CALL_ADDED else "MISSES"
     print(f"   goal <= {fmt_seconds(GOAL_CALL_ADDED)} added: {verdict}")
-    spread = interleaved_percentiles(cases, calls=calls, rounds=rounds, quantiles=PERCENTILES)
+    spread = interleaved_percentiles(cases, calls=calls, rounds=rounds)
     print(
         f"   each call timed on its own ({rounds} interleaved batches of {calls}; "
         "not the goal's figure):\n"
-        f"   {'':<28} " + " ".join(f"{f'p{round(q * 100)}':>10}" for q in PERCENTILES)
+        f"   {'':<28} " + " ".join(f"{f'p{round(q * 100)}':>10}" for q in QUANTILES)
     )
     for name, values in spread.items():
         print(f"   {name:<28} " + " ".join(f"{fmt_seconds(v):>10}" for v in values))

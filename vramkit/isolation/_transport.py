@@ -66,10 +66,10 @@ from typing import TYPE_CHECKING, Any, Final
 from vramkit.isolation import _pool, _simple
 from vramkit.isolation._reader import (
     FDS_PER_MESSAGE,
-    HEADER,
     ChannelClosedError,
     FrameReader,
 )
+from vramkit.isolation._reader import HEADER as _HEADER
 from vramkit.isolation._reader import close_quietly as _close
 from vramkit.isolation._simple import (
     INLINE_BYTES,
@@ -85,7 +85,6 @@ if TYPE_CHECKING:
 
 __all__ = ["INLINE_BYTES", "Channel", "ChannelClosedError"]
 
-_HEADER: Final = HEADER
 _MAX_NOTES: Final = 0xFFFF  # buffer ids one header can count, each way
 _NO_NOTES: Final[tuple[list[int], list[int]]] = ([], [])  # never changed: read only
 SPIN_SECONDS: Final = 300e-6
